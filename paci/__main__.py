@@ -1,0 +1,5 @@
+import sys
+
+from paci.cli import main
+
+sys.exit(main())

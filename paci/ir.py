@@ -1,0 +1,371 @@
+"""The schedule IR: ops, actions, schedules, their string/CSV codecs, and `validate`.
+
+A schedule is pure data: for every stage, the ordered list of actions it performs, plus the
+weight policy its backwards use. Every other part of paci (validator, simulator, executor,
+timeline renderer) reads this one description; nothing re-derives a schedule.
+
+String form follows torch.distributed.pipelining's action CSV: ``<stage><op><microbatch>``,
+e.g. ``0F3`` (stage 0 forward of micro-batch 3), ``1B2`` (full backward), ``1I2`` / ``1W2``
+(backward-input / backward-weight), plus ``0U`` for stage 0's optimizer step.
+
+Async schedules run an unbounded stream of micro-batches, so a schedule holds a per-stage
+*generator* rather than a list: 10**6 micro-batches never need a 10**6-element list.
+"""
+
+from __future__ import annotations
+
+import csv
+import enum
+import io
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import NamedTuple
+
+
+class Op(str, enum.Enum):
+    """What an action does. Letters match torch.distributed.pipelining's action CSV."""
+
+    F = "F"  # forward
+    B = "B"  # full backward (input grad + weight grad)
+    I = "I"  # backward, input grad only  # noqa: E741
+    W = "W"  # backward, weight grad only
+    U = "U"  # optimizer step + LR-scheduler step + zero grads (paci's addition)
+    E = "E"  # forward-only evaluation of a held-out batch; keeps no state (see `with_evaluation`)
+    # communication ops, only in the lowered form (see `lower`)
+    SEND_F = "SEND_F"
+    RECV_F = "RECV_F"
+    SEND_B = "SEND_B"
+    RECV_B = "RECV_B"
+
+
+COMPUTE_OPS = (Op.F, Op.B, Op.I, Op.W, Op.U, Op.E)
+WEIGHT_GRAD_OPS = (Op.B, Op.W)  # a micro-batch's contribution to the grads is complete
+INPUT_GRAD_OPS = (Op.B, Op.I)  # the input gradient is produced (and sent upstream)
+FORWARD_OPS = (Op.F, Op.E)  # send an activation downstream
+
+
+class WeightPolicy(str, enum.Enum):
+    """Which weights a backward reads.
+
+    NONE: flush schedules; their order guarantees no step between F(mb) and B(mb).
+    LIVE: the weights as they are at backward time, no copy (PACI, naive async).
+    STASHED: the weights the forward used, kept as copies (PipeDream, 2BW).
+    """
+
+    NONE = "none"
+    LIVE = "live"
+    STASHED = "stashed"
+
+
+class Action(NamedTuple):
+    stage: int
+    op: Op
+    microbatch: int | None = None
+
+    def __str__(self) -> str:
+        mb = "" if self.microbatch is None else str(self.microbatch)
+        return f"{self.stage}{self.op.value}{mb}"
+
+    @staticmethod
+    def from_str(text: str) -> Action:
+        match = _ACTION_RE.fullmatch(text.strip())
+        if match is None:
+            raise ScheduleError(f"cannot parse action {text!r}: expected e.g. 0F3, 1B2, 1I2, 1W2 or 0U")
+        stage, letters, mb = match.groups()
+        op = Op(letters)
+        if op is Op.U and mb:
+            raise ScheduleError(f"action {text!r}: an optimizer step U takes no micro-batch")
+        if op is not Op.U and not mb:
+            raise ScheduleError(f"action {text!r}: {letters} needs a micro-batch number, e.g. {stage}{letters}0")
+        return Action(int(stage), op, int(mb) if mb else None)
+
+
+_ACTION_RE = re.compile(r"(\d+)(SEND_F|RECV_F|SEND_B|RECV_B|F|B|I|W|U|E)(\d*)")
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot run; the message shows where."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-stage action streams plus the weight policy.
+
+    `accumulation` is how many micro-batch backwards a stage sums before each `U` (K for PACI and
+    2BW, m for the flush schedules, 1 for PipeDream and naive async). Total micro-batches is
+    `num_microbatches`; micro-batches are numbered 0..num_microbatches-1 globally.
+    """
+
+    name: str
+    num_stages: int
+    num_microbatches: int
+    accumulation: int
+    weight_policy: WeightPolicy
+    stream: Callable[[int], Iterable[Action]] = field(repr=False, compare=False)
+    params: tuple[tuple[str, int], ...] = ()
+
+    def actions(self, stage: int) -> Iterator[Action]:
+        """A fresh iterator over `stage`'s actions, in order (lazy)."""
+        if not 0 <= stage < self.num_stages:
+            raise IndexError(f"stage {stage} out of range for {self.num_stages} stages")
+        return iter(self.stream(stage))
+
+    @property
+    def num_steps(self) -> int:
+        return self.num_microbatches // self.accumulation
+
+    def rows(self) -> list[list[Action]]:
+        """Every stage's actions as lists (materialises the streams: small schedules only)."""
+        return [list(self.actions(s)) for s in range(self.num_stages)]
+
+    def __str__(self) -> str:
+        return "\n".join(" ".join(map(str, row)) for row in self.rows())
+
+
+def from_rows(rows: list[list[Action]], name: str, accumulation: int, weight_policy: WeightPolicy) -> Schedule:
+    """A schedule from explicit per-stage action lists (CSV files, tests)."""
+    frozen = tuple(tuple(row) for row in rows)
+    num_mb = 1 + max((a.microbatch for row in frozen for a in row if a.microbatch is not None), default=-1)
+    return Schedule(name, len(frozen), num_mb, accumulation, weight_policy, lambda s: frozen[s])
+
+
+# ----------------------------------------------------------------------------------------------
+# Messages between stages: the one place that says who waits for whom.
+
+
+class Message(NamedTuple):
+    """An activation ("F"), input-gradient ("B") or evaluation activation ("E") of `microbatch`
+    travelling to stage `dst`."""
+
+    kind: str
+    dst: int
+    microbatch: int
+
+
+def needs(action: Action, num_stages: int) -> Message | None:
+    """The message `action` must receive before it can run, if any."""
+    if action.op in FORWARD_OPS and action.stage > 0:
+        return Message(action.op.value, action.stage, action.microbatch)
+    if action.op in INPUT_GRAD_OPS and action.stage < num_stages - 1:
+        return Message("B", action.stage, action.microbatch)
+    return None
+
+
+def sends(action: Action, num_stages: int) -> Message | None:
+    """The message `action` produces for a neighbouring stage, if any."""
+    if action.op in FORWARD_OPS and action.stage < num_stages - 1:
+        return Message(action.op.value, action.stage + 1, action.microbatch)
+    if action.op in INPUT_GRAD_OPS and action.stage > 0:
+        return Message("B", action.stage - 1, action.microbatch)
+    return None
+
+
+def lower(actions: Iterable[Action], num_stages: int) -> Iterator[Action]:
+    """Insert RECV before and SEND after every compute action that talks to a neighbour."""
+    recv_op = {"F": Op.RECV_F, "E": Op.RECV_F, "B": Op.RECV_B}
+    send_op = {"F": Op.SEND_F, "E": Op.SEND_F, "B": Op.SEND_B}
+    for action in actions:
+        if (msg := needs(action, num_stages)) is not None:
+            yield Action(action.stage, recv_op[msg.kind], action.microbatch)
+        yield action
+        if (msg := sends(action, num_stages)) is not None:
+            yield Action(action.stage, send_op[msg.kind], action.microbatch)
+
+
+def with_evaluation(schedule: Schedule, every: int, num_batches: int) -> Schedule:
+    """Insert forward-only evaluation rounds: at the start, after every `every`-th U, after the last U.
+
+    Round r evaluates held-out batches r*num_batches … r*num_batches+num_batches-1 (the batch is the
+    index modulo num_batches). On every stage a round sits right after the same U, so each round
+    sees the model with every stage at the same version; it keeps no state between actions.
+    """
+    if every < 1 or num_batches < 1:
+        raise ValueError(f"evaluation needs every >= 1 and num_batches >= 1, got {every}, {num_batches}")
+    last = schedule.num_steps
+
+    def stream(stage: int) -> Iterator[Action]:
+        rounds = 0
+
+        def round_() -> Iterator[Action]:
+            nonlocal rounds
+            first = rounds * num_batches
+            rounds += 1
+            return (Action(stage, Op.E, first + j) for j in range(num_batches))
+
+        yield from round_()
+        steps = 0
+        for action in schedule.actions(stage):
+            yield action
+            if action.op is Op.U:
+                steps += 1
+                if steps % every == 0 or steps == last:
+                    yield from round_()
+
+    return Schedule(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.accumulation,
+                    schedule.weight_policy, stream, schedule.params + (("eval_every", every),))
+
+
+def evaluation_rounds(num_steps: int, every: int) -> list[int]:
+    """The step after which each evaluation round of `with_evaluation` runs (0 = before training)."""
+    return [0] + [k for k in range(1, num_steps + 1) if k % every == 0 or k == num_steps]
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(schedule: Schedule) -> None:
+    """Raise ScheduleError unless every stage's stream is complete, well-ordered and runnable.
+
+    Per stage: every micro-batch gets exactly one F and one backward (B, or I then W), F first;
+    a U follows every `accumulation` weight-backwards (B or W) and none is left unstepped.
+    Across stages: the dependencies can all be met (a dependency walk finds no deadlock).
+    """
+    for stage in range(schedule.num_stages):
+        _check_stage(schedule, stage)
+    _check_no_deadlock(schedule)
+
+
+def _check_stage(schedule: Schedule, stage: int) -> None:
+    state: dict[int, str] = {}  # mb -> ops seen so far: "F", or "FI" awaiting its W
+    pending_grads = 0
+    position = 0
+    for position, action in enumerate(schedule.actions(stage)):
+        why = _stage_problem(schedule, stage, action, state, pending_grads)
+        if why:
+            raise _grid_error(schedule, f"stage {stage}, position {position} ({action}): {why}", {stage: position})
+        if action.op is Op.U:
+            pending_grads = 0
+        elif action.op in WEIGHT_GRAD_OPS:
+            pending_grads += 1
+            del state[action.microbatch]
+        elif action.op is not Op.E:
+            state[action.microbatch] = state.get(action.microbatch, "") + action.op.value
+    if state:
+        mb = min(state)
+        raise _grid_error(schedule, f"stage {stage}: micro-batch {mb} never finishes its backward "
+                          f"(only {state[mb]})", {stage: position})
+    if pending_grads:
+        raise _grid_error(schedule, f"stage {stage}: the last {pending_grads} weight-backwards are never "
+                          "stepped (a U is missing at the end)", {stage: position})
+
+
+def _stage_problem(schedule: Schedule, stage: int, action: Action, state: dict[int, str], pending_grads: int) -> str:
+    if action.stage != stage:
+        return f"an action of stage {action.stage} in stage {stage}'s stream"
+    if action.op not in COMPUTE_OPS:
+        return "comm ops belong only to the lowered form"
+    if action.op is Op.U:
+        if pending_grads != schedule.accumulation:
+            return f"U after {pending_grads} weight-backwards; expected {schedule.accumulation}"
+        return ""
+    if action.op is Op.E:
+        return ""
+    mb = action.microbatch
+    if not 0 <= mb < schedule.num_microbatches:
+        return f"micro-batch {mb} outside 0..{schedule.num_microbatches - 1}"
+    seen = state.get(mb, "")
+    expected = {Op.F: "", Op.B: "F", Op.I: "F", Op.W: "FI"}[action.op]
+    if seen != expected:
+        return f"{action.op.value} of micro-batch {mb} after {seen or 'nothing'}; expected after {expected or 'nothing'}"
+    if action.op in WEIGHT_GRAD_OPS and pending_grads == schedule.accumulation:
+        return f"a U is missing: {pending_grads} weight-backwards are already accumulated"
+    return ""
+
+
+def _grid_error(schedule: Schedule, message: str, marks: dict[int, int]) -> ScheduleError:
+    return ScheduleError(message + "\n" + render_grid(schedule, marks))
+
+
+def _check_no_deadlock(schedule: Schedule) -> None:
+    """Walk the dependency graph; report the blocked actions if nothing can move."""
+    num_stages = schedule.num_stages
+    streams = [schedule.actions(s) for s in range(num_stages)]
+    heads: list[Action | None] = [next(it, None) for it in streams]
+    positions = [0] * num_stages
+    arrived: set[Message] = set()
+    waiting: dict[Message, int] = {}
+    runnable = list(range(num_stages))
+    while runnable:
+        stage = runnable.pop()
+        while (action := heads[stage]) is not None:
+            msg = needs(action, num_stages)
+            if msg is not None:
+                if msg not in arrived:
+                    waiting[msg] = stage
+                    break
+                arrived.remove(msg)
+            out = sends(action, num_stages)
+            if out is not None:
+                arrived.add(out)
+                if out in waiting:
+                    runnable.append(waiting.pop(out))
+            heads[stage] = next(streams[stage], None)
+            positions[stage] += 1
+    blocked = {s: positions[s] for s in range(num_stages) if heads[s] is not None}
+    if blocked:
+        detail = ", ".join(f"stage {s} waits at {heads[s]}" for s in blocked)
+        raise _grid_error(schedule, f"deadlock: {detail}", blocked)
+
+
+def render_grid(schedule: Schedule, marks: dict[int, int], context: int = 6) -> str:
+    """Each stage's actions around the marked positions, the marked cell in [brackets]."""
+    centre = min(marks.values()) if marks else 0
+    lo = max(0, centre - context)
+    hi = max(marks.values(), default=0) + context + 1
+    lines = [f"positions {lo}..{hi - 1}:"]
+    for stage in range(schedule.num_stages):
+        cells = []
+        for pos, action in enumerate(islice(schedule.actions(stage), lo, hi), start=lo):
+            text = str(action)
+            cells.append(f"[{text}]" if marks.get(stage) == pos else f" {text} ")
+        lines.append(f"  stage {stage}: " + "".join(f"{c:>7}" for c in cells))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.distributed.pipelining CSV (compute-only: one row per rank, empty cell = idle)
+
+
+def to_csv(schedule: Schedule) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    for stage in range(schedule.num_stages):
+        writer.writerow(str(a) for a in schedule.actions(stage))
+    return out.getvalue()
+
+
+def from_csv(text: str, name: str = "csv", weight_policy: WeightPolicy = WeightPolicy.NONE) -> Schedule:
+    """Parse a compute-only CSV. Rows without any U are one flush step: a U is appended."""
+    rows: list[list[Action]] = []
+    for line_no, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not any(cell.strip() for cell in row):
+            continue
+        actions = []
+        for cell in filter(str.strip, row):
+            try:
+                action = Action.from_str(cell)
+            except (ScheduleError, ValueError) as exc:
+                raise ScheduleError(f"CSV line {line_no}: {exc}") from None
+            if action.op not in COMPUTE_OPS:
+                raise ScheduleError(f"CSV line {line_no}: {cell} is a comm op; paci reads compute-only CSVs "
+                                    "(torch's _dump_csv(format='compute_only'))")
+            if action.stage != len(rows):
+                raise ScheduleError(f"CSV line {line_no}: {cell} belongs to stage {action.stage}, but row "
+                                    f"{len(rows)} is rank {len(rows)}; paci runs one stage per rank")
+            actions.append(action)
+        rows.append(actions)
+    if not rows:
+        raise ScheduleError("CSV has no actions")
+    has_updates = [any(a.op is Op.U for a in row) for row in rows]
+    if not any(has_updates):
+        rows = [row + [Action(s, Op.U)] for s, row in enumerate(rows)]
+        accumulation = sum(a.op in WEIGHT_GRAD_OPS for a in rows[0])
+    else:
+        first_u = next(i for i, a in enumerate(rows[0]) if a.op is Op.U)
+        accumulation = sum(a.op in WEIGHT_GRAD_OPS for a in rows[0][:first_u])
+    schedule = from_rows(rows, name, max(accumulation, 1), weight_policy)
+    validate(schedule)
+    return schedule

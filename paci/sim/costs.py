@@ -1,0 +1,87 @@
+"""The simulator's cost model: per-stage op times, P2P link, and per-stage bytes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+
+def _per_stage(value: float | Sequence[float], num_stages: int, what: str) -> tuple[float, ...]:
+    values = (float(value),) * num_stages if isinstance(value, (int, float)) else tuple(map(float, value))
+    if len(values) != num_stages:
+        raise ValueError(f"{what}: expected {num_stages} per-stage values, got {len(values)}")
+    if any(v < 0 or math.isnan(v) for v in values):
+        raise ValueError(f"{what}: values must be >= 0, got {values}")
+    return values
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Times in any one unit (seconds, or abstract units); bytes in any one unit.
+
+    backward is the full B; weight is the W part of it, so a split backward costs
+    I = backward - weight and W = weight. message_bytes[s] is the size of stage s's output
+    activation (and of the gradient sent back to it). A message takes latency + bytes/bandwidth
+    and overlaps compute.
+    """
+
+    forward: tuple[float, ...]
+    backward: tuple[float, ...]
+    weight: tuple[float, ...]
+    update: tuple[float, ...]
+    latency: float = 0.0
+    bandwidth: float = math.inf
+    message_bytes: tuple[float, ...] = ()
+    static_bytes: tuple[float, ...] = ()
+    activation_bytes: tuple[float, ...] = ()
+    weight_bytes: tuple[float, ...] = ()
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.forward)
+
+    @classmethod
+    def per_stage(cls, num_stages: int, forward: float | Sequence[float] = 1.0,
+                  backward: float | Sequence[float] = 2.0, weight: float | Sequence[float] | None = None,
+                  update: float | Sequence[float] = 0.0, latency: float = 0.0, bandwidth: float = math.inf,
+                  message_bytes: float | Sequence[float] = 0.0, static_bytes: float | Sequence[float] = 4.0,
+                  activation_bytes: float | Sequence[float] = 1.0,
+                  weight_bytes: float | Sequence[float] = 1.0) -> CostModel:
+        """Scalars apply to every stage. Default bytes are in units of one stage's weights:
+        static = weights + grads + two AdamW moments = 4, one micro-batch's activations = 1."""
+        n = num_stages
+        backward_t = _per_stage(backward, n, "backward")
+        weight_t = tuple(b / 2 for b in backward_t) if weight is None else _per_stage(weight, n, "weight")
+        if any(w > b for w, b in zip(weight_t, backward_t)):
+            raise ValueError(f"weight-grad time W must not exceed the full backward B (W={weight_t}, B={backward_t})")
+        if latency < 0 or not bandwidth > 0:
+            raise ValueError(f"latency must be >= 0 and bandwidth > 0, got {latency}, {bandwidth}")
+        return cls(_per_stage(forward, n, "forward"), backward_t, weight_t, _per_stage(update, n, "update"),
+                   float(latency), float(bandwidth), _per_stage(message_bytes, n, "message_bytes"),
+                   _per_stage(static_bytes, n, "static_bytes"), _per_stage(activation_bytes, n, "activation_bytes"),
+                   _per_stage(weight_bytes, n, "weight_bytes"))
+
+    def transfer(self, stage: int) -> float:
+        """Time for stage `stage`'s output activation (or the gradient of it) to cross one link."""
+        return self.latency + self.message_bytes[stage] / self.bandwidth
+
+    def with_stages(self, num_stages: int) -> CostModel:
+        """The same per-stage values for a different depth (only for uniform models)."""
+        fields = ("forward", "backward", "weight", "update", "message_bytes", "static_bytes",
+                  "activation_bytes", "weight_bytes")
+        if any(len(set(getattr(self, f))) > 1 for f in fields):
+            raise ValueError("with_stages needs a cost model whose stages are all alike")
+        return replace(self, **{f: (getattr(self, f)[0],) * num_stages for f in fields})
+
+
+def parse_costs(text: str, num_stages: int) -> CostModel:
+    """`F,B[,W]` (uniform over stages) from the command line, e.g. "1,2" or "1,2,1"."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 3) or any(v <= 0 or math.isnan(v) or math.isinf(v) for v in values):
+        raise ValueError(f"--costs expects F,B or F,B,W as positive numbers (e.g. 1,2 or 1,2,1), got {text!r}")
+    forward, backward, *rest = values
+    return CostModel.per_stage(num_stages, forward, backward, rest[0] if rest else None)

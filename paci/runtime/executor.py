@@ -1,0 +1,98 @@
+"""Drive Stages through their schedules over a Transport, recording a measured Trace.
+
+`Executor` runs one stage's action stream; it contains no schedule-specific code. `run_local`
+drives every stage in one process (the local transport), visiting each stage until it would have
+to wait for a message; the multi-process runtime runs one Executor per rank with blocking receives.
+Because each stage's order is fixed, both produce exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+
+from paci.ir import Action, Op, Schedule, ScheduleError, needs, render_grid, sends
+from paci.runtime.stage import Stage
+from paci.runtime.transport import Transport
+from paci.trace import StageTrace, Trace
+
+Listener = Callable[[Stage, Action], None]
+
+
+class StageFailure(RuntimeError):
+    """An action failed; the message names the stage, the action and its position in the schedule."""
+
+
+class Executor:
+    def __init__(self, stage: Stage, actions: Iterable[Action], transport: Transport, record: StageTrace,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.stage = stage
+        self.transport = transport
+        self.record = record
+        self.clock = clock
+        self.wait_time = 0.0  # seconds spent blocked in receives
+        self._actions: Iterator[Action] = iter(actions)
+        self._head: Action | None = next(self._actions, None)
+        self._position = 0
+        self._dispatch = {Op.F: stage.forward, Op.E: stage.evaluate, Op.B: stage.backward,
+                          Op.I: stage.backward_input, Op.W: lambda mb, _: stage.backward_weight(mb),
+                          Op.U: lambda mb, _: stage.step()}
+
+    @property
+    def done(self) -> bool:
+        return self._head is None
+
+    @property
+    def head(self) -> Action | None:
+        return self._head
+
+    def ready(self) -> bool:
+        """Could the next action start now without waiting for a message?"""
+        msg = needs(self._head, self.stage.num_stages) if self._head is not None else None
+        return self._head is not None and (msg is None or self.transport.ready(msg))
+
+    def run_next(self) -> Action:
+        """Run the next action, receiving (blocking) its input first and sending its output after."""
+        action, num_stages = self._head, self.stage.num_stages
+        msg = needs(action, num_stages)
+        received = None
+        if msg is not None:
+            waited = self.clock()
+            received = self.transport.recv(msg)
+            self.wait_time += self.clock() - waited
+        start, version = self.clock(), self.stage.version
+        try:
+            output = self._dispatch[action.op](action.microbatch, received)
+        except Exception as exc:
+            raise StageFailure(f"stage {self.stage.index}, action {action} (position {self._position}): "
+                               f"{type(exc).__name__}: {exc}") from exc
+        self.record.append(action.op, action.microbatch, start, self.clock(), version)
+        out = sends(action, num_stages)
+        if out is not None:
+            self.transport.send(out, output)
+        self._head = next(self._actions, None)
+        self._position += 1
+        return action
+
+
+def run_local(stages: list[Stage], schedule: Schedule, transport: Transport,
+              listener: Listener | None = None) -> Trace:
+    """Run all stages in this process; returns the measured trace (times are sequential here)."""
+    trace = Trace(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.weight_policy,
+                  kind="measured")
+    executors = [Executor(stage, schedule.actions(s), transport, trace.stages[s]) for s, stage in enumerate(stages)]
+    while not all(ex.done for ex in executors):
+        progressed = False
+        for ex in executors:
+            while ex.ready():
+                action = ex.run_next()
+                progressed = True
+                if listener is not None:
+                    listener(ex.stage, action)
+        if not progressed:
+            marks = {s: len(trace.stages[s]) for s, ex in enumerate(executors) if not ex.done}
+            detail = ", ".join(f"stage {s} waits at {executors[s].head}" for s in marks)
+            raise ScheduleError(f"deadlock: {detail}\n{render_grid(schedule, marks)}")
+    return trace

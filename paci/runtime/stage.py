@@ -1,0 +1,205 @@
+"""`Stage`: one model slice with its own optimizer, LR schedule, version counter and in-flight state.
+
+It executes F, B, I, W, U and E (forward-only evaluation) for one stage and knows nothing of
+schedules or transports: the executor hands it tensors and passes its outputs on.
+
+Live weights on stock PyTorch (DESIGN.md §2). The optimizer owns *shadow* parameters,
+``nn.Parameter(p.data)``: they share the real parameters' storage but have their own autograd
+version counter. `U` hands them the accumulated gradients and steps them in place, so a backward
+whose forward ran before the step reads the updated weights without autograd's "modified by an
+inplace operation" error, and without any copy of the forward-time weights. Forward and backward
+code stay untouched. Stashed weights (PipeDream, 2BW) instead run the forward on a copy of the
+weights taken at forward time, one copy per distinct version still in flight.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from paci.ir import WeightPolicy
+from paci.model import lm_loss
+
+Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # index -> (inputs, targets)
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """AdamW with decoupled weight decay on >=2-D weights only; linear warm-up then cosine decay."""
+
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    total_steps: int = 1
+    min_lr_ratio: float = 0.1
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate used by optimizer step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class _InFlight:
+    inputs: torch.Tensor | None  # the received activation (a leaf that collects its grad), None on stage 0
+    output: torch.Tensor  # the stage output, or the scaled loss on the last stage
+    version: int
+    grad: torch.Tensor | None = None  # kept from I for W (split backward)
+
+
+@dataclass
+class Stash:
+    """Weight copies for the stashed policy, one per forward-time version still in flight."""
+
+    tensors: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    refs: dict[int, int] = field(default_factory=dict)
+
+
+class Stage:
+    def __init__(self, index: int, num_stages: int, modules: Sequence[nn.Module], *, policy: WeightPolicy,
+                 optim: OptimizerSpec, loss_scale: float, train_batch: Batch, val_batch: Batch,
+                 device: torch.device | str = "cpu") -> None:
+        self.index, self.num_stages = index, num_stages
+        self.is_first, self.is_last = index == 0, index == num_stages - 1
+        self.device = torch.device(device)
+        self.module = nn.Sequential(*modules).to(self.device)
+        self.policy = policy
+        self.loss_scale = loss_scale
+        self.train_batch, self.val_batch = train_batch, val_batch
+        self.version = 0
+        self.versions: dict[int, tuple[int, int]] = {}  # mb -> (v_f, v_b)
+        self.losses: dict[int, torch.Tensor] = {}  # mb -> unscaled training loss (last stage)
+        self.eval_losses: dict[int, float] = {}  # eval index -> loss (last stage)
+        self._inflight: dict[int, _InFlight] = {}
+        self._stash = Stash()
+        self._params = dict(self.module.named_parameters())
+        self._shadows = {name: nn.Parameter(p.data) for name, p in self._params.items()}
+        decay = [s for s in self._shadows.values() if s.dim() >= 2]
+        no_decay = [s for s in self._shadows.values() if s.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=optim.lr, betas=optim.betas, eps=optim.eps, foreach=False)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: optim.lr_at(step) / optim.lr)
+
+    # ------------------------------------------------------------------------------------------
+    # forward
+
+    def forward(self, mb: int, received: torch.Tensor | None) -> torch.Tensor | None:
+        """F(mb): run the stage with the weights as they are now; keep what backward needs."""
+        inputs, targets = self.train_batch(mb) if (self.is_first or self.is_last) else (None, None)
+        x = inputs.to(self.device) if self.is_first else received.requires_grad_()
+        output = self._run(x, self._stash_acquire() if self.policy is WeightPolicy.STASHED else None)
+        if self.is_last:
+            loss = lm_loss(output, targets.to(self.device))
+            self.losses[mb] = loss.detach()
+            output = loss * self.loss_scale
+        self._inflight[mb] = _InFlight(None if self.is_first else x, output, self.version)
+        return None if self.is_last else output.detach()
+
+    def evaluate(self, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
+        """E(index): forward-only pass over held-out batch `index` with the current weights."""
+        inputs, targets = self.val_batch(index) if (self.is_first or self.is_last) else (None, None)
+        with torch.no_grad():
+            output = self.module(inputs.to(self.device) if self.is_first else received)
+            if self.is_last:
+                self.eval_losses[index] = lm_loss(output, targets.to(self.device)).item()
+                return None
+        return output
+
+    def _run(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        return self.module(x) if weights is None else functional_call(self.module, weights, (x,))
+
+    # ------------------------------------------------------------------------------------------
+    # backward
+
+    def backward(self, mb: int, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """B(mb): backward through the saved graph, add into the grads, return the input grad."""
+        state = self._inflight.pop(mb)
+        self._record_backward(mb, state)
+        state.output.backward(None if self.is_last else grad)
+        self._finish(state)
+        return None if self.is_first else state.inputs.grad
+
+    def backward_input(self, mb: int, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """I(mb): only the input gradient; the graph is kept for W."""
+        state = self._inflight[mb]
+        self._record_backward(mb, state)
+        state.grad = grad
+        if self.is_first:
+            return None
+        (input_grad,) = torch.autograd.grad(state.output, state.inputs, None if self.is_last else grad,
+                                            retain_graph=True)
+        return input_grad
+
+    def backward_weight(self, mb: int) -> None:
+        """W(mb): the weight gradients of a micro-batch whose I already ran."""
+        state = self._inflight.pop(mb)
+        weights = self._stash.tensors[state.version] if self.policy is WeightPolicy.STASHED else self._params
+        state.output.backward(state.grad, inputs=list(weights.values()))
+        self._finish(state)
+
+    def _record_backward(self, mb: int, state: _InFlight) -> None:
+        self.versions[mb] = (state.version, self.version)
+
+    def _finish(self, state: _InFlight) -> None:
+        if self.policy is WeightPolicy.STASHED:
+            self._stash_release(state.version)
+
+    # ------------------------------------------------------------------------------------------
+    # update
+
+    def step(self) -> None:
+        """U: optimizer step + LR-scheduler step + zero the grads; the version goes up by one."""
+        for name, p in self._params.items():
+            self._shadows[name].grad = p.grad
+        self.optimizer.step()
+        self.scheduler.step()
+        for name, p in self._params.items():
+            p.grad = None
+            self._shadows[name].grad = None
+        self.version += 1
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # ------------------------------------------------------------------------------------------
+    # stashed weights
+
+    def _stash_acquire(self) -> dict[str, torch.Tensor]:
+        v = self.version
+        if v not in self._stash.tensors:
+            self._stash.tensors[v] = {n: p.detach().clone().requires_grad_() for n, p in self._params.items()}
+            self._stash.refs[v] = 0
+        self._stash.refs[v] += 1
+        return self._stash.tensors[v]
+
+    def _stash_release(self, version: int) -> None:
+        copies = self._stash.tensors[version]
+        for name, p in self._params.items():
+            grad = copies[name].grad
+            if grad is not None:
+                p.grad = grad if p.grad is None else p.grad.add_(grad)
+                copies[name].grad = None
+        self._stash.refs[version] -= 1
+        if not self._stash.refs[version]:
+            del self._stash.tensors[version], self._stash.refs[version]
+
+    @property
+    def stash_size(self) -> int:
+        """Weight copies held right now (stashed policy)."""
+        return len(self._stash.tensors)
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "version": self.version}

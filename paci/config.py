@@ -51,8 +51,14 @@ class PipelineConfig:
     microbatches: int = 8  # M, micro-batches per mini-batch
     accum: int | None = None  # K for paci/2bw; default M
     nproc: int = 1  # processes: 1 runs every stage in this process
+    port: int | None = None  # rendezvous port for --nproc (default: a free one)
+    timeout_s: float = 45.0  # a rank waiting longer than this on a peer (or at start-up) gives up
 
     def __post_init__(self) -> None:
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.port is not None and not 1024 <= self.port <= 65535:
+            raise ValueError(f"--port must be in 1024..65535, got {self.port}")
         if self.schedule not in REGISTRY:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(REGISTRY)}")
         _positive("pipeline", stages=self.stages, microbatches=self.microbatches, accum=self.accum, nproc=self.nproc)

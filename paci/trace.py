@@ -40,6 +40,7 @@ class StageTrace:
     start: array = field(default_factory=lambda: array("d"))
     end: array = field(default_factory=lambda: array("d"))
     version: array = field(default_factory=lambda: array("q"))
+    wait: array = field(default_factory=lambda: array("d"))  # measured runs: time blocked receiving first
 
     def append(self, op: Op, microbatch: int | None, start: float, end: float, version: int) -> None:
         self.op.append(OP_CODE[op])

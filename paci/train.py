@@ -10,30 +10,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
+import resource
 import time
-from collections import Counter
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from paci import schedules
 from paci.config import RunConfig
 from paci.data import TokenData, load_data
-from paci.ir import Action, Op, Schedule, evaluation_rounds, with_evaluation
+from paci.ir import Action, Message, Schedule, evaluation_rounds, with_evaluation
+from paci.metrics import Record, Recorder, StatsEvent, StepStats
 from paci.model import PRESETS, GPTConfig, build_units, num_units
-from paci.runtime.executor import run_local
+from paci.report import render_png, write_chrome_trace
+from paci.runtime.executor import Executor, run_local
+from paci.runtime.launch import env_rank, init_distributed, rank_device
 from paci.runtime.stage import OptimizerSpec, Stage
-from paci.runtime.transport import LocalTransport
+from paci.runtime.transport import DistTransport, LocalTransport, StatsChannel
 from paci.sim import CostModel, simulate
 from paci.trace import Trace
-
-Record = dict[str, object]
-
 
 @dataclass
 class Plan:
@@ -48,7 +49,7 @@ class Plan:
     seq_len: int
     batch_size: int
     eval_batches: int
-    predicted_drift: list[np.ndarray] = field(repr=False)  # per stage: Δ of every micro-batch, from the schedule
+    predicted_versions: list[tuple[np.ndarray, np.ndarray]] = field(repr=False)  # per stage: (v_f, v_b) per mb
     run_dir: Path = Path()
 
     @property
@@ -88,13 +89,13 @@ def make_plan(config: RunConfig) -> Plan:
                               total_steps=base.num_steps, min_lr_ratio=opt.min_lr_ratio)
     schedule = with_evaluation(base, config.train.eval_every, eval_batches)
     return Plan(config, data, model, split, schedule, optimizer, seq_len, config.data.batch_size, eval_batches,
-                predicted_drift(base), _run_dir(config))
+                predicted_versions(base), _run_dir(config))
 
 
-def predicted_drift(schedule: Schedule) -> list[np.ndarray]:
-    """Δ of every (stage, micro-batch) as the static schedule fixes it (the simulator's versions)."""
+def predicted_versions(schedule: Schedule) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(v_f, v_b) of every (stage, micro-batch) as the static schedule fixes them (the simulator's)."""
     trace = simulate(schedule, CostModel.per_stage(schedule.num_stages)).trace
-    return [np.subtract(*reversed(trace.versions(s))) for s in range(schedule.num_stages)]
+    return [trace.versions(s) for s in range(schedule.num_stages)]
 
 
 def _run_dir(config: RunConfig) -> Path:
@@ -122,95 +123,38 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# ----------------------------------------------------------------------------------------------
-# Metrics: the rank holding the last stage turns its losses into one record per step.
+def verify_versions(plan: Plan, versions: dict[int, dict[int, tuple[int, int]]]) -> None:
+    """Every recorded (v_f, v_b) must equal the schedule's prediction; a mismatch is a runtime bug."""
+    for index, recorded in versions.items():
+        v_f, v_b = plan.predicted_versions[index]
+        if len(recorded) != plan.schedule.num_microbatches:
+            raise RuntimeError(f"stage {index} recorded {len(recorded)} backwards, expected "
+                               f"{plan.schedule.num_microbatches}")
+        for mb, pair in recorded.items():
+            if pair != (v_f[mb], v_b[mb]):
+                raise RuntimeError(f"stage {index}, micro-batch {mb}: recorded (v_f, v_b) = {pair}, "
+                                   f"the schedule predicts {(int(v_f[mb]), int(v_b[mb]))}")
 
 
-class Recorder:
-    """Listens to the last stage; writes metrics.jsonl (one object per step) and calls `on_record`."""
-
-    def __init__(self, plan: Plan, on_record: Callable[[Record], None] | None = None) -> None:
-        self.plan = plan
-        self.on_record = on_record
-        self.records: list[Record] = []
-        self.start = time.perf_counter()
-        self._rounds = evaluation_rounds(plan.schedule.num_steps, plan.config.train.eval_every)
-        self._pending: Record | None = None
-        self._val: dict[int, float] = {}  # step -> val loss
-        self._max_drift = 0
-        self._file = open(plan.run_dir / "metrics.jsonl", "a")
-
-    def __call__(self, stage: Stage, action: Action) -> None:
-        if not stage.is_last:
-            return
-        if action.op is Op.U:
-            self._step_done(stage)
-        elif action.op is Op.E and (action.microbatch + 1) % self.plan.eval_batches == 0:
-            self._round_done(stage, action.microbatch // self.plan.eval_batches)
-
-    def _step_done(self, stage: Stage) -> None:
-        step, k = stage.version, self.plan.schedule.accumulation
-        mbs = range((step - 1) * k, step * k)
-        drift = Counter(int(d[mb]) for d in self.plan.predicted_drift for mb in mbs)
-        self._max_drift = max(self._max_drift, max(drift))
-        wall = time.perf_counter() - self.start
-        tokens = step * k * self.plan.tokens_per_microbatch
-        self._flush()
-        self._pending = {"step": step, "tokens": tokens,
-                         "loss": float(np.mean([stage.losses.pop(mb).item() for mb in mbs])),
-                         "lr": self.plan.optimizer.lr_at(step - 1), "wall_s": round(wall, 3),
-                         "tok_per_s": tokens / wall, "drift_histogram": dict(sorted(drift.items())),
-                         "max_drift": self._max_drift}
-        if step not in self._rounds:
-            self._flush()
-
-    def _round_done(self, stage: Stage, round_index: int) -> None:
-        n = self.plan.eval_batches
-        indices = range(round_index * n, (round_index + 1) * n)
-        loss = float(np.mean([stage.eval_losses.pop(i) for i in indices]))
-        step = self._rounds[round_index]
-        self._val[step] = loss
-        if step == 0:
-            self._emit({"step": 0, "tokens": 0, "val_loss": loss, "val_ppl": math.exp(loss), "wall_s": 0.0})
-        elif self._pending is not None and self._pending["step"] == step:
-            self._pending.update(val_loss=loss, val_ppl=math.exp(loss))
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._pending is not None:
-            self._emit(self._pending)
-            self._pending = None
-
-    def _emit(self, record: Record) -> None:
-        self.records.append(record)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self.on_record is not None:
-            self.on_record(record)
-
-    def close(self) -> None:
-        self._flush()
-        self._file.close()
-
-    def summary(self) -> Record:
-        steps = [r for r in self.records if "loss" in r]
-        vals = [r for r in self.records if "val_loss" in r]
-        last = steps[-1] if steps else {}
-        return {"final_train_loss": last.get("loss"), "final_val_loss": vals[-1]["val_loss"] if vals else None,
-                "final_val_ppl": vals[-1]["val_ppl"] if vals else None, "initial_val_loss": vals[0]["val_loss"]
-                if vals else None, "steps": last.get("step", 0), "tokens": last.get("tokens", 0),
-                "max_drift": self._max_drift, "wall_s": round(time.perf_counter() - self.start, 3),
-                "tokens_per_s": last.get("tok_per_s")}
+def save_checkpoint(plan: Plan, stage: Stage) -> Path:
+    """run_dir/checkpoints/stage-<s>.pt: the stage's weights, optimizer, LR schedule, version and split."""
+    folder = plan.run_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"stage-{stage.index}.pt"
+    payload = {**stage.state_dict(), "stage": stage.index, "units": plan.split[stage.index], "split": plan.split,
+               "model": dataclasses.asdict(plan.model), "schedule": plan.schedule.name}
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
 
 
-def verify_drift(plan: Plan, stages: list[Stage]) -> None:
-    """Every recorded (v_f, v_b) must match the schedule's prediction; a mismatch is a runtime bug."""
-    for stage in stages:
-        expected = plan.predicted_drift[stage.index]
-        for mb, (v_f, v_b) in stage.versions.items():
-            if v_b - v_f != expected[mb]:
-                raise RuntimeError(f"stage {stage.index}, micro-batch {mb}: measured Δ={v_b - v_f}, "
-                                   f"the schedule predicts {expected[mb]}")
+def make_recorder(plan: Plan, on_record: Callable[[Record], None] | None) -> Recorder:
+    return Recorder(plan.run_dir, accumulation=plan.schedule.accumulation,
+                    tokens_per_microbatch=plan.tokens_per_microbatch,
+                    eval_rounds=evaluation_rounds(plan.schedule.num_steps, plan.config.train.eval_every),
+                    lr_at=plan.optimizer.lr_at,
+                    predicted_drift=[v_b - v_f for v_f, v_b in plan.predicted_versions], on_record=on_record)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,13 +180,148 @@ def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
     write_header(plan)
     if on_plan is not None:
         on_plan(plan)
-    recorder = Recorder(plan, on_record)
+    recorder = make_recorder(plan, on_record)
+    stats = StepStats(plan.schedule.accumulation, plan.eval_batches)
+
+    def listener(stage: Stage, action: Action) -> None:
+        for event in stats(stage, action):
+            recorder.consume(event)
+
     try:
-        trace = run_local(stages, plan.schedule, LocalTransport(), recorder)
+        trace = run_local(stages, plan.schedule, LocalTransport(), listener)
+        verify_versions(plan, {stage.index: stage.versions for stage in stages})
+        for stage in stages:
+            save_checkpoint(plan, stage)
     finally:
         recorder.close()
-    verify_drift(plan, stages)
     summary = {**recorder.summary(), "schedule": plan.schedule.name, "num_stages": plan.num_stages,
-               "run_dir": str(plan.run_dir), "drift_verified": True}
+               "run_dir": str(plan.run_dir), "versions_verified": True}
     (plan.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary, trace
+
+
+# ----------------------------------------------------------------------------------------------
+# One stage per rank over torch.distributed (launched by `paci train --nproc P` or torchrun)
+
+
+def message_spec(plan: Plan) -> Callable[[Message], tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of every inter-stage tensor, found once by running the stages on the meta device."""
+    outputs = []
+    with torch.device("meta"):
+        x = torch.zeros(plan.batch_size, plan.seq_len, dtype=torch.long)
+        for start, stop in plan.split:
+            for unit in build_units(plan.model, 0, start, stop):
+                x = unit(x)
+            outputs.append((tuple(x.shape), x.dtype))
+    return lambda msg: outputs[msg.dst] if msg.kind == "B" else outputs[msg.dst - 1]
+
+
+def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = None,
+               on_plan: Callable[[Plan], None] | None = None) -> Record | None:
+    """This rank's part of a multi-process run. Rank 0 writes the run directory and returns the summary."""
+    info = env_rank()
+    device = rank_device(info)
+    if not dist.is_initialized():
+        init_distributed(device, config.pipeline.timeout_s)
+    plan = make_plan(config)
+    if plan.num_stages != info.world_size:
+        raise ValueError(f"the world has {info.world_size} ranks but the pipeline has {plan.num_stages} stages; "
+                         f"pass --stages {info.world_size} (one stage per rank)")
+    plan.run_dir = Path(_broadcast(str(plan.run_dir)))
+    last = info.world_size - 1
+    stats_group = dist.new_group([0, last])
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    stage = build_stage(plan, info.rank, device)
+    transport = DistTransport(plan.schedule, info.rank, message_spec(plan), device, config.pipeline.timeout_s)
+    rounds = evaluation_rounds(plan.schedule.num_steps, config.train.eval_every)
+    channel = StatsChannel(stats_group, info.rank, last, 0, plan.schedule.num_steps + len(rounds), device,
+                           config.pipeline.timeout_s) if info.rank in (0, last) else None
+    dist.barrier()  # everyone has checked the plan before rank 0 writes anything
+    recorder = None
+    if info.rank == 0:
+        write_header(plan)
+        if on_plan is not None:
+            on_plan(plan)
+        recorder = make_recorder(plan, on_record)
+    try:
+        trace = _run_rank(plan, stage, transport, channel, recorder)
+        save_checkpoint(plan, stage)
+        return _gather(plan, stage, trace, recorder)
+    finally:
+        if recorder is not None:
+            recorder.close()
+
+
+def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: StatsChannel | None,
+              recorder: Recorder | None) -> Trace:
+    trace = Trace(plan.schedule.name, plan.num_stages, plan.schedule.num_microbatches,
+                  plan.schedule.weight_policy, kind="measured")
+    executor = Executor(stage, plan.schedule.actions(stage.index), transport, trace.stages[stage.index])
+    stats = StepStats(plan.schedule.accumulation, plan.eval_batches)
+    while not executor.done:
+        action = executor.run_next()
+        if stage.is_last:
+            for event in stats(stage, action):
+                channel.send(event)
+        if recorder is not None:
+            for values in channel.poll():
+                recorder.consume(StatsEvent(int(values[0]), int(values[1]), values[2]))
+    transport.flush()
+    if stage.is_last:
+        channel.flush()
+    if recorder is not None:
+        for values in channel.poll(block=True):
+            recorder.consume(StatsEvent(int(values[0]), int(values[1]), values[2]))
+    return trace
+
+
+def _broadcast(value: str) -> str:
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _gather(plan: Plan, stage: Stage, trace: Trace, recorder: Recorder | None) -> Record | None:
+    """Collect every rank's trace, versions and memory on rank 0; write the trace files and summary."""
+    offset = time.time() - time.perf_counter()  # puts every rank's times on the wall clock
+    mine = (stage.index, trace.stages[stage.index], offset, stage.versions, _peak_memory(stage.device))
+    parts = [None] * plan.num_stages if stage.index == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    if recorder is None:
+        return None
+    for index, columns, rank_offset, _, _ in parts:
+        columns.start = array("d", (t + rank_offset for t in columns.start))
+        columns.end = array("d", (t + rank_offset for t in columns.end))
+        trace.stages[index] = columns
+    trace.shift(min(c.start[0] for c in trace.stages if len(c)))
+    verify_versions(plan, {index: versions for index, _, _, versions, _ in parts})
+    report = run_report(plan, trace, [memory for *_, memory in parts])
+    recorder.append_final(report)
+    summary = {**recorder.summary(), **report, "schedule": plan.schedule.name, "num_stages": plan.num_stages,
+               "run_dir": str(plan.run_dir), "versions_verified": True}
+    (plan.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def run_report(plan: Plan, trace: Trace, peak_memory: list[int]) -> Record:
+    """Measured utilisation and bubble, the simulator's prediction from the measured op means, files."""
+    metrics = trace.metrics()
+    predicted = simulate(plan.schedule, CostModel.from_trace(trace))
+    write_chrome_trace([trace, predicted.trace], plan.run_dir / "trace.json")
+    render_png(trace, plan.run_dir / "timeline.png", title=f"{plan.schedule.name}: measured")
+    render_png(predicted.trace, plan.run_dir / "timeline_predicted.png",
+               title=f"{plan.schedule.name}: predicted from the measured op times")
+    makespan = metrics.makespan
+    return {"bubble_fraction": metrics.bubble_fraction,
+            "per_stage_utilization": [round(s.busy / makespan, 4) for s in metrics.per_stage],
+            "tokens_per_s": plan.schedule.num_microbatches * plan.tokens_per_microbatch / makespan,
+            "measured_makespan_s": makespan, "predicted_makespan_s": predicted.metrics.makespan,
+            "makespan_ratio": makespan / predicted.metrics.makespan,
+            "peak_memory_bytes": peak_memory, "wait_s": [float(sum(c.wait)) for c in trace.stages]}

@@ -57,11 +57,12 @@ class Executor:
         """Run the next action, receiving (blocking) its input first and sending its output after."""
         action, num_stages = self._head, self.stage.num_stages
         msg = needs(action, num_stages)
-        received = None
+        received, waited = None, 0.0
         if msg is not None:
-            waited = self.clock()
+            before = self.clock()
             received = self.transport.recv(msg)
-            self.wait_time += self.clock() - waited
+            waited = self.clock() - before
+            self.wait_time += waited
         start, version = self.clock(), self.stage.version
         try:
             output = self._dispatch[action.op](action.microbatch, received)
@@ -69,6 +70,7 @@ class Executor:
             raise StageFailure(f"stage {self.stage.index}, action {action} (position {self._position}): "
                                f"{type(exc).__name__}: {exc}") from exc
         self.record.append(action.op, action.microbatch, start, self.clock(), version)
+        self.record.wait.append(waited)
         out = sends(action, num_stages)
         if out is not None:
             self.transport.send(out, output)

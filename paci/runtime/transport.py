@@ -6,11 +6,15 @@ gets a fresh leaf tensor, never a view of the sender's graph, whichever transpor
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 
-from paci.ir import Message
+from paci.ir import Message, Schedule, sends
 
 
 class Transport(Protocol):
@@ -42,3 +46,149 @@ class LocalTransport:
 
     def ready(self, msg: Message) -> bool:
         return msg in self._mailbox
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.distributed point-to-point
+
+
+class PeerFailure(RuntimeError):
+    """A neighbour rank died, hung past the timeout, or sent something unexpected."""
+
+
+MessageSpec = Callable[[Message], tuple[tuple[int, ...], torch.dtype]]  # msg -> (shape, dtype) of its tensor
+
+
+class DistTransport:
+    """isend/irecv between neighbouring ranks (rank = stage), every handle waited with a timeout.
+
+    Receives are posted ahead, in the order the *sender* sends them: this rank walks its
+    neighbours' action streams (the schedule is static), so the posting order matches the peer's
+    send order even where two message kinds interleave differently on the two sides. That keeps
+    NCCL, which matches by order, correct; gloo additionally matches by tag. Buffers are sized
+    from `spec`, known up front, so no shape travels with a message.
+    """
+
+    def __init__(self, schedule: Schedule, rank: int, spec: MessageSpec, device: torch.device,
+                 timeout_s: float = 45.0, depth: int = 4, group=None) -> None:
+        self.rank, self.num_stages = rank, schedule.num_stages
+        self.spec, self.device, self.group = spec, device, group
+        self.timeout = timedelta(seconds=timeout_s)
+        self.depth = depth
+        self._incoming = {peer: self._sent_to_me(schedule, peer) for peer in (rank - 1, rank + 1)
+                          if 0 <= peer < schedule.num_stages}
+        self._posted: dict[Message, tuple[dist.Work, torch.Tensor]] = {}
+        self._outstanding = dict.fromkeys(self._incoming, 0)
+        self._sending: list[tuple[dist.Work, torch.Tensor, Message]] = []
+        for peer in self._incoming:
+            self._top_up(peer)
+
+    def _sent_to_me(self, schedule: Schedule, peer: int) -> Iterator[Message]:
+        for action in schedule.actions(peer):
+            msg = sends(action, self.num_stages)
+            if msg is not None and msg.dst == self.rank:
+                yield msg
+
+    def _top_up(self, peer: int, until: Message | None = None) -> None:
+        """Post receives from `peer` until `depth` are outstanding (and `until` is among them)."""
+        while self._outstanding[peer] < self.depth or (until is not None and until not in self._posted):
+            msg = next(self._incoming[peer], None)
+            if msg is None:
+                return
+            shape, dtype = self.spec(msg)
+            buffer = torch.empty(shape, dtype=dtype, device=self.device)
+            work = dist.irecv(buffer, src=peer, group=self.group, tag=_tag(msg))
+            self._posted[msg] = (work, buffer)
+            self._outstanding[peer] += 1
+
+    def recv(self, msg: Message) -> torch.Tensor:
+        peer = _source(msg)
+        if msg not in self._posted:
+            self._top_up(peer, until=msg)
+            if msg not in self._posted:
+                raise PeerFailure(f"rank {self.rank}: {msg} is not in rank {peer}'s schedule")
+        work, buffer = self._posted.pop(msg)
+        self._outstanding[peer] -= 1
+        self._wait(work, f"receiving {msg.kind} of micro-batch {msg.microbatch} from rank {peer}")
+        self._top_up(peer)
+        return buffer
+
+    def send(self, msg: Message, tensor: torch.Tensor) -> None:
+        payload = tensor.detach().contiguous()
+        work = dist.isend(payload, dst=msg.dst, group=self.group, tag=_tag(msg))
+        self._sending.append((work, payload, msg))  # the tensor must outlive the send
+        self._sending = [entry for entry in self._sending if not entry[0].is_completed()]
+
+    def ready(self, msg: Message) -> bool:
+        entry = self._posted.get(msg)
+        return entry is not None and entry[0].is_completed()
+
+    def flush(self) -> None:
+        """Wait for every send still in flight."""
+        for work, _, msg in self._sending:
+            self._wait(work, f"sending {msg.kind} of micro-batch {msg.microbatch} to rank {msg.dst}")
+        self._sending = []
+
+    def _wait(self, work: dist.Work, what: str) -> None:
+        start = time.monotonic()
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as exc:
+            waited = time.monotonic() - start
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise PeerFailure(f"rank {self.rank}: {what} failed after {waited:.0f} s ({reason}); "
+                              "that rank died or hung") from None
+
+
+def _source(msg: Message) -> int:
+    return msg.dst + 1 if msg.kind == "B" else msg.dst - 1
+
+
+_KINDS = {"F": 0, "B": 1, "E": 2}
+
+
+def _tag(msg: Message) -> int:
+    return msg.microbatch * len(_KINDS) + _KINDS[msg.kind]
+
+
+class StatsChannel:
+    """Small float64 triples from the last rank to rank 0 (losses for the progress line), off the
+    critical path: the sender never waits for the receiver, the receiver polls between actions.
+    It uses its own process group, so it never interleaves with activations on an NCCL pair."""
+
+    def __init__(self, group, rank: int, src: int, dst: int, count: int, device: torch.device,
+                 timeout_s: float = 45.0, depth: int = 8) -> None:
+        self.group, self.rank, self.src, self.dst = group, rank, src, dst
+        self.device, self.timeout = device, timedelta(seconds=timeout_s)
+        self._remaining = count if rank == dst else 0
+        self._posted: list[tuple[dist.Work, torch.Tensor]] = []
+        self._sending: list[tuple[dist.Work, torch.Tensor]] = []
+        self._depth = depth
+        self._post()
+
+    def _post(self) -> None:
+        while self._remaining and len(self._posted) < self._depth:
+            buffer = torch.empty(3, dtype=torch.float64, device=self.device)
+            self._posted.append((dist.irecv(buffer, src=self.src, group=self.group), buffer))
+            self._remaining -= 1
+
+    def send(self, values: tuple[float, float, float]) -> None:
+        payload = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self._sending.append((dist.isend(payload, dst=self.dst, group=self.group), payload))
+        self._sending = [entry for entry in self._sending if not entry[0].is_completed()]
+
+    def poll(self, block: bool = False) -> list[tuple[float, float, float]]:
+        """Triples that have arrived, in order; with block=True, wait for all that are still due."""
+        out = []
+        while self._posted and (block or self._posted[0][0].is_completed()):
+            work, buffer = self._posted.pop(0)
+            if not work.wait(self.timeout):
+                raise PeerFailure(f"rank {self.rank}: no stats from rank {self.src} within the timeout")
+            out.append(tuple(buffer.tolist()))
+            self._post()
+        return out
+
+    def flush(self) -> None:
+        for work, _ in self._sending:
+            work.wait(self.timeout)
+        self._sending = []

@@ -6,6 +6,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from paci.ir import Op
+from paci.trace import OP_CODE, Trace
+
 
 def _per_stage(value: float | Sequence[float], num_stages: int, what: str) -> tuple[float, ...]:
     values = (float(value),) * num_stages if isinstance(value, (int, float)) else tuple(map(float, value))
@@ -36,6 +39,7 @@ class CostModel:
     static_bytes: tuple[float, ...] = ()
     activation_bytes: tuple[float, ...] = ()
     weight_bytes: tuple[float, ...] = ()
+    time_unit: str = "units"  # "s" when the times are measured seconds
 
     @property
     def num_stages(self) -> int:
@@ -65,6 +69,24 @@ class CostModel:
     def transfer(self, stage: int) -> float:
         """Time for stage `stage`'s output activation (or the gradient of it) to cross one link."""
         return self.latency + self.message_bytes[stage] / self.bandwidth
+
+    @classmethod
+    def from_trace(cls, trace: Trace) -> CostModel:
+        """Per-stage mean time of each op in a (measured) trace, to predict the same schedule with.
+
+        The link is taken as free (latency 0); evaluation forwards are charged the forward time.
+        """
+        means: dict[str, list[float]] = {op: [] for op in "FBIWU"}
+        for stage in range(trace.num_stages):
+            cols = trace.columns(stage)
+            durations = cols.end - cols.start
+            for op in "FBIWU":
+                picked = durations[cols.op == OP_CODE[Op(op)]]
+                means[op].append(float(picked.mean()) if picked.size else 0.0)
+        backward = [b if b else i + w for b, i, w in zip(means["B"], means["I"], means["W"])]
+        weight = [w if w else b / 2 for w, b in zip(means["W"], backward)]
+        costs = cls.per_stage(trace.num_stages, means["F"], backward, weight, means["U"])
+        return replace(costs, time_unit=trace.time_unit)
 
     def with_stages(self, num_stages: int) -> CostModel:
         """The same per-stage values for a different depth (only for uniform models)."""

@@ -63,7 +63,8 @@ def _stage_table(costs: CostModel, stage: int) -> dict[Op, tuple[int, float, str
 
 def run_trace(schedule: Schedule, costs: CostModel) -> Trace:
     num_stages = schedule.num_stages
-    trace = Trace(schedule.name, num_stages, schedule.num_microbatches, schedule.weight_policy)
+    trace = Trace(schedule.name, num_stages, schedule.num_microbatches, schedule.weight_policy,
+                  time_unit=costs.time_unit)
     streams = [schedule.actions(s) for s in range(num_stages)]
     heads = [next(it, None) for it in streams]
     tables = [_stage_table(costs, s) for s in range(num_stages)]

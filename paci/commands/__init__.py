@@ -1,0 +1,1 @@
+"""One module per subcommand, each with `add_<name>_parser(subparsers)` and `<name>_command(args) -> int`."""

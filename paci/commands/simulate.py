@@ -1,0 +1,137 @@
+"""`paci schedules` and `paci simulate`: list the schedules; predict time, bubble, memory and drift."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from paci import ir, schedules
+from paci.report import format_table, render_png, render_text, write_chrome_trace
+from paci.sim import Simulation, parse_costs, simulate
+
+
+def add_schedules_parser(subparsers) -> None:
+    p = subparsers.add_parser("schedules", help="list the registered schedules")
+    p.set_defaults(func=schedules_command)
+
+
+def schedules_command(args: argparse.Namespace) -> int:
+    width = max(map(len, schedules.REGISTRY))
+    for name, entry in schedules.REGISTRY.items():
+        print(f"{name:<{width}}  {entry.summary}")
+    return 0
+
+
+
+def add_simulate_parser(subparsers) -> None:
+    p = subparsers.add_parser("simulate", help="predict time, bubble, memory and weight drift of a schedule",
+                              description="Simulate a schedule under a cost model; nothing is trained.")
+    p.add_argument("--schedule", default="paci", help=f"one of: {', '.join(schedules.REGISTRY)} (default paci)")
+    p.add_argument("--stages", type=int, default=4, help="pipeline depth P (default 4)")
+    p.add_argument("--microbatches", type=int, default=8,
+                   help="micro-batches per mini-batch M; flush schedules step once per M (default 8)")
+    p.add_argument("--accum", type=int, default=None,
+                   help="K, backwards per optimizer step for paci/2bw (default: M)")
+    p.add_argument("--steps", type=int, default=4, help="mini-batches to run; M*steps micro-batches in all (default 4)")
+    p.add_argument("--costs", default="1,2", help="F,B[,W] op times, same on every stage (default 1,2; W = B/2)")
+    p.add_argument("--csv", type=Path, help="simulate a torch.distributed.pipelining compute-only CSV instead")
+    p.add_argument("--compare", action="store_true", help="one table across all registered schedules")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--timeline", type=Path, help="write the pipeline chart to FILE.png or FILE.txt")
+    p.add_argument("--trace", type=Path, help="write a Chrome/Perfetto trace JSON to FILE")
+    p.set_defaults(func=simulate_command)
+
+
+def simulate_command(args: argparse.Namespace) -> int:
+    if args.compare:
+        return _compare(args)
+    if args.csv is not None:
+        schedule = ir.from_csv(_read_text(args.csv), name=args.csv.stem)
+    else:
+        schedule = schedules.build(args.schedule, args.stages, args.microbatches, args.steps, args.accum)
+    costs = parse_costs(args.costs, schedule.num_stages)
+    result = simulate(schedule, costs)
+    if args.timeline is not None:
+        _write_timeline(result, args.timeline)
+    if args.trace is not None:
+        write_chrome_trace(result.trace, args.trace)
+    if args.json:
+        print(json.dumps(_summary(schedule, result), indent=1))
+    else:
+        _print_simulation(schedule, result)
+    return 0
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    return path.read_text()
+
+
+def _write_timeline(result: Simulation, path: Path) -> None:
+    if path.suffix == ".png":
+        render_png(result.trace, path, title=f"{result.trace.name} (simulated)")
+    elif path.suffix == ".txt":
+        path.write_text(render_text(result.trace) + "\n")
+    else:
+        raise ValueError(f"--timeline {path}: use a .png or .txt file name")
+
+
+def _summary(schedule: ir.Schedule, result: Simulation) -> dict:
+    return {"schedule": schedule.name, "num_stages": schedule.num_stages,
+            "num_microbatches": schedule.num_microbatches, "accumulation": schedule.accumulation,
+            "num_steps": schedule.num_steps, "weight_policy": schedule.weight_policy.value, **result.as_dict()}
+
+
+def _print_simulation(schedule: ir.Schedule, result: Simulation) -> None:
+    m = result.metrics
+    steady = "-" if m.steady_bubble_fraction is None else f"{m.steady_bubble_fraction:.1%}"
+    print(f"{schedule.name}: P={schedule.num_stages}, {schedule.num_microbatches} micro-batches, "
+          f"K={schedule.accumulation}, {schedule.num_steps} steps, weights {schedule.weight_policy.value}")
+    print(f"makespan {m.makespan:g} | bubble {m.bubble_fraction:.1%} | steady bubble {steady} | "
+          f"throughput {m.throughput:.4g} mb/unit | max Δ {m.max_drift}")
+    rows = [{"stage": s, "busy": st.busy, "idle": st.idle, "max_drift": st.max_drift,
+             "hist": " ".join(f"{d}:{n}" for d, n in st.drift_histogram.items()),
+             "inflight": st.peak_inflight, "copies": st.weight_copies, "bytes": result.peak_bytes[s]}
+            for s, st in enumerate(m.per_stage)]
+    print(format_table(rows, [("stage", "stage", "d"), ("busy", "busy", "g"), ("idle", "idle", "g"),
+                              ("max_drift", "max Δ", "d"), ("hist", "Δ histogram", "s"),
+                              ("inflight", "peak in-flight", "d"), ("copies", "weight copies", "d"),
+                              ("bytes", "peak bytes", "g")]))
+
+
+def _compare(args: argparse.Namespace) -> int:
+    costs = parse_costs(args.costs, args.stages)
+    results: dict[str, Simulation | str] = {}
+    for name in schedules.REGISTRY:
+        try:
+            schedule = schedules.build(name, args.stages, args.microbatches, args.steps, args.accum)
+        except ValueError as exc:  # e.g. 2bw with K < P-1, pipedream with --accum: skip, say why
+            results[name] = str(exc)
+            continue
+        results[name] = simulate(schedule, costs)
+    base = results["1f1b"]
+    rows = []
+    for name, result in results.items():
+        if isinstance(result, str):
+            rows.append({"schedule": name, "note": result})
+            continue
+        m = result.metrics
+        rows.append({"schedule": name, "bubble": m.bubble_fraction, "steady_bubble": m.steady_bubble_fraction,
+                     "throughput_vs_1f1b": m.throughput / base.metrics.throughput,
+                     "peak_bytes_vs_1f1b": max(result.peak_bytes) / max(base.peak_bytes),
+                     "max_drift": m.max_drift, "extra_weight_copies": max(s.weight_copies for s in m.per_stage),
+                     "note": ""})
+    if args.json:
+        print(json.dumps({"num_stages": args.stages, "num_microbatches": args.microbatches,
+                          "num_steps": args.steps, "costs": args.costs, "schedules": rows}, indent=1))
+        return 0
+    print(f"P={args.stages}, M={args.microbatches}, {args.steps} steps, costs F,B[,W]={args.costs}; "
+          "peak bytes = max over stages")
+    print(format_table(rows, [("schedule", "schedule", "s"), ("bubble", "bubble", ".1%"),
+                              ("steady_bubble", "steady", ".1%"),
+                              ("throughput_vs_1f1b", "throughput/1f1b", ".3f"),
+                              ("peak_bytes_vs_1f1b", "peak bytes/1f1b", ".3f"), ("max_drift", "max Δ", "d"),
+                              ("extra_weight_copies", "weight copies", "d"), ("note", "note", "s")]))
+    return 0

@@ -1,0 +1,148 @@
+"""`paci train`: train a GPT with a pipeline schedule; progress on the terminal, plots in the run directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from paci import schedules
+from paci.report import plot_curves
+
+log = logging.getLogger("paci")
+
+
+def add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a GPT with a pipeline schedule (PACI by default)",
+                              description="Train on the embedded Shakespeare corpus unless --data says otherwise. "
+                                          "Precedence: defaults < --config TOML < flags.")
+    p.add_argument("--config", type=Path, help="TOML file with [model] [data] [pipeline] [optim] [train] sections")
+    p.add_argument("--preset", help="model preset: tiny, small (default), gpt2, gpt2-medium")
+    p.add_argument("--schedule", help=f"one of: {', '.join(schedules.REGISTRY)} (default paci)")
+    p.add_argument("--stages", type=int, help="pipeline depth P (default: --nproc if given, else 4)")
+    p.add_argument("--microbatches", type=int, help="micro-batches per mini-batch M (default 8)")
+    p.add_argument("--accum", type=int, help="K, backwards per optimizer step for paci/2bw (default M)")
+    p.add_argument("--steps", type=int, help="mini-batches to train (default 150)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    p.add_argument("--seed", type=int, help="seed for init and data order (default 0)")
+    p.add_argument("--data", help="text file, folder of .txt, or folder with train.bin/val.bin (default: embedded)")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 8)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's context)")
+    p.add_argument("--eval-every", type=int, help="optimizer steps between validation rounds (default 25)")
+    p.add_argument("--out", help="run directory (default runs/<schedule>-<time>); must not exist or be empty")
+    p.add_argument("--nproc", type=int, help="spawn this many local processes, one stage each (gloo on CPU, "
+                                             "NCCL on GPU); under torchrun leave it out")
+    p.add_argument("--port", type=int, help="rendezvous port for --nproc (default: a free one)")
+    p.add_argument("--timeout", type=float, dest="timeout_s",
+                   help="seconds a rank waits for a peer before giving up (default 45)")
+    p.add_argument("--json", action="store_true", help="print the final summary as one JSON object")
+    p.set_defaults(func=train_command)
+
+
+_TRAIN_FLAGS = {"model": {"preset": "preset"}, "data": {"data": "path", "batch_size": "batch_size",
+                                                      "seq_len": "seq_len"},
+                "pipeline": {"schedule": "schedule", "stages": "stages", "microbatches": "microbatches",
+                             "accum": "accum", "nproc": "nproc", "port": "port", "timeout_s": "timeout_s"},
+                "optim": {"lr": "lr"}, "train": {"steps": "steps", "seed": "seed", "eval_every": "eval_every",
+                                                 "out": "out"}}
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from paci.config import load_config
+    from paci.runtime.launch import env_rank, run_rank, spawn
+
+    overrides = {section: {key: getattr(args, flag) for flag, key in flags.items()}
+                 for section, flags in _TRAIN_FLAGS.items()}
+    info = env_rank()
+    if info is not None:  # under torchrun: this process is one rank; --stages defaults to the world size
+        overrides["pipeline"]["stages"] = overrides["pipeline"]["stages"] or info.world_size
+        return run_rank(_train_rank, (load_config(args.config, overrides), args.json))
+    config = load_config(args.config, overrides)
+    if config.pipeline.nproc == 1:
+        from paci.train import train
+
+        progress = _Progress(config.train.steps, quiet=args.json)
+        summary, _ = train(config, on_record=progress.record, on_plan=progress.start)
+        progress.close()
+        _finish(summary, args.json)
+        return 0
+    from paci.train import make_plan
+
+    config.train.out = str(make_plan(config).run_dir)  # check everything (and warm the data cache) first
+    return spawn(_train_rank, (config, args.json), config.pipeline.nproc, port=config.pipeline.port,
+                 threads=config.train.threads)
+
+
+def _train_rank(payload) -> int:
+    """One rank of a multi-process run (spawned, or started by torchrun)."""
+    from paci.train import train_rank
+
+    config, as_json = payload
+    progress = _Progress(config.train.steps, quiet=as_json)
+    summary = train_rank(config, on_record=progress.record, on_plan=progress.start)
+    progress.close()
+    if summary is not None:
+        _finish(summary, as_json)
+    return 0
+
+
+def _finish(summary: dict, as_json: bool) -> None:
+    _plot_run(Path(summary["run_dir"]))
+    if as_json:
+        print(json.dumps(summary, indent=1))
+        return
+    line = (f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.0f} s | "
+            f"val loss {summary['initial_val_loss']:.3f} -> {summary['final_val_loss']:.3f} "
+            f"(ppl {summary['final_val_ppl']:.1f}) | max Δ {summary['max_drift']}")
+    if "bubble_fraction" in summary:
+        line += (f" | bubble {summary['bubble_fraction']:.1%} | measured/predicted makespan "
+                 f"{summary['makespan_ratio']:.3f}")
+    print(line + f" | {summary['run_dir']}")
+
+
+class _Progress:
+    """A tqdm bar on a terminal, plain log lines otherwise (every ~10% of the run)."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total, self.quiet = total, quiet
+        self.bar = None
+        self.every = max(1, total // 10)
+        self.last_val = None
+
+    def start(self, plan) -> None:
+        if self.quiet:
+            return
+        log.info("%s | P=%d, M=%d, K=%d | %s | %s | run dir %s", plan.schedule.name, plan.num_stages,
+                 plan.config.pipeline.microbatches, plan.schedule.accumulation, plan.config.model.preset,
+                 plan.data.source, plan.run_dir)
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, unit="step", dynamic_ncols=True)
+
+    def record(self, record: dict) -> None:
+        if "val_ppl" in record:
+            self.last_val = record["val_ppl"]
+        if self.quiet or "loss" not in record:
+            return
+        ppl = "-" if self.last_val is None else f"{self.last_val:.1f}"
+        line = (f"step {record['step']} | loss {record['loss']:.3f} | val ppl {ppl} | "
+                f"{record['tok_per_s']:,.0f} tok/s | Δmax {record['max_drift']}")
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(line.split(" | ", 1)[1])
+        elif record["step"] % self.every == 0 or record["step"] == self.total:
+            log.info(line)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _plot_run(run_dir: Path) -> None:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curves = {"train loss": [(r["step"], r["loss"]) for r in records if "loss" in r],
+              "val loss": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]}
+    plot_curves(curves, run_dir / "loss.png", xlabel="optimizer step", ylabel="cross-entropy loss",
+                title=run_dir.name, markers=("val loss",))

@@ -1,0 +1,124 @@
+"""Training metrics: the last stage turns losses into stats events; a Recorder turns those into records.
+
+The two halves are apart because in a multi-process run they live on different ranks: the last
+stage holds the losses, rank 0 writes metrics.jsonl and draws the progress bar. Events are plain
+(kind, index, value) triples of numbers, so they travel as one small tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from paci.ir import Action, Op
+
+Record = dict[str, object]
+STEP, VALIDATION = 0, 1
+
+
+class StatsEvent(NamedTuple):
+    kind: int  # STEP: index = the step just completed (1-based), value = mean train loss
+    index: int  # VALIDATION: index = the evaluation round, value = mean validation loss
+    value: float
+
+
+class StepStats:
+    """Listens to the last stage; yields a StatsEvent when a step or an evaluation round completes."""
+
+    def __init__(self, accumulation: int, eval_batches: int) -> None:
+        self.accumulation, self.eval_batches = accumulation, eval_batches
+
+    def __call__(self, stage, action: Action) -> list[StatsEvent]:
+        if not stage.is_last:
+            return []
+        if action.op is Op.U:
+            step, k = stage.version, self.accumulation
+            losses = [float(stage.losses.pop(mb)) for mb in range((step - 1) * k, step * k)]
+            return [StatsEvent(STEP, step, float(np.mean(losses)))]
+        if action.op is Op.E and (action.microbatch + 1) % self.eval_batches == 0:
+            index = action.microbatch // self.eval_batches
+            first = index * self.eval_batches
+            losses = [stage.eval_losses.pop(i) for i in range(first, first + self.eval_batches)]
+            return [StatsEvent(VALIDATION, index, float(np.mean(losses)))]
+        return []
+
+
+class Recorder:
+    """Writes one JSON object per step to metrics.jsonl (validation merged into its step's record)."""
+
+    def __init__(self, run_dir: Path, *, accumulation: int, tokens_per_microbatch: int, eval_rounds: list[int],
+                 lr_at: Callable[[int], float], predicted_drift: list[np.ndarray],
+                 on_record: Callable[[Record], None] | None = None) -> None:
+        self.accumulation, self.tokens_per_microbatch = accumulation, tokens_per_microbatch
+        self.eval_rounds, self.lr_at, self.predicted_drift = eval_rounds, lr_at, predicted_drift
+        self.on_record = on_record
+        self.records: list[Record] = []
+        self.start = time.perf_counter()
+        self._pending: Record | None = None
+        self._max_drift = 0
+        self._file = open(run_dir / "metrics.jsonl", "a")
+
+    def consume(self, event: StatsEvent) -> None:
+        if event.kind == STEP:
+            self._flush()
+            self._pending = self._step_record(event.index, event.value)
+            if event.index not in self.eval_rounds:
+                self._flush()
+            return
+        step, loss = self.eval_rounds[event.index], event.value
+        validation = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        if step == 0:
+            self._emit({"step": 0, "tokens": 0, **validation, "wall_s": 0.0})
+        elif self._pending is not None and self._pending["step"] == step:
+            self._pending.update(validation)
+            self._flush()
+
+    def _step_record(self, step: int, loss: float) -> Record:
+        k = self.accumulation
+        mbs = range((step - 1) * k, step * k)
+        drift = Counter(int(d[mb]) for d in self.predicted_drift for mb in mbs)
+        self._max_drift = max(self._max_drift, max(drift))
+        wall = time.perf_counter() - self.start
+        tokens = step * k * self.tokens_per_microbatch
+        return {"step": step, "tokens": tokens, "loss": loss, "lr": self.lr_at(step - 1), "wall_s": round(wall, 3),
+                "tok_per_s": tokens / wall, "drift_histogram": dict(sorted(drift.items())),
+                "max_drift": self._max_drift}
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            self._emit(self._pending)
+            self._pending = None
+
+    def _emit(self, record: Record) -> None:
+        self.records.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.on_record is not None:
+            self.on_record(record)
+
+    def append_final(self, record: Record) -> None:
+        """The run's closing line (utilisation, bubble, memory), marked "final": true."""
+        self._flush()
+        self._file.write(json.dumps({"final": True, **record}) + "\n")
+
+    def close(self) -> None:
+        self._flush()
+        self._file.close()
+
+    def summary(self) -> Record:
+        steps = [r for r in self.records if "loss" in r]
+        vals = [r for r in self.records if "val_loss" in r]
+        last = steps[-1] if steps else {}
+        return {"final_train_loss": last.get("loss"),
+                "final_val_loss": vals[-1]["val_loss"] if vals else None,
+                "final_val_ppl": vals[-1]["val_ppl"] if vals else None,
+                "initial_val_loss": vals[0]["val_loss"] if vals else None,
+                "steps": last.get("step", 0), "tokens": last.get("tokens", 0), "max_drift": self._max_drift,
+                "wall_s": round(time.perf_counter() - self.start, 3), "tokens_per_s": last.get("tok_per_s")}

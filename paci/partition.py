@@ -1,0 +1,378 @@
+"""Memory-aware stage partitioning: an exact split of the model's units into contiguous stages.
+
+The PACI paper's appendix (reference/paper-notes.md §4.2) profiles, per partitionable unit l, a
+time t_l, static bytes s_l (parameters + gradients + optimizer state) and activation bytes a_l
+(what autograd saves for one micro-batch; `paci.profiler` measures all three), then cuts the
+unit list into P contiguous stages that
+
+    minimise max_j T_j   subject to   M_j = Σ s_l + inflight_j·Σ a_l + copies_j·Σ w_l ≤ budget,
+
+where w_l is the bytes of one weight copy. When no split fits it minimises (max overshoot,
+max T_j) lexicographically. Differences from the paper, on purpose:
+
+* T_j sums forward **and** backward time (the paper uses forward only). In the steady state of a
+  1F1B/PACI pipe every stage does one F and one B per period, so the slowest stage's F + B is the
+  period; the backward/forward ratio differs between units (an embedding's backward is a scatter,
+  a Linear's is two matmuls), so forward time alone misranks stages.
+* inflight_j and copies_j are not a closed form: they are read from the simulator's accounting of
+  the same schedule (`stage_memory_model`), so GPipe (m), 1F1B/PACI (P−j), PipeDream (P−j weight
+  copies) and 2BW (≤ 2 copies) all come from the one place that defines the schedules.
+* The last unit is profiled together with the loss, because the last stage computes it.
+
+Solved exactly by two min-max dynamic programs over suffixes (O(P·L²)): the first finds the
+smallest achievable max overshoot O* (0 when a split fits), the second the smallest max time
+among splits whose every overshoot is ≤ O*. Among optimal splits the lexicographically smallest
+list of stage boundaries wins, so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+
+from paci import schedules
+from paci.model import GPTConfig, num_units
+from paci.profiler import UnitProfile, default_budget, profile_units
+from paci.sim import CostModel, simulate
+
+logger = logging.getLogger(__name__)
+
+SPLIT_SPECS = ("profile", "uniform")  # besides an explicit "0:5,5:9,..." list
+
+
+# ----------------------------------------------------------------------------------------------
+# The memory model, from the simulator's accounting of the schedule
+
+
+def stage_memory_model(schedule_name: str, num_stages: int, microbatches: int,
+                       accum: int | None = None) -> tuple[list[int], list[int]]:
+    """(peak in-flight micro-batches, peak stashed weight copies) per stage, as the simulator counts them.
+
+    Both follow from each stage's fixed action order alone, so unit costs suffice; the run is
+    long enough (at least 3 steps and 4·P micro-batches) for the asynchronous schedules to pass
+    their warm-up and reach the steady state.
+    """
+    steps = max(3, math.ceil(4 * num_stages / microbatches))
+    schedule = schedules.build(schedule_name, num_stages, microbatches, steps, accum)
+    per_stage = simulate(schedule, CostModel.per_stage(num_stages)).metrics.per_stage
+    return [m.peak_inflight for m in per_stage], [m.weight_copies for m in per_stage]
+
+
+def predicted_efficiency(forward: Sequence[float], backward: Sequence[float], schedule_name: str,
+                         microbatches: int, accum: int | None = None, steps: int = 8) -> float:
+    """busy / (P · time) of every stage over its steady window (1 − the simulator's steady bubble).
+
+    The schedule is simulated with the split's per-stage forward and backward times, so both the
+    schedule's own bubble (a flush) and the imbalance between stages lower it; a perfectly balanced
+    PACI pipe scores 1.
+    """
+    num_stages = len(forward)
+    schedule = schedules.build(schedule_name, num_stages, microbatches, steps, accum)
+    metrics = simulate(schedule, CostModel.per_stage(num_stages, forward, backward)).metrics
+    bubble = metrics.steady_bubble_fraction
+    return 1.0 - (metrics.bubble_fraction if bubble is None else bubble)
+
+
+# ----------------------------------------------------------------------------------------------
+# The exact partitioner
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """What the partitioner needs per unit: time (s), static, activation (per micro-batch), weight bytes."""
+
+    time: tuple[float, ...]
+    static: tuple[float, ...]
+    activation: tuple[float, ...]
+    weight: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        columns = (self.time, self.static, self.activation, self.weight)
+        if not self.time or len({len(c) for c in columns}) != 1:
+            raise ValueError(f"unit costs need one value per unit in every column, got lengths "
+                             f"{[len(c) for c in columns]}")
+        if any(not v >= 0 or math.isinf(v) for c in columns for v in c):
+            raise ValueError("unit times and bytes must be finite and >= 0")
+
+    @classmethod
+    def of(cls, units: UnitCosts | Sequence[UnitProfile]) -> UnitCosts:
+        if isinstance(units, UnitCosts):
+            return units
+        return cls(tuple(u.time_s for u in units), tuple(float(u.static_bytes) for u in units),
+                   tuple(float(u.activation_bytes) for u in units), tuple(float(u.param_bytes) for u in units))
+
+    def __len__(self) -> int:
+        return len(self.time)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Contiguous [start, stop) unit ranges, one per stage, with each stage's time and peak bytes."""
+
+    ranges: tuple[tuple[int, int], ...]
+    stage_time: tuple[float, ...]  # Σ (forward + backward) seconds of the stage's units
+    stage_bytes: tuple[float, ...]  # M_j = static + inflight_j·activation + copies_j·weight
+    inflight: tuple[int, ...]
+    copies: tuple[int, ...]
+    budget: float | None
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.ranges)
+
+    @property
+    def bottleneck(self) -> int:
+        """The slowest stage (the first of equals)."""
+        return max(range(self.num_stages), key=lambda j: (self.stage_time[j], -j))
+
+    @property
+    def max_time(self) -> float:
+        return self.stage_time[self.bottleneck]
+
+    @property
+    def overshoot(self) -> tuple[float, ...]:
+        """Bytes by which each stage exceeds the budget (0 where it fits, or without a budget)."""
+        return tuple(0.0 if self.budget is None else max(0.0, m - self.budget) for m in self.stage_bytes)
+
+    @property
+    def overshoot_stage(self) -> int | None:
+        """The stage that exceeds the budget most, None when every stage fits."""
+        worst = max(range(self.num_stages), key=lambda j: (self.overshoot[j], -j))
+        return worst if self.overshoot[worst] > 0 else None
+
+    @property
+    def feasible(self) -> bool:
+        return self.overshoot_stage is None
+
+    @property
+    def spec(self) -> str:
+        """The split as `--split` takes it: "0:3,3:6,6:10"."""
+        return ",".join(f"{a}:{b}" for a, b in self.ranges)
+
+    def as_dict(self) -> dict:
+        worst = self.overshoot_stage
+        return {"split": self.spec, "ranges": [list(r) for r in self.ranges],
+                "stage_time_s": list(self.stage_time), "stage_bytes": list(self.stage_bytes),
+                "inflight": list(self.inflight), "copies": list(self.copies), "budget_bytes": self.budget,
+                "bottleneck": self.bottleneck, "max_stage_time_s": self.max_time, "feasible": self.feasible,
+                "max_overshoot_bytes": 0.0 if worst is None else self.overshoot[worst], "overshoot_stage": worst}
+
+
+class _StageModel:
+    """Time, bytes and overshoot of "units [i, e) as stage j", from prefix sums."""
+
+    def __init__(self, costs: UnitCosts, inflight: Sequence[int], copies: Sequence[int], budget: float | None):
+        self.T, self.S, self.A, self.W = (list(accumulate(c, initial=0.0)) for c in
+                                          (costs.time, costs.static, costs.activation, costs.weight))
+        self.inflight, self.copies, self.budget = inflight, copies, budget
+
+    def time(self, j: int, i: int, e: int) -> float:
+        return self.T[e] - self.T[i]
+
+    def bytes(self, j: int, i: int, e: int) -> float:
+        return ((self.S[e] - self.S[i]) + self.inflight[j] * (self.A[e] - self.A[i])
+                + self.copies[j] * (self.W[e] - self.W[i]))
+
+    def overshoot(self, j: int, i: int, e: int) -> float:
+        return 0.0 if self.budget is None else max(0.0, self.bytes(j, i, e) - self.budget)
+
+
+StageCost = Callable[[int, int, int], float]  # (stage j, start i, stop e) -> value
+
+
+def _minimax(num_units: int, num_stages: int, cost: StageCost,
+             allowed: Callable[[int, int, int], bool]) -> list[list[float]]:
+    """best[j][i]: over splits of units [i, L) into stages j..P-1 (each non-empty and allowed),
+    the smallest achievable max stage cost; inf when there is no such split."""
+    L, P = num_units, num_stages
+    best = [[math.inf] * (L + 1) for _ in range(P + 1)]
+    best[P][L] = -math.inf  # no units left for no stages: the max over nothing
+    for j in range(P - 1, -1, -1):
+        for i in range(L):
+            best[j][i] = min((max(cost(j, i, e), best[j + 1][e]) for e in range(i + 1, L + 1)
+                              if best[j + 1][e] < math.inf and allowed(j, i, e)), default=math.inf)
+    return best
+
+
+def _first_optimal(num_units: int, num_stages: int, cost: StageCost, allowed: Callable[[int, int, int], bool],
+                   best: list[list[float]]) -> list[tuple[int, int]]:
+    """The optimal split with the lexicographically smallest boundaries: take the earliest stop
+    that still reaches the optimum, stage by stage (exact: the same float expressions as `_minimax`)."""
+    ranges, i = [], 0
+    for j in range(num_stages):
+        e = next(e for e in range(i + 1, num_units + 1) if best[j + 1][e] < math.inf and allowed(j, i, e)
+                 and max(cost(j, i, e), best[j + 1][e]) == best[j][i])
+        ranges.append((i, e))
+        i = e
+    return ranges
+
+
+def partition(units: UnitCosts | Sequence[UnitProfile], num_stages: int, inflight: Sequence[int],
+              copies: Sequence[int], budget: float | None = None) -> Split:
+    """The contiguous split into `num_stages` stages with the smallest slowest-stage time whose
+    every stage fits `budget` bytes; if none fits, the split minimising (max overshoot, max time).
+
+    `inflight[j]` / `copies[j]` are stage j's peak in-flight micro-batches and stashed weight
+    copies (`stage_memory_model`). An infeasible budget is logged as a warning naming the stage.
+    """
+    costs = UnitCosts.of(units)
+    _check_stage_count(len(costs), num_stages)
+    if len(inflight) != num_stages or len(copies) != num_stages:
+        raise ValueError(f"need one in-flight count and one copy count per stage ({num_stages}), got "
+                         f"{len(inflight)} and {len(copies)}")
+    _check_budget(budget)
+    model = _StageModel(costs, inflight, copies, budget)
+    L, P = len(costs), num_stages
+    cap = 0.0
+    if budget is not None:  # pass 1: the smallest achievable max overshoot (0 when a split fits)
+        cap = _minimax(L, P, model.overshoot, lambda j, i, e: True)[0][0]
+
+    def allowed(j: int, i: int, e: int) -> bool:
+        return model.overshoot(j, i, e) <= cap
+
+    best = _minimax(L, P, model.time, allowed)  # pass 2: the fastest split within that overshoot
+    split = evaluate_split(costs, _first_optimal(L, P, model.time, allowed, best), inflight, copies, budget)
+    if not split.feasible:
+        worst = split.overshoot_stage
+        logger.warning("no %d-stage split fits %s per stage; the best overshoots by %s on stage %d (%s in all): "
+                       "raise the budget, use more stages or a smaller micro-batch",
+                       P, format_bytes(budget), format_bytes(split.overshoot[worst]), worst,
+                       format_bytes(split.stage_bytes[worst]))
+    return split
+
+
+def evaluate_split(units: UnitCosts | Sequence[UnitProfile], ranges: Sequence[tuple[int, int]],
+                   inflight: Sequence[int], copies: Sequence[int], budget: float | None = None) -> Split:
+    """Per-stage time and bytes of a given split (checked to be contiguous and complete)."""
+    costs = UnitCosts.of(units)
+    ranges = tuple((int(a), int(b)) for a, b in ranges)
+    _check_ranges(ranges, len(costs), len(ranges))
+    model = _StageModel(costs, inflight, copies, budget)
+    return Split(ranges, tuple(model.time(j, a, b) for j, (a, b) in enumerate(ranges)),
+                 tuple(model.bytes(j, a, b) for j, (a, b) in enumerate(ranges)),
+                 tuple(inflight), tuple(copies), None if budget is None else float(budget))
+
+
+def stage_sums(values: Sequence[float], ranges: Sequence[tuple[int, int]]) -> list[float]:
+    """Σ values[a:b] per stage, e.g. per-stage forward seconds for the simulator."""
+    return [float(sum(values[a:b])) for a, b in ranges]
+
+
+# ----------------------------------------------------------------------------------------------
+# Splits from the command line, and the entry point `paci train` calls
+
+
+def uniform_split(num_units: int, num_stages: int) -> list[tuple[int, int]]:
+    """Contiguous ranges of units whose sizes differ by at most one (earlier stages get the extra)."""
+    _check_stage_count(num_units, num_stages)
+    base, extra = divmod(num_units, num_stages)
+    bounds = list(accumulate((base + (s < extra) for s in range(num_stages)), initial=0))
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def parse_split(text: str, num_units: int, num_stages: int) -> list[tuple[int, int]]:
+    """`--split 0:5,5:9,9:12` -> [(0, 5), (5, 9), (9, 12)]: contiguous, covering every unit, one range per stage."""
+    _check_stage_count(num_units, num_stages)
+    example = ",".join(f"{a}:{b}" for a, b in uniform_split(num_units, num_stages))
+    ranges = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", part)
+        if match is None:
+            raise ValueError(f"--split {text!r}: {part.strip()!r} is not START:STOP; write one range per stage, "
+                             f"e.g. --split {example}")
+        ranges.append((int(match[1]), int(match[2])))
+    _check_ranges(tuple(ranges), num_units, num_stages, text, example)
+    return ranges
+
+
+def _check_ranges(ranges: tuple[tuple[int, int], ...], num_units: int, num_stages: int,
+                  text: str | None = None, example: str | None = None) -> None:
+    what = f"--split {text!r}" if text is not None else f"split {list(ranges)}"
+    hint = f"; e.g. --split {example}" if example else ""
+    if len(ranges) != num_stages:
+        raise ValueError(f"{what} has {len(ranges)} ranges for {num_stages} stages: give one per stage{hint}")
+    expected = 0
+    for j, (a, b) in enumerate(ranges):
+        if a != expected:
+            raise ValueError(f"{what}: stage {j} starts at unit {a} but must start at {expected}; ranges are "
+                             f"contiguous [start, stop) from 0{hint}")
+        if b <= a:
+            raise ValueError(f"{what}: stage {j} range {a}:{b} is empty; each stage needs stop > start{hint}")
+        expected = b
+    if expected != num_units:
+        raise ValueError(f"{what} ends at unit {expected} but the model has {num_units} units (0..{num_units - 1}); "
+                         f"the last range must stop at {num_units}{hint}")
+
+
+def _check_stage_count(num_units: int, num_stages: int) -> None:
+    if num_stages < 1:
+        raise ValueError(f"--stages must be >= 1, got {num_stages}")
+    if num_stages > num_units:
+        raise ValueError(f"{num_stages} stages but the model has only {num_units} units; use --stages <= "
+                         f"{num_units} or a preset with more layers")
+
+
+def _check_budget(budget: float | None) -> None:
+    if budget is not None and not (budget > 0 and math.isfinite(budget)):
+        raise ValueError(f"the memory budget per stage must be a positive number of bytes, got {budget!r}; "
+                         "e.g. --memory-per-stage 24GiB")
+
+
+def choose_split(spec: str, config: GPTConfig, num_stages: int, schedule_name: str, microbatches: int,
+                 accum: int | None, batch_size: int, seq_len: int, device: torch.device | str,
+                 budget: float | None = None, dtype: torch.dtype = torch.float32) -> list[tuple[int, int]]:
+    """The split `paci train` uses: "profile" (measure the units here, then `partition`), "uniform",
+    or an explicit "0:5,5:9,..." list. `budget` None means the device's total memory on CUDA and
+    no limit elsewhere. Profiling uses torch's current thread count: set it first."""
+    n = num_units(config)
+    if spec == "uniform":
+        return uniform_split(n, num_stages)
+    if spec != "profile":
+        return parse_split(spec, n, num_stages)
+    _check_stage_count(n, num_stages)
+    _check_budget(budget)
+    budget = default_budget(device) if budget is None else budget
+    profiles = profile_units(config, batch_size, seq_len, device, dtype)
+    inflight, copies = stage_memory_model(schedule_name, num_stages, microbatches, accum)
+    split = partition(profiles, num_stages, inflight, copies, budget)
+    uniform = evaluate_split(profiles, uniform_split(n, num_stages), inflight, copies, budget)
+    logger.info("profiled split %s: slowest stage %d at %.2f ms fwd+bwd per micro-batch (uniform %s: %.2f ms)",
+                split.spec, split.bottleneck, 1e3 * split.max_time, uniform.spec, 1e3 * uniform.max_time)
+    return list(split.ranges)
+
+
+# ----------------------------------------------------------------------------------------------
+# Byte sizes
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """"24GiB", "512MiB", "1.5GB", "1000000" (bytes) -> bytes; ValueError if malformed or not > 0."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = match[2].lower() if match else None
+    if match is None or unit not in _BYTE_UNITS:
+        raise ValueError(f"cannot read {text!r} as a size: write a number with an optional unit "
+                         "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 24GiB or 1.5GB")
+    value = float(match[1]) * _BYTE_UNITS[unit]
+    if not value >= 1 or math.isinf(value):
+        raise ValueError(f"a memory size must be at least one byte, got {text!r}; e.g. 24GiB")
+    return int(value)
+
+
+def format_bytes(n: float | None) -> str:
+    """1536 -> "1.50 KiB" (binary units); None -> "none"."""
+    if n is None:
+        return "none"
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"

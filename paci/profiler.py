@@ -1,0 +1,200 @@
+"""The layer profiler: per partitionable unit, its time, static bytes and activation bytes.
+
+Measured on the device the model will run on, for one micro-batch shape, as the partitioner
+(`paci.partition`) needs them (reference/paper-notes.md §4.2):
+
+* forward_s / backward_s: medians of repeated runs after warm-up, autograd recording, backward
+  with a random output gradient; the last unit includes the loss, because the last stage computes it.
+* static_bytes: parameters + buffers + gradients + AdamW state, whose shapes and dtypes are read
+  from a real optimizer step rather than assumed.
+* activation_bytes: the distinct storages autograd saves during the unit's forward, found with
+  `torch.autograd.graph.saved_tensors_hooks`, the unit's own parameters excluded.
+
+Profiles are cached as JSON under <cache dir>/profiles/, written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from paci.data import _write_atomic, resolve_cache_dir
+from paci.model import GPTConfig, build_unit, lm_loss, num_units, unit_names
+
+logger = logging.getLogger(__name__)
+
+PROFILE_FORMAT = 1  # part of the cache key: bump when what a profile measures changes
+
+
+@dataclass(frozen=True)
+class UnitProfile:
+    name: str
+    forward_s: float  # median forward time of one micro-batch, autograd recording (the last unit: + loss)
+    backward_s: float  # median backward time (input and weight gradients) with a random output gradient
+    static_bytes: int  # parameters + buffers + gradients + AdamW state, from a real optimizer step
+    activation_bytes: int  # unique storages autograd saves for one micro-batch, parameters excluded
+    param_bytes: int  # parameters + buffers: the size of one stashed weight copy
+
+    @property
+    def time_s(self) -> float:
+        return self.forward_s + self.backward_s
+
+
+def profile_units(config: GPTConfig, batch_size: int, seq_len: int, device: torch.device | str,
+                  dtype: torch.dtype = torch.float32, repeats: int = 10, warmup: int = 2,
+                  cache: bool = True) -> list[UnitProfile]:
+    """Profile every unit of `config` for micro-batches of (batch_size, seq_len) tokens on `device`.
+
+    Unit 0 gets token ids; unit i > 0 gets the activation the first i units produce. Times are
+    medians of `repeats` runs after `warmup`; torch's thread count is left as the caller set it.
+    With `cache`, the result is kept in <cache dir>/profiles/<key>.json, keyed by the model
+    config, batch shape, device, dtype, threads and torch version.
+    """
+    if batch_size < 1 or seq_len < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"batch_size, seq_len and repeats must be >= 1 and warmup >= 0, got "
+                         f"{batch_size}, {seq_len}, {repeats}, {warmup}")
+    if seq_len > config.block_size:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's block_size {config.block_size}; "
+                         "use a shorter --seq-len")
+    device = torch.device(device)
+    key = {"format": PROFILE_FORMAT, "model": dataclasses.asdict(config), "batch_size": batch_size,
+           "seq_len": seq_len, "device": _device_label(device), "dtype": str(dtype),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats, "warmup": warmup}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = resolve_cache_dir() / "profiles" / f"{digest}.json"
+    if cache and path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+            if stored["key"] == key and len(stored["units"]) == num_units(config):
+                logger.debug("unit profile from cache %s", path)
+                return [UnitProfile(**unit) for unit in stored["units"]]
+        except (ValueError, KeyError, TypeError):
+            pass
+        logger.warning("ignoring unreadable profile cache %s; measuring again", path)
+    profiles = _measure(config, batch_size, seq_len, device, dtype, repeats, warmup)
+    if cache:
+        payload = {"key": key, "units": [dataclasses.asdict(p) for p in profiles]}
+        _write_atomic(path, (json.dumps(payload, indent=1) + "\n").encode())
+    return profiles
+
+
+def _measure(config: GPTConfig, batch_size: int, seq_len: int, device: torch.device, dtype: torch.dtype,
+             repeats: int, warmup: int) -> list[UnitProfile]:
+    generator = torch.Generator().manual_seed(0)  # inputs and output gradients; the global RNG is untouched
+    x = torch.randint(config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
+    targets = torch.randint(config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
+    names, last = unit_names(config), num_units(config) - 1
+    profiles = []
+    for index, name in enumerate(names):
+        unit = build_unit(config, index, seed=0).to(device=device, dtype=dtype)
+        if x.is_floating_point():
+            x = x.detach().requires_grad_(True)  # a stage's received activation: a leaf that wants its grad
+        run = _runner(unit, x, targets if index == last else None)
+        activation = saved_activation_bytes(run, exclude=[*unit.parameters(), *unit.buffers()])
+        forward_s, backward_s = _time(run, x, device, repeats, warmup, generator)
+        param_bytes, static = static_bytes(unit, run)
+        profiles.append(UnitProfile(name, forward_s, backward_s, static, activation, param_bytes))
+        logger.debug("profiled %s: %s", name, profiles[-1])
+        if index < last:
+            with torch.no_grad():
+                x = unit(x)
+    return profiles
+
+
+def _runner(unit: nn.Module, x: torch.Tensor, targets: torch.Tensor | None) -> Callable[[], torch.Tensor]:
+    """The unit's forward as a stage runs it: the last unit also computes the loss."""
+    if targets is None:
+        return lambda: unit(x)
+    return lambda: lm_loss(unit(x), targets)
+
+
+def saved_activation_bytes(run: Callable[[], torch.Tensor], exclude: Sequence[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd saves while `run()` builds its graph.
+
+    A storage saved twice (or through several views) counts once, at its full size (a view keeps
+    its whole storage alive); storages of the tensors in `exclude` (the parameters) do not count.
+    """
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = run()  # kept alive until counted, so no saved storage is freed and its address reused
+    del output
+    return sum(storages.values())
+
+
+def static_bytes(unit: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[int, int]:
+    """(parameter + buffer bytes, those + gradients + AdamW state), after one real AdamW step.
+
+    The optimizer is built as the runtime builds it (foreach=False); its state's shapes and dtypes
+    are read back, not assumed. The step changes the unit's weights: profile a throwaway unit.
+    """
+    params = [p for p in unit.parameters() if p.requires_grad]
+    weights = sum(t.nbytes for t in (*unit.parameters(), *unit.buffers()))
+    if not params:
+        return weights, weights
+    optimizer = torch.optim.AdamW(params, foreach=False)
+    output = run()
+    output.backward(torch.ones_like(output))
+    optimizer.step()
+    grads = sum(p.grad.nbytes for p in params if p.grad is not None)
+    state = sum(v.nbytes for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    return weights, weights + grads + state
+
+
+def _time(run: Callable[[], torch.Tensor], x: torch.Tensor, device: torch.device, repeats: int, warmup: int,
+          generator: torch.Generator) -> tuple[float, float]:
+    """Median forward and backward seconds over `repeats` runs after `warmup` (at least one)."""
+    grad_output = None
+    forward, backward = [], []
+    for i in range(max(warmup, 1) + repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        output = run()
+        _sync(device)
+        t1 = time.perf_counter()
+        if grad_output is None:  # the first (warm-up) run fixes the output's shape
+            grad_output = (torch.ones_like(output) if output.dim() == 0 else
+                           torch.randn(output.shape, generator=generator).to(output.device, output.dtype))
+        output.backward(grad_output)
+        _sync(device)
+        t2 = time.perf_counter()
+        x.grad = None
+        if i >= max(warmup, 1):
+            forward.append(t1 - t0)
+            backward.append(t2 - t1)
+    return statistics.median(forward), statistics.median(backward)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type != "cpu" and hasattr(getattr(torch, device.type, None), "synchronize"):
+        getattr(torch, device.type).synchronize()
+
+
+def _device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def default_budget(device: torch.device | str) -> int | None:
+    """The paper's default budget: the device's total memory on CUDA; None (no limit) elsewhere."""
+    device = torch.device(device)
+    return torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else None

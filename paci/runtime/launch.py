@@ -1,0 +1,158 @@
+"""Process launch: `paci ... --nproc P` spawns P local ranks itself; torchrun works unchanged.
+
+No launcher protocol of our own: ranks find each other through torch.distributed's env://
+rendezvous (MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE), which torchrun sets and which
+`spawn` sets for its children. Backend from the device: NCCL for CUDA, gloo for CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+class RankInfo(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def env_rank() -> RankInfo | None:
+    """This process's rank from the environment (torchrun or `spawn`), or None when not distributed."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return None
+    return RankInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                    int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
+
+
+def rank_device(info: RankInfo) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device, timeout_s: float) -> None:
+    """Join the process group (env:// rendezvous); gives up after `timeout_s` if a rank never arrives."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_port(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise ValueError(f"port {port} is in use; pick another with --port or leave it out") from None
+
+
+def threads_per_rank(nproc: int) -> int:
+    return max(1, (os.cpu_count() or 1) // nproc)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def spawn(entry: Callable[[Any], int], payload: Any, nproc: int, port: int | None = None,
+          threads: int | None = None, grace_s: float = 60.0) -> int:
+    """Run `entry(payload)` on `nproc` fresh ranks (spawn start method); return 0 if all succeed.
+
+    Every rank prints its own errors (prefixed with its rank). If one rank fails, the others get
+    `grace_s` to notice through their P2P timeouts, then are terminated: no orphans are left.
+    """
+    if port is None:
+        port = free_port()
+    else:
+        check_port(port)
+    ctx = mp.get_context("spawn")
+    threads = threads or threads_per_rank(nproc)
+    procs = [ctx.Process(target=_child, args=(entry, payload, rank, nproc, port, threads), name=f"paci-rank{rank}")
+             for rank in range(nproc)]
+    for proc in procs:
+        proc.start()
+    try:
+        return _supervise(procs, grace_s)
+    except KeyboardInterrupt:
+        _stop(procs)
+        raise
+
+
+def _supervise(procs: list, grace_s: float) -> int:
+    first_failure: tuple[int, int] | None = None
+    deadline = float("inf")
+    while any(proc.exitcode is None for proc in procs):
+        for rank, proc in enumerate(procs):
+            if proc.exitcode not in (None, 0) and first_failure is None:
+                first_failure, deadline = (rank, proc.exitcode), time.monotonic() + grace_s
+        if time.monotonic() > deadline:
+            _stop(procs)
+            break
+        time.sleep(0.05)
+    if first_failure is None:
+        first_failure = next(((r, p.exitcode) for r, p in enumerate(procs) if p.exitcode), None)
+    if first_failure is None:
+        return 0
+    rank, code = first_failure
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    print(f"paci: rank {rank} {how}; the run stopped", file=sys.stderr)
+    return 2 if code == 2 else 1
+
+
+def _stop(procs: list) -> None:
+    for proc in procs:
+        if proc.exitcode is None:
+            proc.terminate()
+    for proc in procs:
+        proc.join(5)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+
+
+def _child(entry: Callable[[Any], int], payload: Any, rank: int, world_size: int, port: int, threads: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the ranks
+    torch.set_num_threads(threads)
+    sys.exit(run_rank(entry, payload))
+
+
+def run_rank(entry: Callable[[Any], int], payload: Any) -> int:
+    """Call `entry` in this rank: logging from rank 0 only, errors from any rank with the rank named."""
+    info = env_rank()
+    rank = info.rank if info else 0
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
+    try:
+        return entry(payload)
+    except (ValueError, OSError) as exc:
+        print(f"paci: rank {rank}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a runtime failure: say which rank, keep the traceback for debugging
+        print(f"paci: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if os.environ.get("PACI_DEBUG"):
+            traceback.print_exc()
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -207,6 +207,20 @@ def with_evaluation(schedule: Schedule, every: int, num_batches: int) -> Schedul
                     schedule.weight_policy, stream, schedule.params + (("eval_every", every),))
 
 
+def stage_versions(schedule: Schedule, stage: int) -> Iterator[tuple[int, int, int]]:
+    """(mb, v_f, v_b) at each backward (B or I) of `stage`, in its order: the versions its F and its
+    backward see, fixed by the order alone (v = U actions so far). Lazy, like the schedule."""
+    version = 0
+    forward_version: dict[int, int] = {}
+    for action in schedule.actions(stage):
+        if action.op is Op.U:
+            version += 1
+        elif action.op is Op.F:
+            forward_version[action.microbatch] = version
+        elif action.op in INPUT_GRAD_OPS:
+            yield action.microbatch, forward_version.pop(action.microbatch), version
+
+
 def evaluation_rounds(num_steps: int, every: int) -> list[int]:
     """The step after which each evaluation round of `with_evaluation` runs (0 = before training)."""
     return [0] + [k for k in range(1, num_steps + 1) if k % every == 0 or k == num_steps]

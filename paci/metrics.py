@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from paci.ir import Action, Op
+from paci.ir import Action, Op, Schedule, stage_versions
 
 Record = dict[str, object]
 STEP, VALIDATION = 0, 1
@@ -53,11 +53,14 @@ class StepStats:
 class Recorder:
     """Writes one JSON object per step to metrics.jsonl (validation merged into its step's record)."""
 
-    def __init__(self, run_dir: Path, *, accumulation: int, tokens_per_microbatch: int, eval_rounds: list[int],
-                 lr_at: Callable[[int], float], predicted_drift: list[np.ndarray],
-                 on_record: Callable[[Record], None] | None = None) -> None:
-        self.accumulation, self.tokens_per_microbatch = accumulation, tokens_per_microbatch
-        self.eval_rounds, self.lr_at, self.predicted_drift = eval_rounds, lr_at, predicted_drift
+    def __init__(self, run_dir: Path, schedule: Schedule, *, tokens_per_microbatch: int, eval_rounds: list[int],
+                 lr_at: Callable[[int], float], on_record: Callable[[Record], None] | None = None) -> None:
+        self.accumulation, self.tokens_per_microbatch = schedule.accumulation, tokens_per_microbatch
+        self.eval_rounds, self.lr_at = eval_rounds, lr_at
+        # Δ of every (stage, micro-batch) as the schedule fixes it, read lazily as steps complete;
+        # the runtime's own records are checked against the same prediction at the end of the run
+        self._versions = [stage_versions(schedule, s) for s in range(schedule.num_stages)]
+        self._drift: list[dict[int, int]] = [{} for _ in range(schedule.num_stages)]
         self.on_record = on_record
         self.records: list[Record] = []
         self.start = time.perf_counter()
@@ -82,14 +85,21 @@ class Recorder:
 
     def _step_record(self, step: int, loss: float) -> Record:
         k = self.accumulation
-        mbs = range((step - 1) * k, step * k)
-        drift = Counter(int(d[mb]) for d in self.predicted_drift for mb in mbs)
+        drift = Counter(self._predicted_drift(stage, mb) for stage in range(len(self._versions))
+                        for mb in range((step - 1) * k, step * k))
         self._max_drift = max(self._max_drift, max(drift))
         wall = time.perf_counter() - self.start
         tokens = step * k * self.tokens_per_microbatch
         return {"step": step, "tokens": tokens, "loss": loss, "lr": self.lr_at(step - 1), "wall_s": round(wall, 3),
                 "tok_per_s": tokens / wall, "drift_histogram": dict(sorted(drift.items())),
                 "max_drift": self._max_drift}
+
+    def _predicted_drift(self, stage: int, mb: int) -> int:
+        known = self._drift[stage]
+        while mb not in known:
+            got, v_f, v_b = next(self._versions[stage])
+            known[got] = v_b - v_f
+        return known.pop(mb)
 
     def _flush(self) -> None:
         if self._pending is not None:

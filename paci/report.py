@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from paci.ir import COMPUTE_OPS, Op
-from paci.trace import OP_CODE, Trace, TraceMetrics
+from paci.trace import OP_CODE, Columns, Trace, TraceMetrics
 
 _LETTERS = [op.value for op in COMPUTE_OPS]  # indexed by trace op code
 _BACKWARD_CODES = (OP_CODE[Op.B], OP_CODE[Op.I])
@@ -308,14 +308,15 @@ def _draw_stage(ax, stage: int, col: Columns, cut: float, px_per_unit: float, ed
 
 
 def write_chrome_trace(traces: Trace | Sequence[Trace], path: str | os.PathLike,
-                       time_scale_us: float | None = None) -> None:
+                       time_scale_us: float | None = None, max_actions: int = 200_000) -> None:
     """Write traces as Chrome trace JSON (chrome://tracing, ui.perfetto.dev), atomically.
 
     Each trace is a process (pid 0, 1, ... in the order given) named after its kind and schedule,
     each stage a thread "stage s"; each action an "X" event named like F3 / B3 / U with category
     the op letter and args microbatch, version and (backwards) drift. Measured traces are in
     seconds (1 s = 1e6 µs); simulated ones in abstract units, 1 unit = `time_scale_us` µs
-    (default 1000).
+    (default 1000). A trace with more than `max_actions` actions keeps its leading window of time
+    holding about that many (the metadata event "window" says where it was cut).
     """
     if isinstance(traces, Trace):
         traces = [traces]
@@ -328,10 +329,15 @@ def write_chrome_trace(traces: Trace | Sequence[Trace], path: str | os.PathLike,
             scale = _MEASURED_US_PER_SECOND
         else:
             scale = _SIMULATED_US_PER_UNIT if time_scale_us is None else float(time_scale_us)
-        for stage in range(trace.num_stages):
+        columns = [trace.columns(s) for s in range(trace.num_stages)]
+        _, _, cut, note = _png_window(trace, columns, 0.0, max_actions)
+        if note:
+            events.append({"name": "window", "ph": "M", "pid": pid, "args": {"name": note.strip()}})
+        for stage, col in enumerate(columns):
             events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": stage,
                            "args": {"name": f"stage {stage}"}})
-            events.extend(_chrome_events(trace.columns(stage), pid, stage, scale))
+            keep = col.start < cut
+            events.extend(_chrome_events(Columns(*(c[keep] for c in col)), pid, stage, scale))
     _atomic_write(path, lambda tmp: _dump_json({"traceEvents": events, "displayTimeUnit": "ms"}, tmp))
 
 

@@ -14,18 +14,17 @@ import os
 import resource
 import time
 from array import array
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from paci import schedules
 from paci.config import RunConfig
 from paci.data import TokenData, load_data
-from paci.ir import Action, Message, Schedule, evaluation_rounds, with_evaluation
+from paci.ir import Action, Message, Op, evaluation_rounds, stage_versions, with_evaluation
 from paci.metrics import Record, Recorder, StatsEvent, StepStats
 from paci.model import PRESETS, GPTConfig, build_units, num_units
 from paci.report import render_png, write_chrome_trace
@@ -49,7 +48,6 @@ class Plan:
     seq_len: int
     batch_size: int
     eval_batches: int
-    predicted_versions: list[tuple[np.ndarray, np.ndarray]] = field(repr=False)  # per stage: (v_f, v_b) per mb
     run_dir: Path = Path()
 
     @property
@@ -88,14 +86,7 @@ def make_plan(config: RunConfig) -> Plan:
     optimizer = OptimizerSpec(lr=opt.lr, weight_decay=opt.weight_decay, warmup_steps=warmup,
                               total_steps=base.num_steps, min_lr_ratio=opt.min_lr_ratio)
     schedule = with_evaluation(base, config.train.eval_every, eval_batches)
-    return Plan(config, data, model, split, schedule, optimizer, seq_len, config.data.batch_size, eval_batches,
-                predicted_versions(base), _run_dir(config))
-
-
-def predicted_versions(schedule: Schedule) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(v_f, v_b) of every (stage, micro-batch) as the static schedule fixes them (the simulator's)."""
-    trace = simulate(schedule, CostModel.per_stage(schedule.num_stages)).trace
-    return [trace.versions(s) for s in range(schedule.num_stages)]
+    return Plan(config, data, model, split, schedule, optimizer, seq_len, config.data.batch_size, eval_batches, _run_dir(config))
 
 
 def _run_dir(config: RunConfig) -> Path:
@@ -126,14 +117,13 @@ def default_device() -> torch.device:
 def verify_versions(plan: Plan, versions: dict[int, dict[int, tuple[int, int]]]) -> None:
     """Every recorded (v_f, v_b) must equal the schedule's prediction; a mismatch is a runtime bug."""
     for index, recorded in versions.items():
-        v_f, v_b = plan.predicted_versions[index]
         if len(recorded) != plan.schedule.num_microbatches:
             raise RuntimeError(f"stage {index} recorded {len(recorded)} backwards, expected "
                                f"{plan.schedule.num_microbatches}")
-        for mb, pair in recorded.items():
-            if pair != (v_f[mb], v_b[mb]):
-                raise RuntimeError(f"stage {index}, micro-batch {mb}: recorded (v_f, v_b) = {pair}, "
-                                   f"the schedule predicts {(int(v_f[mb]), int(v_b[mb]))}")
+        for mb, v_f, v_b in stage_versions(plan.schedule, index):
+            if recorded[mb] != (v_f, v_b):
+                raise RuntimeError(f"stage {index}, micro-batch {mb}: recorded (v_f, v_b) = {recorded[mb]}, "
+                                   f"the schedule predicts {(v_f, v_b)}")
 
 
 def save_checkpoint(plan: Plan, stage: Stage) -> Path:
@@ -150,11 +140,9 @@ def save_checkpoint(plan: Plan, stage: Stage) -> Path:
 
 
 def make_recorder(plan: Plan, on_record: Callable[[Record], None] | None) -> Recorder:
-    return Recorder(plan.run_dir, accumulation=plan.schedule.accumulation,
-                    tokens_per_microbatch=plan.tokens_per_microbatch,
+    return Recorder(plan.run_dir, plan.schedule, tokens_per_microbatch=plan.tokens_per_microbatch,
                     eval_rounds=evaluation_rounds(plan.schedule.num_steps, plan.config.train.eval_every),
-                    lr_at=plan.optimizer.lr_at,
-                    predicted_drift=[v_b - v_f for v_f, v_b in plan.predicted_versions], on_record=on_record)
+                    lr_at=plan.optimizer.lr_at, on_record=on_record)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,21 +247,39 @@ def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: Stats
                   plan.schedule.weight_policy, kind="measured")
     executor = Executor(stage, plan.schedule.actions(stage.index), transport, trace.stages[stage.index])
     stats = StepStats(plan.schedule.accumulation, plan.eval_batches)
+    due = _stats_order(plan)  # on rank 0: the step after which each stats message is sent
+    next_due = next(due, None)
     while not executor.done:
         action = executor.run_next()
         if stage.is_last:
             for event in stats(stage, action):
                 channel.send(event)
-        if recorder is not None:
-            for values in channel.poll():
-                recorder.consume(StatsEvent(int(values[0]), int(values[1]), values[2]))
+        if recorder is not None and action.op is Op.U:
+            # when stage 0 finishes step v, the last rank has long sent everything of step v-1
+            while next_due is not None and next_due <= stage.version - 1:
+                recorder.consume(StatsEvent(*_as_event(channel.receive())))
+                next_due = next(due, None)
     transport.flush()
     if stage.is_last:
         channel.flush()
-    if recorder is not None:
-        for values in channel.poll(block=True):
-            recorder.consume(StatsEvent(int(values[0]), int(values[1]), values[2]))
+    while recorder is not None and next_due is not None:
+        recorder.consume(StatsEvent(*_as_event(channel.receive())))
+        next_due = next(due, None)
     return trace
+
+
+def _stats_order(plan: Plan) -> Iterator[int]:
+    """The last rank's stats messages in send order, each as the step after which it is sent."""
+    rounds = set(evaluation_rounds(plan.schedule.num_steps, plan.config.train.eval_every))
+    yield 0  # validation before training
+    for step in range(1, plan.schedule.num_steps + 1):
+        yield step
+        if step in rounds:
+            yield step
+
+
+def _as_event(values: tuple[float, float, float]) -> tuple[int, int, float]:
+    return int(values[0]), int(values[1]), values[2]
 
 
 def _broadcast(value: str) -> str:

@@ -4,7 +4,12 @@ These spawn real ranks (spawn start method, free port). Select them with `-m dis
 """
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +60,61 @@ def test_multiprocess_is_bit_identical_to_single_process(tmp_path, stages):
         summary = json.loads((dist_dir / "summary.json").read_text())
         assert summary["versions_verified"] and summary["tokens"] == 3 * 4 * 2 * 16  # steps x M x B x T
     assert elapsed < 120
+
+
+def _children(pid: int) -> list[int]:
+    """The spawned ranks of `pid` (not multiprocessing's resource tracker), oldest first."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == pid and b"spawn_main" in cmdline:
+            found.append((int(stat[19]), int(entry.name)))  # (start time, pid)
+    return [p for _, p in sorted(found)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _start_run(tmp_path) -> tuple[subprocess.Popen, list[int]]:
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "paci", "train", "--preset", "tiny", "--nproc", "3", "--steps",
+                             "2000", "--timeout", "10", "--out", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and '"loss"' in metrics.read_text():
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    ranks = _children(proc.pid)
+    assert len(ranks) == 3
+    return proc, ranks
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["dies", "hangs"])
+def test_failed_rank_stops_every_rank(tmp_path, fault):
+    """A rank that dies or hangs mid-run: every rank exits within 60 s, non-zero, the failed rank named,
+    no orphan processes left behind."""
+    proc, ranks = _start_run(tmp_path)
+    victim = ranks[2] if fault == signal.SIGKILL else ranks[1]
+    os.kill(victim, fault)
+    start = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - start < 60
+    assert proc.returncode != 0
+    named = "rank 2" if fault == signal.SIGKILL else "rank 1"
+    assert named in stderr, stderr
+    assert not any(_alive(pid) for pid in ranks)

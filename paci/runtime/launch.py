@@ -75,7 +75,7 @@ def threads_per_rank(nproc: int) -> int:
 
 
 def spawn(entry: Callable[[Any], int], payload: Any, nproc: int, port: int | None = None,
-          threads: int | None = None, grace_s: float = 60.0) -> int:
+          threads: int | None = None, grace_s: float = 10.0) -> int:
     """Run `entry(payload)` on `nproc` fresh ranks (spawn start method); return 0 if all succeed.
 
     Every rank prints its own errors (prefixed with its rank). If one rank fails, the others get

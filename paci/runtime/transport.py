@@ -70,11 +70,14 @@ class DistTransport:
     """
 
     def __init__(self, schedule: Schedule, rank: int, spec: MessageSpec, device: torch.device,
-                 timeout_s: float = 45.0, depth: int = 4, group=None) -> None:
+                 timeout_s: float = 45.0, group=None) -> None:
         self.rank, self.num_stages = rank, schedule.num_stages
         self.spec, self.device, self.group = spec, device, group
         self.timeout = timedelta(seconds=timeout_s)
-        self.depth = depth
+        # Receives posted ahead per neighbour, and sends kept in flight before the oldest is waited.
+        # A stage is at most P-1 forwards ahead of its neighbour, so P+1 and 2P+8 never throttle 1F1B.
+        self.depth = schedule.num_stages + 1
+        self.max_sends = 2 * schedule.num_stages + 8
         self._incoming = {peer: self._sent_to_me(schedule, peer) for peer in (rank - 1, rank + 1)
                           if 0 <= peer < schedule.num_stages}
         self._posted: dict[Message, tuple[dist.Work, torch.Tensor]] = {}
@@ -117,11 +120,9 @@ class DistTransport:
         payload = tensor.detach().contiguous()
         work = dist.isend(payload, dst=msg.dst, group=self.group, tag=_tag(msg))
         self._sending.append((work, payload, msg))  # the tensor must outlive the send
-        self._sending = [entry for entry in self._sending if not entry[0].is_completed()]
-
-    def ready(self, msg: Message) -> bool:
-        entry = self._posted.get(msg)
-        return entry is not None and entry[0].is_completed()
+        if len(self._sending) > self.max_sends:  # gloo never reports completion by itself: bound the list
+            work, _, msg = self._sending.pop(0)
+            self._wait(work, f"sending {msg.kind} of micro-batch {msg.microbatch} to rank {msg.dst}")
 
     def flush(self) -> None:
         """Wait for every send still in flight."""
@@ -152,41 +153,47 @@ def _tag(msg: Message) -> int:
 
 
 class StatsChannel:
-    """Small float64 triples from the last rank to rank 0 (losses for the progress line), off the
-    critical path: the sender never waits for the receiver, the receiver polls between actions.
-    It uses its own process group, so it never interleaves with activations on an NCCL pair."""
+    """Small float64 triples from the last rank to rank 0 (step losses, validation losses).
+
+    Off the critical path: the last rank sends without waiting, and rank 0 collects only what the
+    schedule guarantees has been sent already (see `receive`), so neither ever stalls the other.
+    It has its own process group, so it never interleaves with activations on an NCCL pair.
+    (gloo's Work.is_completed() stays False until wait() is called, so polling is no option.)
+    """
 
     def __init__(self, group, rank: int, src: int, dst: int, count: int, device: torch.device,
                  timeout_s: float = 45.0, depth: int = 8) -> None:
         self.group, self.rank, self.src, self.dst = group, rank, src, dst
         self.device, self.timeout = device, timedelta(seconds=timeout_s)
-        self._remaining = count if rank == dst else 0
+        self._unposted = count if rank == dst else 0
         self._posted: list[tuple[dist.Work, torch.Tensor]] = []
         self._sending: list[tuple[dist.Work, torch.Tensor]] = []
         self._depth = depth
         self._post()
 
     def _post(self) -> None:
-        while self._remaining and len(self._posted) < self._depth:
+        while self._unposted and len(self._posted) < self._depth:
             buffer = torch.empty(3, dtype=torch.float64, device=self.device)
             self._posted.append((dist.irecv(buffer, src=self.src, group=self.group), buffer))
-            self._remaining -= 1
+            self._unposted -= 1
 
     def send(self, values: tuple[float, float, float]) -> None:
         payload = torch.tensor(values, dtype=torch.float64, device=self.device)
         self._sending.append((dist.isend(payload, dst=self.dst, group=self.group), payload))
-        self._sending = [entry for entry in self._sending if not entry[0].is_completed()]
+        if len(self._sending) > 2 * self._depth:  # bounded: the receiver posts `depth` ahead
+            self._sending.pop(0)[0].wait(self.timeout)
 
-    def poll(self, block: bool = False) -> list[tuple[float, float, float]]:
-        """Triples that have arrived, in order; with block=True, wait for all that are still due."""
-        out = []
-        while self._posted and (block or self._posted[0][0].is_completed()):
-            work, buffer = self._posted.pop(0)
-            if not work.wait(self.timeout):
-                raise PeerFailure(f"rank {self.rank}: no stats from rank {self.src} within the timeout")
-            out.append(tuple(buffer.tolist()))
-            self._post()
-        return out
+    def receive(self) -> tuple[float, float, float]:
+        """The next triple, in send order (blocking)."""
+        if not self._posted:
+            raise PeerFailure(f"rank {self.rank}: more stats requested than rank {self.src} sends")
+        work, buffer = self._posted.pop(0)
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as exc:
+            raise PeerFailure(f"rank {self.rank}: waiting for stats from rank {self.src} failed ({exc})") from None
+        self._post()
+        return tuple(buffer.tolist())
 
     def flush(self) -> None:
         for work, _ in self._sending:

@@ -14,6 +14,7 @@ import os
 import sys
 
 from paci.commands.partition import add_partition_parser
+from paci.commands.bench import add_bench_parser
 from paci.commands.simulate import add_schedules_parser, add_simulate_parser
 from paci.commands.train import add_train_parser
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_schedules_parser(subparsers)
     add_simulate_parser(subparsers)
     add_train_parser(subparsers)
+    add_bench_parser(subparsers)
     add_partition_parser(subparsers)
     return parser
 

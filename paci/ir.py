@@ -351,14 +351,22 @@ def to_csv(schedule: Schedule) -> str:
     return out.getvalue()
 
 
+_BOOKKEEPING = re.compile(r"\d+(UNSHARD|RESHARD|REDUCE_GRAD)\d*")  # FSDP/DP ops torch adds; no pipeline compute
+
+
 def from_csv(text: str, name: str = "csv", weight_policy: WeightPolicy = WeightPolicy.NONE) -> Schedule:
-    """Parse a compute-only CSV. Rows without any U are one flush step: a U is appended."""
+    """Parse a compute-only CSV. Rows without any U are one flush step: a U is appended.
+
+    torch's UNSHARD / RESHARD / REDUCE_GRAD cells (data-parallel bookkeeping) are dropped.
+    """
     rows: list[list[Action]] = []
     for line_no, row in enumerate(csv.reader(io.StringIO(text)), start=1):
         if not any(cell.strip() for cell in row):
             continue
         actions = []
         for cell in filter(str.strip, row):
+            if _BOOKKEEPING.fullmatch(cell.strip()):
+                continue
             try:
                 action = Action.from_str(cell)
             except (ScheduleError, ValueError) as exc:

@@ -13,7 +13,6 @@ import json
 import os
 import resource
 import time
-from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from paci.ir import Action, Message, Op, evaluation_rounds, stage_versions, with
 from paci.metrics import Record, Recorder, StatsEvent, StepStats
 from paci.model import PRESETS, GPTConfig, build_units, num_units
 from paci.report import render_png, write_chrome_trace
-from paci.runtime.executor import Executor, run_local
+from paci.runtime.executor import Executor, gather_trace, run_local
 from paci.runtime.launch import env_rank, init_distributed, rank_device
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.runtime.transport import DistTransport, LocalTransport, StatsChannel
@@ -296,19 +295,12 @@ def _peak_memory(device: torch.device) -> int:
 
 def _gather(plan: Plan, stage: Stage, trace: Trace, recorder: Recorder | None) -> Record | None:
     """Collect every rank's trace, versions and memory on rank 0; write the trace files and summary."""
-    offset = time.time() - time.perf_counter()  # puts every rank's times on the wall clock
-    mine = (stage.index, trace.stages[stage.index], offset, stage.versions, _peak_memory(stage.device))
-    parts = [None] * plan.num_stages if stage.index == 0 else None
-    dist.gather_object(mine, parts, dst=0)
-    if recorder is None:
+    gathered = gather_trace(trace, stage.index, (stage.versions, _peak_memory(stage.device)))
+    if gathered is None:
         return None
-    for index, columns, rank_offset, _, _ in parts:
-        columns.start = array("d", (t + rank_offset for t in columns.start))
-        columns.end = array("d", (t + rank_offset for t in columns.end))
-        trace.stages[index] = columns
-    trace.shift(min(c.start[0] for c in trace.stages if len(c)))
-    verify_versions(plan, {index: versions for index, _, _, versions, _ in parts})
-    report = run_report(plan, trace, [memory for *_, memory in parts])
+    trace, extras = gathered
+    verify_versions(plan, {index: versions for index, (versions, _) in enumerate(extras)})
+    report = run_report(plan, trace, [memory for _, memory in extras])
     recorder.append_final(report)
     summary = {**recorder.summary(), **report, "schedule": plan.schedule.name, "num_stages": plan.num_stages,
                "run_dir": str(plan.run_dir), "versions_verified": True}

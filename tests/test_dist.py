@@ -16,7 +16,7 @@ import torch
 from dist_helpers import train_each
 
 from paci.config import load_config
-from paci.runtime.launch import spawn
+from paci.runtime.launch import free_port, spawn
 from paci.schedules import REGISTRY
 from paci.train import train
 
@@ -118,3 +118,40 @@ def test_failed_rank_stops_every_rank(tmp_path, fault):
     named = "rank 2" if fault == signal.SIGKILL else "rank 1"
     assert named in stderr, stderr
     assert not any(_alive(pid) for pid in ranks)
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "torchrun"), *args]
+
+
+@pytest.mark.timeout(240)
+def test_torchrun_one_node_and_two_nodes_match(tmp_path):
+    """`python -m paci train` runs unchanged under torchrun, on one node and as two "nodes" on one
+    machine (static rendezvous on 127.0.0.1), and both give the same losses."""
+    train = ["-m", "paci", "train", "--preset", "tiny", "--steps", "3", "--microbatches", "4", "--batch-size", "2",
+             "--seq-len", "16", "--eval-every", "3"]
+    one = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", *train, "--out", str(tmp_path / "one")),
+                         capture_output=True, text=True, timeout=180)
+    assert one.returncode == 0, one.stderr[-2000:]
+    port = str(free_port())
+    nodes = [subprocess.Popen(_torchrun("--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1",
+                                        "--rdzv-endpoint", f"127.0.0.1:{port}", *train, "--out", str(tmp_path / "two")),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outputs = [node.communicate(timeout=180) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert _losses(tmp_path / "one") == _losses(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["versions_verified"]
+
+
+def test_world_size_must_match_stages(tmp_path):
+    """Under torchrun, a --stages that disagrees with the world size: each rank prints one actionable line and
+    exits with code 2, no traceback from paci (torchrun then reports the failure and exits 1 itself)."""
+    run = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", "-m", "paci", "train", "--preset", "tiny",
+                                   "--stages", "3", "--steps", "1", "--out", str(tmp_path / "run")),
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode != 0
+    ours = [line for line in run.stderr.splitlines() if line.startswith("paci:")]
+    assert len(ours) == 2 and all("pass --stages 2" in line for line in ours), run.stderr
+    assert "exitcode  : 2" in run.stderr
+    assert f"{os.sep}paci{os.sep}" not in run.stderr  # no frame of ours in any traceback
+    assert not (tmp_path / "run").exists()

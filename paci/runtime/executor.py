@@ -9,9 +9,11 @@ Because each stage's order is fixed, both produce exactly the same numbers.
 from __future__ import annotations
 
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
-import torch
+import torch.distributed as dist
 
 from paci.ir import Action, Op, Schedule, ScheduleError, needs, render_grid, sends
 from paci.runtime.stage import Stage
@@ -69,11 +71,11 @@ class Executor:
         except Exception as exc:
             raise StageFailure(f"stage {self.stage.index}, action {action} (position {self._position}): "
                                f"{type(exc).__name__}: {exc}") from exc
+        out = sends(action, num_stages)
+        if out is not None:  # issuing the send is part of the action's time
+            self.transport.send(out, output)
         self.record.append(action.op, action.microbatch, start, self.clock(), version)
         self.record.wait.append(waited)
-        out = sends(action, num_stages)
-        if out is not None:
-            self.transport.send(out, output)
         self._head = next(self._actions, None)
         self._position += 1
         return action
@@ -98,3 +100,24 @@ def run_local(stages: list[Stage], schedule: Schedule, transport: Transport,
             detail = ", ".join(f"stage {s} waits at {executors[s].head}" for s in marks)
             raise ScheduleError(f"deadlock: {detail}\n{render_grid(schedule, marks)}")
     return trace
+
+
+def gather_trace(trace: Trace, stage_index: int, extra: Any = None) -> tuple[Trace, list[Any]] | None:
+    """Collect every rank's columns of `trace` on rank 0 (a collective: every rank calls it).
+
+    Each rank's times are moved onto the wall clock, then the whole trace onto its first action,
+    so ranks on different machines line up as well as their clocks do. Rank 0 gets the full trace
+    and every rank's `extra`, in rank order; the other ranks get None.
+    """
+    offset = time.time() - time.perf_counter()
+    mine = (stage_index, trace.stages[stage_index], offset, extra)
+    parts = [None] * trace.num_stages if stage_index == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    if parts is None:
+        return None
+    for index, columns, rank_offset, _ in parts:
+        columns.start = array("d", (t + rank_offset for t in columns.start))
+        columns.end = array("d", (t + rank_offset for t in columns.end))
+        trace.stages[index] = columns
+    trace.shift(min(c.start[0] for c in trace.stages if len(c)))
+    return trace, [part[3] for part in sorted(parts, key=lambda part: part[0])]

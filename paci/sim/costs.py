@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -74,7 +75,9 @@ class CostModel:
     def from_trace(cls, trace: Trace) -> CostModel:
         """Per-stage mean time of each op in a (measured) trace, to predict the same schedule with.
 
-        The link is taken as free (latency 0); evaluation forwards are charged the forward time.
+        The link latency is the median delay from a sender's end to the receiver's start over the
+        messages the receiver was blocked on (0 when the trace records no waits); evaluation
+        forwards are charged the forward time.
         """
         means: dict[str, list[float]] = {op: [] for op in "FBIWU"}
         for stage in range(trace.num_stages):
@@ -85,7 +88,8 @@ class CostModel:
                 means[op].append(float(picked.mean()) if picked.size else 0.0)
         backward = [b if b else i + w for b, i, w in zip(means["B"], means["I"], means["W"])]
         weight = [w if w else b / 2 for w, b in zip(means["W"], backward)]
-        costs = cls.per_stage(trace.num_stages, means["F"], backward, weight, means["U"])
+        costs = cls.per_stage(trace.num_stages, means["F"], backward, weight, means["U"],
+                              latency=_link_latency(trace))
         return replace(costs, time_unit=trace.time_unit)
 
     def with_stages(self, num_stages: int) -> CostModel:
@@ -107,3 +111,27 @@ def parse_costs(text: str, num_stages: int) -> CostModel:
         raise ValueError(f"--costs expects F,B or F,B,W as positive numbers (e.g. 1,2 or 1,2,1), got {text!r}")
     forward, backward, *rest = values
     return CostModel.per_stage(num_stages, forward, backward, rest[0] if rest else None)
+
+
+def _link_latency(trace: Trace) -> float:
+    """Median (receiver start - sender end) over messages the receiver was already waiting for
+    when the sender finished (so the delay is the link's, not the receiver's own backlog)."""
+    ends: dict[tuple[str, int, int], float] = {}  # (kind, sending stage, mb) -> end time
+    columns = [trace.columns(s) for s in range(trace.num_stages)]
+    for stage, cols in enumerate(columns):
+        for code, mb, end in zip(cols.op.tolist(), cols.microbatch.tolist(), cols.end.tolist()):
+            if code == OP_CODE[Op.F]:
+                ends[("F", stage, mb)] = end
+            elif code in (OP_CODE[Op.B], OP_CODE[Op.I]):
+                ends[("B", stage, mb)] = end
+    delays = []
+    for stage, cols in enumerate(columns):
+        waits = trace.stages[stage].wait
+        if len(waits) != len(cols.op):
+            continue
+        for code, mb, start, wait in zip(cols.op.tolist(), cols.microbatch.tolist(), cols.start.tolist(), waits):
+            kind, sender = ("F", stage - 1) if code == OP_CODE[Op.F] else ("B", stage + 1)
+            sent = ends.get((kind, sender, mb)) if code in (OP_CODE[Op.F], OP_CODE[Op.B], OP_CODE[Op.I]) else None
+            if sent is not None and start - wait <= sent:
+                delays.append(start - sent)
+    return max(0.0, statistics.median(delays)) if delays else 0.0

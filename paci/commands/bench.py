@@ -1,0 +1,62 @@
+"""`paci bench runtime --synthetic`: the runtime's own overhead, at any depth, on any machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from paci import schedules
+
+
+def add_bench_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="measure the runtime against the simulator")
+    kinds = p.add_subparsers(dest="bench", required=True, parser_class=type(p))
+    r = kinds.add_parser("runtime", help="one process per stage, compute replaced by sleeps",
+                         description="Spawn one process per stage whose F/B/U sleep for the given times and "
+                                     "exchange real tensors; compare the measured makespan with the prediction.")
+    r.add_argument("--synthetic", action="store_true", required=True,
+                   help="sleeping stages (the only kind: real compute is measured by paci train)")
+    r.add_argument("--schedule", default="paci", help=f"one of: {', '.join(schedules.REGISTRY)} (default paci)")
+    r.add_argument("--stages", type=int, default=8, help="pipeline depth P = processes (default 8)")
+    r.add_argument("--microbatches", type=int, default=8, help="micro-batches per mini-batch M (default 8)")
+    r.add_argument("--accum", type=int, help="K for paci/2bw (default M)")
+    r.add_argument("--steps", type=int, default=8, help="mini-batches to run (default 8)")
+    r.add_argument("--f-ms", type=float, default=20.0, help="forward time per micro-batch, ms (default 20)")
+    r.add_argument("--b-ms", type=float, default=40.0, help="backward time per micro-batch, ms (default 40)")
+    r.add_argument("--u-ms", type=float, default=0.0, help="optimizer step time, ms (default 0)")
+    r.add_argument("--activation-mib", type=float, default=1.0,
+                   help="size of each activation/gradient message in MiB (default 1)")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.set_defaults(func=bench_command)
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from paci.bench import RuntimeBench
+    from paci.runtime.launch import spawn
+    from paci.runtime.synthetic import SyntheticCosts
+
+    if args.activation_mib <= 0:
+        raise ValueError(f"--activation-mib must be > 0, got {args.activation_mib}")
+    floats = max(1, round(args.activation_mib * 2**20 / 4))
+    bench = RuntimeBench(args.schedule, args.stages, args.microbatches, args.steps, args.accum,
+                         SyntheticCosts(args.f_ms / 1e3, args.b_ms / 1e3, args.u_ms / 1e3, (floats,)))
+    bench.build()  # bad sizes fail here, before any process starts
+    return spawn(_bench_rank, (bench, args.json), args.stages, threads=1)
+
+
+def _bench_rank(payload) -> int:
+    from paci.bench import run_bench_rank
+
+    bench, as_json = payload
+    result = run_bench_rank(bench)
+    if result is not None:
+        if as_json:
+            print(json.dumps(result, indent=1))
+        else:
+            print(f"{result['schedule']}: P={result['num_stages']}, {result['num_microbatches']} micro-batches, "
+                  f"K={result['accumulation']} | measured {result['measured_makespan_s']:.3f} s, predicted "
+                  f"{result['predicted_makespan_s']:.3f} s (ratio {result['makespan_ratio']:.3f}) | "
+                  f"{result['throughput_mb_per_s']:.2f} mb/s | bubble {result['bubble_fraction']:.1%}")
+        sys.stdout.flush()
+    return 0

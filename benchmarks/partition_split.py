@@ -9,7 +9,13 @@ machine noise hits both alike; each timed run follows an untimed one of the same
 caches are as warm as on a stage's own device. In a bubble-free PACI pipe the slowest stage sets the period, so
 slowest-uniform / slowest-profiled is the throughput gain of the profiled split.
 
-    .venv/bin/python benchmarks/partition_split.py [--repeats 60] [--threads N]
+    .venv/bin/python benchmarks/partition_split.py [--repeats 100] [--threads N]
+
+On CPU, glibc's malloc returns the head's 8 MiB logits buffers to the kernel and faults them back
+in at a varying rate, which makes the head's time bimodal (about 10 vs 15 ms on a 2-core box).
+For stable numbers keep freed memory in the process:
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 .venv/bin/python benchmarks/partition_split.py
 """
 
 from __future__ import annotations
@@ -58,38 +64,20 @@ def make_stage(config, start: int, stop: int, inputs: list[torch.Tensor], target
     return step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=60, help="timed runs per stage (median); default 60")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = PRESETS[PRESET]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads")
-    print(f"{PRESET}: vocab {config.vocab_size}, micro-batch {BATCH}x{SEQ}, {num_units(config)} units, "
-          f"P={STAGES}, {SCHEDULE}")
-
-    profiles = profile_units(config, BATCH, SEQ, "cpu", cache=False)
-    inflight, copies = stage_memory_model(SCHEDULE, STAGES, MICROBATCHES)
-    splits = {"profiled": partition(profiles, STAGES, inflight, copies),
-              "uniform": evaluate_split(profiles, uniform_split(num_units(config), STAGES), inflight, copies)}
-
-    g = torch.Generator().manual_seed(0)
-    tokens, targets = (torch.randint(config.vocab_size, (BATCH, SEQ), generator=g) for _ in range(2))
-    inputs = stage_inputs(config, tokens)
-    runs = {(name, j): make_stage(config, a, b, inputs, targets)
-            for name, split in splits.items() for j, (a, b) in enumerate(split.ranges)}
+def measure(runs: dict, repeats: int) -> dict[tuple[str, int], list[float]]:
+    """Seconds of every run, `repeats` rounds after 3 warm-up rounds; a round runs each stage once."""
     times: dict[tuple[str, int], list[float]] = {key: [] for key in runs}
-    for r in range(3 + args.repeats):  # interleaved: every stage of both splits once per round
+    for r in range(3 + repeats):  # interleaved: every stage of both splits once per round
         for key, step in runs.items():
             step()  # untimed: warms the caches with this stage's weights, as a stage's own device would be
             t0 = time.perf_counter()
             step()
             if r >= 3:
                 times[key].append(time.perf_counter() - t0)
+    return times
 
+
+def report(config, splits: dict, times: dict[tuple[str, int], list[float]], repeats: int) -> None:
     names = unit_names(config)
     rows, slowest = [], {}
     for name, split in splits.items():
@@ -102,9 +90,39 @@ def main() -> None:
     print(format_table(rows, [("split", "split", "s"), ("stage", "stage", "d"), ("units", "units", "s"),
                               ("predicted", "profile ms", ".3f"), ("measured", "measured ms", ".3f"),
                               ("mark", "", "s")]))
-    ratio = slowest["uniform"] / slowest["profiled"]
-    print(f"slowest stage fwd+bwd (median of {args.repeats}): uniform {1e3 * slowest['uniform']:.3f} ms, "
-          f"profiled {1e3 * slowest['profiled']:.3f} ms -> uniform/profiled = {ratio:.2f}x")
+    # paired per round: the slowest stage of each split in the same round, so slow drifts in load cancel
+    period = {name: [max(times[(name, j)][r] for j in range(STAGES)) for r in range(repeats)] for name in splits}
+    q1, mid, q3 = statistics.quantiles([u / p for u, p in zip(period["uniform"], period["profiled"])], n=4)
+    print(f"slowest stage fwd+bwd (median of {repeats}): uniform {1e3 * slowest['uniform']:.3f} ms, "
+          f"profiled {1e3 * slowest['profiled']:.3f} ms -> uniform/profiled = "
+          f"{slowest['uniform'] / slowest['profiled']:.2f}x (per-round paired ratio: median {mid:.2f}x, "
+          f"quartiles {q1:.2f}-{q3:.2f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=100, help="timed rounds (median); default 100")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = PRESETS[PRESET]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads")
+    tuned = {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
+    print(f"malloc: {' '.join(f'{k}={v}' for k, v in tuned.items()) or 'glibc defaults'}")
+    print(f"{PRESET}: vocab {config.vocab_size}, micro-batch {BATCH}x{SEQ}, {num_units(config)} units, "
+          f"P={STAGES}, {SCHEDULE}")
+    profiles = profile_units(config, BATCH, SEQ, "cpu", cache=False)
+    inflight, copies = stage_memory_model(SCHEDULE, STAGES, MICROBATCHES)
+    splits = {"profiled": partition(profiles, STAGES, inflight, copies),
+              "uniform": evaluate_split(profiles, uniform_split(num_units(config), STAGES), inflight, copies)}
+    g = torch.Generator().manual_seed(0)
+    tokens, targets = (torch.randint(config.vocab_size, (BATCH, SEQ), generator=g) for _ in range(2))
+    inputs = stage_inputs(config, tokens)
+    runs = {(name, j): make_stage(config, a, b, inputs, targets)
+            for name, split in splits.items() for j, (a, b) in enumerate(split.ranges)}
+    report(config, splits, measure(runs, args.repeats), args.repeats)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ class PipelineConfig:
     microbatches: int = 8  # M, micro-batches per mini-batch
     accum: int | None = None  # K for paci/2bw; default M
     nproc: int = 1  # processes: 1 runs every stage in this process
+    split: str = "profile"  # "profile" (measure, then the exact DP), "uniform", or "0:3,3:6,..." unit ranges
+    memory_per_stage: str | None = None  # e.g. "24GiB"; default: the device's memory on CUDA, no limit on CPU
     port: int | None = None  # rendezvous port for --nproc (default: a free one)
     timeout_s: float = 45.0  # a rank waiting longer than this on a peer (or at start-up) gives up
 

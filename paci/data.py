@@ -358,7 +358,7 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
@@ -412,7 +412,7 @@ def _bin_vocab_size(folder: Path, files: dict, arrays: dict, cache: Path) -> int
     largest = max(int(a[i:i + _BIN_CHUNK].max()) for a in arrays.values()
                   for i in range(0, len(a), _BIN_CHUNK))
     try:
-        _write_atomic(entry, json.dumps({"vocab_size": largest + 1, "files": stamp}).encode())
+        write_atomic(entry, json.dumps({"vocab_size": largest + 1, "files": stamp}).encode())
     except OSError as err:
         logger.warning("could not cache the vocabulary size in %s (%s)", entry, err.strerror)
     return largest + 1

@@ -19,16 +19,19 @@ max T_j) lexicographically. Differences from the paper, on purpose:
   copies) and 2BW (≤ 2 copies) all come from the one place that defines the schedules.
 * The last unit is profiled together with the loss, because the last stage computes it.
 
-Solved exactly by two min-max dynamic programs over suffixes (O(P·L²)): the first finds the
-smallest achievable max overshoot O* (0 when a split fits), the second the smallest max time
-among splits whose every overshoot is ≤ O*. Among optimal splits the lexicographically smallest
-list of stage boundaries wins, so results are deterministic.
+Solved exactly by three dynamic programs over suffixes, O(P·L²) each: the first finds the least
+achievable max overshoot O* (0 when a split fits), the second the least max time T* among splits
+whose every overshoot is ≤ O*, the third, among splits within O* and T*, the most even one
+(least Σ T_j²), so stages that are not the bottleneck are not packed up to it and an error in
+one unit's profile moves the real bottleneck less. Remaining ties go to the lexicographically
+smallest list of stage boundaries, so results are deterministic.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import operator
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -152,8 +155,7 @@ class Split:
 
     @property
     def spec(self) -> str:
-        """The split as `--split` takes it: "0:3,3:6,6:10"."""
-        return ",".join(f"{a}:{b}" for a, b in self.ranges)
+        return split_spec(self.ranges)
 
     def as_dict(self) -> dict:
         worst = self.overshoot_stage
@@ -184,30 +186,33 @@ class _StageModel:
 
 
 StageCost = Callable[[int, int, int], float]  # (stage j, start i, stop e) -> value
+Allowed = Callable[[int, int, int], bool]
 
 
-def _minimax(num_units: int, num_stages: int, cost: StageCost,
-             allowed: Callable[[int, int, int], bool]) -> list[list[float]]:
-    """best[j][i]: over splits of units [i, L) into stages j..P-1 (each non-empty and allowed),
-    the smallest achievable max stage cost; inf when there is no such split."""
+def _solve(num_units: int, num_stages: int, cost: StageCost, allowed: Allowed,
+           combine: Callable[[float, float], float], empty: float) -> list[list[float]]:
+    """best[j][i]: over splits of units [i, L) into stages j..P-1 (each non-empty and allowed), the
+    least value of combine(stage j's cost, the rest's); `combine` is max or +, `empty` its identity;
+    inf where there is no such split. O(P·L²) calls of `cost`."""
     L, P = num_units, num_stages
     best = [[math.inf] * (L + 1) for _ in range(P + 1)]
-    best[P][L] = -math.inf  # no units left for no stages: the max over nothing
+    best[P][L] = empty  # no units left for no stages
     for j in range(P - 1, -1, -1):
         for i in range(L):
-            best[j][i] = min((max(cost(j, i, e), best[j + 1][e]) for e in range(i + 1, L + 1)
+            best[j][i] = min((combine(cost(j, i, e), best[j + 1][e]) for e in range(i + 1, L + 1)
                               if best[j + 1][e] < math.inf and allowed(j, i, e)), default=math.inf)
     return best
 
 
-def _first_optimal(num_units: int, num_stages: int, cost: StageCost, allowed: Callable[[int, int, int], bool],
-                   best: list[list[float]]) -> list[tuple[int, int]]:
-    """The optimal split with the lexicographically smallest boundaries: take the earliest stop
-    that still reaches the optimum, stage by stage (exact: the same float expressions as `_minimax`)."""
+def _first_least_sum(num_units: int, num_stages: int, cost: StageCost, allowed: Allowed,
+                     best: list[list[float]]) -> list[tuple[int, int]]:
+    """Among the splits of least summed cost, the one with the lexicographically smallest boundaries:
+    stage by stage, the earliest stop that stays on an optimal path (every suffix of an optimal sum
+    is optimal; the comparison repeats `_solve`'s float expressions, so equality is exact)."""
     ranges, i = [], 0
     for j in range(num_stages):
         e = next(e for e in range(i + 1, num_units + 1) if best[j + 1][e] < math.inf and allowed(j, i, e)
-                 and max(cost(j, i, e), best[j + 1][e]) == best[j][i])
+                 and cost(j, i, e) + best[j + 1][e] == best[j][i])
         ranges.append((i, e))
         i = e
     return ranges
@@ -218,30 +223,40 @@ def partition(units: UnitCosts | Sequence[UnitProfile], num_stages: int, infligh
     """The contiguous split into `num_stages` stages with the smallest slowest-stage time whose
     every stage fits `budget` bytes; if none fits, the split minimising (max overshoot, max time).
 
-    `inflight[j]` / `copies[j]` are stage j's peak in-flight micro-batches and stashed weight
-    copies (`stage_memory_model`). An infeasible budget is logged as a warning naming the stage.
+    Among equally fast splits it takes the most even one (least Σ stage time², so a stage that
+    is not the bottleneck is not packed up to it, and profile noise hurts less), then the one with
+    the lexicographically smallest boundaries. `inflight[j]` / `copies[j]` are stage j's peak
+    in-flight micro-batches and stashed weight copies (`stage_memory_model`). An infeasible budget
+    is logged as a warning naming the stage.
     """
     costs = UnitCosts.of(units)
     _check_stage_count(len(costs), num_stages)
-    if len(inflight) != num_stages or len(copies) != num_stages:
-        raise ValueError(f"need one in-flight count and one copy count per stage ({num_stages}), got "
-                         f"{len(inflight)} and {len(copies)}")
-    _check_budget(budget)
+    _check_memory_model(num_stages, inflight, copies, budget)
     model = _StageModel(costs, inflight, copies, budget)
     L, P = len(costs), num_stages
     cap = 0.0
-    if budget is not None:  # pass 1: the smallest achievable max overshoot (0 when a split fits)
-        cap = _minimax(L, P, model.overshoot, lambda j, i, e: True)[0][0]
+    if budget is not None:  # pass 1: the least achievable max overshoot (0 when a split fits)
+        cap = _solve(L, P, model.overshoot, lambda j, i, e: True, max, -math.inf)[0][0]
 
-    def allowed(j: int, i: int, e: int) -> bool:
+    def fits(j: int, i: int, e: int) -> bool:
         return model.overshoot(j, i, e) <= cap
 
-    best = _minimax(L, P, model.time, allowed)  # pass 2: the fastest split within that overshoot
-    split = evaluate_split(costs, _first_optimal(L, P, model.time, allowed, best), inflight, copies, budget)
+    # pass 2: the least slowest-stage time within that overshoot
+    slowest = _solve(L, P, model.time, fits, max, -math.inf)[0][0]
+
+    def allowed(j: int, i: int, e: int) -> bool:
+        return fits(j, i, e) and model.time(j, i, e) <= slowest
+
+    def squared(j: int, i: int, e: int) -> float:
+        return model.time(j, i, e) ** 2
+
+    # pass 3: the most even of those splits
+    best = _solve(L, P, squared, allowed, operator.add, 0.0)
+    split = evaluate_split(costs, _first_least_sum(L, P, squared, allowed, best), inflight, copies, budget)
     if not split.feasible:
         worst = split.overshoot_stage
-        logger.warning("no %d-stage split fits %s per stage; the best overshoots by %s on stage %d (%s in all): "
-                       "raise the budget, use more stages or a smaller micro-batch",
+        logger.warning("no %d-stage split fits %s per stage: the best one overshoots by %s on stage %d, so it "
+                       "needs %s per stage; raise the budget to that, use more stages or a smaller micro-batch",
                        P, format_bytes(budget), format_bytes(split.overshoot[worst]), worst,
                        format_bytes(split.stage_bytes[worst]))
     return split
@@ -253,6 +268,7 @@ def evaluate_split(units: UnitCosts | Sequence[UnitProfile], ranges: Sequence[tu
     costs = UnitCosts.of(units)
     ranges = tuple((int(a), int(b)) for a, b in ranges)
     _check_ranges(ranges, len(costs), len(ranges))
+    _check_memory_model(len(ranges), inflight, copies, budget)
     model = _StageModel(costs, inflight, copies, budget)
     return Split(ranges, tuple(model.time(j, a, b) for j, (a, b) in enumerate(ranges)),
                  tuple(model.bytes(j, a, b) for j, (a, b) in enumerate(ranges)),
@@ -268,6 +284,11 @@ def stage_sums(values: Sequence[float], ranges: Sequence[tuple[int, int]]) -> li
 # Splits from the command line, and the entry point `paci train` calls
 
 
+def split_spec(ranges: Sequence[tuple[int, int]]) -> str:
+    """A split as `--split` takes it: "0:3,3:6,6:10"."""
+    return ",".join(f"{a}:{b}" for a, b in ranges)
+
+
 def uniform_split(num_units: int, num_stages: int) -> list[tuple[int, int]]:
     """Contiguous ranges of units whose sizes differ by at most one (earlier stages get the extra)."""
     _check_stage_count(num_units, num_stages)
@@ -279,13 +300,13 @@ def uniform_split(num_units: int, num_stages: int) -> list[tuple[int, int]]:
 def parse_split(text: str, num_units: int, num_stages: int) -> list[tuple[int, int]]:
     """`--split 0:5,5:9,9:12` -> [(0, 5), (5, 9), (9, 12)]: contiguous, covering every unit, one range per stage."""
     _check_stage_count(num_units, num_stages)
-    example = ",".join(f"{a}:{b}" for a, b in uniform_split(num_units, num_stages))
+    example = split_spec(uniform_split(num_units, num_stages))
     ranges = []
     for part in text.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", part)
         if match is None:
             raise ValueError(f"--split {text!r}: {part.strip()!r} is not START:STOP; write one range per stage, "
-                             f"e.g. --split {example}")
+                             f"e.g. --split {example}, or use --split profile or --split uniform")
         ranges.append((int(match[1]), int(match[2])))
     _check_ranges(tuple(ranges), num_units, num_stages, text, example)
     return ranges
@@ -318,6 +339,14 @@ def _check_stage_count(num_units: int, num_stages: int) -> None:
                          f"{num_units} or a preset with more layers")
 
 
+def _check_memory_model(num_stages: int, inflight: Sequence[int], copies: Sequence[int],
+                        budget: float | None) -> None:
+    if len(inflight) != num_stages or len(copies) != num_stages:
+        raise ValueError(f"need one in-flight count and one copy count per stage ({num_stages}), got "
+                         f"{len(inflight)} and {len(copies)}")
+    _check_budget(budget)
+
+
 def _check_budget(budget: float | None) -> None:
     if budget is not None and not (budget > 0 and math.isfinite(budget)):
         raise ValueError(f"the memory budget per stage must be a positive number of bytes, got {budget!r}; "
@@ -331,15 +360,15 @@ def choose_split(spec: str, config: GPTConfig, num_stages: int, schedule_name: s
     or an explicit "0:5,5:9,..." list. `budget` None means the device's total memory on CUDA and
     no limit elsewhere. Profiling uses torch's current thread count: set it first."""
     n = num_units(config)
+    if spec not in SPLIT_SPECS:
+        return parse_split(spec, n, num_stages)
     if spec == "uniform":
         return uniform_split(n, num_stages)
-    if spec != "profile":
-        return parse_split(spec, n, num_stages)
     _check_stage_count(n, num_stages)
     _check_budget(budget)
     budget = default_budget(device) if budget is None else budget
+    inflight, copies = stage_memory_model(schedule_name, num_stages, microbatches, accum)  # checks the schedule
     profiles = profile_units(config, batch_size, seq_len, device, dtype)
-    inflight, copies = stage_memory_model(schedule_name, num_stages, microbatches, accum)
     split = partition(profiles, num_stages, inflight, copies, budget)
     uniform = evaluate_split(profiles, uniform_split(n, num_stages), inflight, copies, budget)
     logger.info("profiled split %s: slowest stage %d at %.2f ms fwd+bwd per micro-batch (uniform %s: %.2f ms)",
@@ -357,14 +386,14 @@ _BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**1
 
 def parse_bytes(text: str) -> int:
     """"24GiB", "512MiB", "1.5GB", "1000000" (bytes) -> bytes; ValueError if malformed or not > 0."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    match = re.fullmatch(r"\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
     unit = match[2].lower() if match else None
     if match is None or unit not in _BYTE_UNITS:
         raise ValueError(f"cannot read {text!r} as a size: write a number with an optional unit "
                          "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 24GiB or 1.5GB")
     value = float(match[1]) * _BYTE_UNITS[unit]
     if not value >= 1 or math.isinf(value):
-        raise ValueError(f"a memory size must be at least one byte, got {text!r}; e.g. 24GiB")
+        raise ValueError(f"a memory size must be positive (at least one byte), got {text!r}; e.g. 24GiB")
     return int(value)
 
 

@@ -27,12 +27,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from paci.data import _write_atomic, resolve_cache_dir
+from paci.data import write_atomic, resolve_cache_dir
 from paci.model import GPTConfig, build_unit, lm_loss, num_units, unit_names
 
 logger = logging.getLogger(__name__)
 
-PROFILE_FORMAT = 1  # part of the cache key: bump when what a profile measures changes
+PROFILE_FORMAT = 2  # part of the cache key: bump when what a profile measures changes
+NOISE_LIMIT = 0.3  # rounds whose total time spreads more than this (IQR / median) make a profile untrustworthy
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ def profile_units(config: GPTConfig, batch_size: int, seq_len: int, device: torc
     """Profile every unit of `config` for micro-batches of (batch_size, seq_len) tokens on `device`.
 
     Unit 0 gets token ids; unit i > 0 gets the activation the first i units produce. Times are
-    medians of `repeats` runs after `warmup`; torch's thread count is left as the caller set it.
+    medians of `repeats` rounds (each times every unit once) after `warmup`; torch's thread count
+    is left as the caller set it. All units are resident at once, as in the unsplit model.
     With `cache`, the result is kept in <cache dir>/profiles/<key>.json, keyed by the model
     config, batch shape, device, dtype, threads and torch version.
     """
@@ -80,34 +82,43 @@ def profile_units(config: GPTConfig, batch_size: int, seq_len: int, device: torc
         except (ValueError, KeyError, TypeError):
             pass
         logger.warning("ignoring unreadable profile cache %s; measuring again", path)
-    profiles = _measure(config, batch_size, seq_len, device, dtype, repeats, warmup)
-    if cache:
+    logger.info("profiling %d units on %s (%s, micro-batch %dx%d, %d repeats)", num_units(config),
+                _device_label(device), str(dtype).removeprefix("torch."), batch_size, seq_len, repeats)
+    profiles, spread = _measure(config, batch_size, seq_len, device, dtype, repeats, warmup)
+    if spread > NOISE_LIMIT:
+        logger.warning("unit timings are noisy (round times spread %.0f%% around their median; is another "
+                       "process using these cores?): the split may be off and the profile is not cached; "
+                       "profile again on a quiet machine", 100 * spread)
+    elif cache:
         payload = {"key": key, "units": [dataclasses.asdict(p) for p in profiles]}
-        _write_atomic(path, (json.dumps(payload, indent=1) + "\n").encode())
+        write_atomic(path, (json.dumps(payload, indent=1) + "\n").encode())
     return profiles
 
 
 def _measure(config: GPTConfig, batch_size: int, seq_len: int, device: torch.device, dtype: torch.dtype,
-             repeats: int, warmup: int) -> list[UnitProfile]:
+             repeats: int, warmup: int) -> tuple[list[UnitProfile], float]:
+    """The profiles, and the spread of the timing rounds (see `_time`)."""
     generator = torch.Generator().manual_seed(0)  # inputs and output gradients; the global RNG is untouched
     x = torch.randint(config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
     targets = torch.randint(config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
-    names, last = unit_names(config), num_units(config) - 1
-    profiles = []
-    for index, name in enumerate(names):
-        unit = build_unit(config, index, seed=0).to(device=device, dtype=dtype)
+    last = num_units(config) - 1
+    units, inputs = [], []
+    for index in range(last + 1):
+        units.append(build_unit(config, index, seed=0).to(device=device, dtype=dtype))
         if x.is_floating_point():
             x = x.detach().requires_grad_(True)  # a stage's received activation: a leaf that wants its grad
-        run = _runner(unit, x, targets if index == last else None)
-        activation = saved_activation_bytes(run, exclude=[*unit.parameters(), *unit.buffers()])
-        forward_s, backward_s = _time(run, x, device, repeats, warmup, generator)
-        param_bytes, static = static_bytes(unit, run)
-        profiles.append(UnitProfile(name, forward_s, backward_s, static, activation, param_bytes))
-        logger.debug("profiled %s: %s", name, profiles[-1])
+        inputs.append(x)
         if index < last:
             with torch.no_grad():
-                x = unit(x)
-    return profiles
+                x = units[-1](x)
+    runs = [_runner(unit, inputs[i], targets if i == last else None) for i, unit in enumerate(units)]
+    activation = [saved_activation_bytes(run, exclude=[*unit.parameters(), *unit.buffers()])
+                  for unit, run in zip(units, runs)]
+    times, spread = _time(runs, inputs, device, repeats, warmup, generator)
+    static = [static_bytes(unit, run) for unit, run in zip(units, runs)]  # last: the AdamW step changes weights
+    return [UnitProfile(name, forward_s, backward_s, static_total, saved, weights)
+            for name, (forward_s, backward_s), (weights, static_total), saved
+            in zip(unit_names(config), times, static, activation)], spread
 
 
 def _runner(unit: nn.Module, x: torch.Tensor, targets: torch.Tensor | None) -> Callable[[], torch.Tensor]:
@@ -157,28 +168,38 @@ def static_bytes(unit: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[int,
     return weights, weights + grads + state
 
 
-def _time(run: Callable[[], torch.Tensor], x: torch.Tensor, device: torch.device, repeats: int, warmup: int,
-          generator: torch.Generator) -> tuple[float, float]:
-    """Median forward and backward seconds over `repeats` runs after `warmup` (at least one)."""
-    grad_output = None
-    forward, backward = [], []
+def _time(runs: Sequence[Callable[[], torch.Tensor]], inputs: Sequence[torch.Tensor], device: torch.device,
+          repeats: int, warmup: int, generator: torch.Generator) -> tuple[list[tuple[float, float]], float]:
+    """Per unit, median forward and backward seconds over `repeats` rounds after `warmup` (at least
+    one); and the spread of the rounds' total times, (q3 - q1) / median, 0 with under 4 rounds.
+
+    A round times every unit once, in model order, so a burst of load from elsewhere on the
+    machine lands on all units alike instead of on whichever unit was being timed; and, as in a
+    stage, a unit runs with the other units' data in the caches, not its own from the run before.
+    """
+    grad_outputs: list[torch.Tensor | None] = [None] * len(runs)
+    samples: list[tuple[list[float], list[float]]] = [([], []) for _ in runs]
     for i in range(max(warmup, 1) + repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        output = run()
-        _sync(device)
-        t1 = time.perf_counter()
-        if grad_output is None:  # the first (warm-up) run fixes the output's shape
-            grad_output = (torch.ones_like(output) if output.dim() == 0 else
-                           torch.randn(output.shape, generator=generator).to(output.device, output.dtype))
-        output.backward(grad_output)
-        _sync(device)
-        t2 = time.perf_counter()
-        x.grad = None
-        if i >= max(warmup, 1):
-            forward.append(t1 - t0)
-            backward.append(t2 - t1)
-    return statistics.median(forward), statistics.median(backward)
+        for index, (run, x) in enumerate(zip(runs, inputs)):
+            _sync(device)
+            t0 = time.perf_counter()
+            output = run()
+            _sync(device)
+            t1 = time.perf_counter()
+            if grad_outputs[index] is None:  # the first (warm-up) round fixes the output's shape
+                grad_outputs[index] = (torch.ones_like(output) if output.dim() == 0 else
+                                       torch.randn(output.shape, generator=generator).to(output.device, output.dtype))
+            output.backward(grad_outputs[index])
+            _sync(device)
+            t2 = time.perf_counter()
+            x.grad = None
+            del output
+            if i >= max(warmup, 1):
+                samples[index][0].append(t1 - t0)
+                samples[index][1].append(t2 - t1)
+    rounds = [sum(f[r] + b[r] for f, b in samples) for r in range(repeats)]  # one round's total time
+    q1, median, q3 = statistics.quantiles(rounds, n=4) if len(rounds) >= 4 else (0.0, 1.0, 0.0)
+    return [(statistics.median(f), statistics.median(b)) for f, b in samples], max(0.0, (q3 - q1) / median)
 
 
 def _sync(device: torch.device) -> None:

@@ -25,7 +25,8 @@ from paci.config import RunConfig
 from paci.data import TokenData, load_data
 from paci.ir import Action, Message, Op, evaluation_rounds, stage_versions, with_evaluation
 from paci.metrics import Record, Recorder, StatsEvent, StepStats
-from paci.model import PRESETS, GPTConfig, build_units, num_units
+from paci.model import PRESETS, GPTConfig, build_units
+from paci.partition import choose_split, parse_bytes, split_spec
 from paci.report import render_png, write_chrome_trace
 from paci.runtime.executor import Executor, gather_trace, run_local
 from paci.runtime.launch import env_rank, init_distributed, rank_device
@@ -58,18 +59,6 @@ class Plan:
         return self.batch_size * self.seq_len
 
 
-def uniform_split(num_units: int, num_stages: int) -> list[tuple[int, int]]:
-    """Contiguous ranges of units whose sizes differ by at most one (earlier stages get the extra)."""
-    if num_stages > num_units:
-        raise ValueError(f"{num_stages} stages but the model has only {num_units} units; use --stages <= {num_units} "
-                         "or a preset with more layers")
-    base, extra = divmod(num_units, num_stages)
-    bounds = [0]
-    for s in range(num_stages):
-        bounds.append(bounds[-1] + base + (s < extra))
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
 def make_plan(config: RunConfig) -> Plan:
     data = load_data(config.data.path, config.model.vocab_size)
     preset = PRESETS[config.model.preset]
@@ -78,8 +67,10 @@ def make_plan(config: RunConfig) -> Plan:
     data.check_fits(config.data.batch_size, seq_len)
     eval_batches = min(config.train.eval_batches, data.num_val_batches(config.data.batch_size, seq_len))
     pipe = config.pipeline
-    split = uniform_split(num_units(model), pipe.stages)
     base = schedules.build(pipe.schedule, pipe.stages, pipe.microbatches, config.train.steps, pipe.accum)
+    budget = parse_bytes(pipe.memory_per_stage) if pipe.memory_per_stage is not None else None
+    split = choose_split(pipe.split, model, pipe.stages, pipe.schedule, pipe.microbatches, pipe.accum,
+                         config.data.batch_size, seq_len, default_device(), budget)
     opt = config.optim
     warmup = opt.warmup_steps if opt.warmup_steps is not None else max(1, base.num_steps // 20)
     optimizer = OptimizerSpec(lr=opt.lr, weight_decay=opt.weight_decay, warmup_steps=warmup,
@@ -150,7 +141,7 @@ def make_recorder(plan: Plan, on_record: Callable[[Record], None] | None) -> Rec
 def write_header(plan: Plan) -> None:
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     resolved = {**plan.config.as_dict(), "resolved": {
-        "model": dataclasses.asdict(plan.model), "split": plan.split, "seq_len": plan.seq_len,
+        "model": dataclasses.asdict(plan.model), "split": split_spec(plan.split), "seq_len": plan.seq_len,
         "num_microbatches": plan.schedule.num_microbatches, "accumulation": plan.schedule.accumulation,
         "num_steps": plan.schedule.num_steps, "warmup_steps": plan.optimizer.warmup_steps,
         "weight_policy": plan.schedule.weight_policy.value, "data": repr(plan.data)}}
@@ -160,8 +151,8 @@ def write_header(plan: Plan) -> None:
 def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
           on_plan: Callable[[Plan], None] | None = None) -> tuple[Record, Trace]:
     """Train with every stage in this process. Returns the summary and the measured trace."""
+    torch.set_num_threads(config.train.threads or os.cpu_count() or 1)  # before profiling the split
     plan = make_plan(config)
-    torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
     device = default_device()
     stages = [build_stage(plan, s, device) for s in range(plan.num_stages)]
     write_header(plan)
@@ -210,6 +201,11 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
     device = rank_device(info)
     if not dist.is_initialized():
         init_distributed(device, config.pipeline.timeout_s)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    if config.pipeline.split == "profile":  # measured once, on rank 0, so every rank cuts the same way
+        config = dataclasses.replace(config, pipeline=dataclasses.replace(
+            config.pipeline, split=_broadcast(split_spec(make_plan(config).split) if info.rank == 0 else "")))
     plan = make_plan(config)
     if plan.num_stages != info.world_size:
         raise ValueError(f"the world has {info.world_size} ranks but the pipeline has {plan.num_stages} stages; "
@@ -217,8 +213,6 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
     plan.run_dir = Path(_broadcast(str(plan.run_dir)))
     last = info.world_size - 1
     stats_group = dist.new_group([0, last])
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
     stage = build_stage(plan, info.rank, device)
     transport = DistTransport(plan.schedule, info.rank, message_spec(plan), device, config.pipeline.timeout_s)
     rounds = evaluation_rounds(plan.schedule.num_steps, config.train.eval_every)

@@ -7,7 +7,7 @@ import torch
 from paci.ir import Schedule
 from paci.model import GPT, GPTConfig, build_units, lm_loss, num_units
 from paci.runtime.stage import OptimizerSpec, Stage
-from paci.train import uniform_split
+from paci.partition import uniform_split
 
 TINY = GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=16)
 BATCH = 2

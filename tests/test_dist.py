@@ -26,7 +26,8 @@ pytestmark = pytest.mark.dist
 def _config(name: str, stages: int, out, nproc: int):
     return load_config(None, {
         "model": {"preset": "tiny"}, "data": {"batch_size": 2, "seq_len": 16},
-        "pipeline": {"schedule": name, "stages": stages, "microbatches": 4, "nproc": nproc, "timeout_s": 30.0},
+        "pipeline": {"schedule": name, "stages": stages, "microbatches": 4, "nproc": nproc, "timeout_s": 30.0,
+                     "split": "uniform"},
         "optim": {"lr": 1e-2}, "train": {"steps": 3, "eval_every": 2, "eval_batches": 2, "out": str(out),
                                          "threads": 1}})
 
@@ -129,7 +130,7 @@ def test_torchrun_one_node_and_two_nodes_match(tmp_path):
     """`python -m paci train` runs unchanged under torchrun, on one node and as two "nodes" on one
     machine (static rendezvous on 127.0.0.1), and both give the same losses."""
     train = ["-m", "paci", "train", "--preset", "tiny", "--steps", "3", "--microbatches", "4", "--batch-size", "2",
-             "--seq-len", "16", "--eval-every", "3"]
+             "--seq-len", "16", "--eval-every", "3", "--split", "uniform"]
     one = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", *train, "--out", str(tmp_path / "one")),
                          capture_output=True, text=True, timeout=180)
     assert one.returncode == 0, one.stderr[-2000:]

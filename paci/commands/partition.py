@@ -94,6 +94,9 @@ def _print_report(header: dict, config: GPTConfig, splits: dict[str, Split], eff
     profiled, uniform = splits["profiled"], splits["uniform"]
     print(f"\nslowest stage: profiled {1e3 * profiled.max_time:.3f} ms vs uniform {1e3 * uniform.max_time:.3f} ms "
           f"-> {uniform.max_time / profiled.max_time:.2f}x (predicted from the profile)")
+    if not profiled.feasible:
+        print(f"no split fits the budget, so the profiled split minimises the overshoot first: "
+              f"{format_bytes(max(profiled.overshoot))} vs {format_bytes(max(uniform.overshoot))} for uniform")
     print("efficiency = 1 - steady bubble of the schedule simulated with these per-stage forward/backward times")
 
 

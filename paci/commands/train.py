@@ -32,6 +32,10 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's context)")
     p.add_argument("--eval-every", type=int, help="optimizer steps between validation rounds (default 25)")
     p.add_argument("--out", help="run directory (default runs/<schedule>-<time>); must not exist or be empty")
+    p.add_argument("--split", help='stage split: "profile" (default: measure the units, then the exact DP), '
+                                   '"uniform", or unit ranges like 0:3,3:6,6:10 (see paci partition)')
+    p.add_argument("--memory-per-stage", help="memory budget per stage for the profiled split, e.g. 24GiB "
+                                              "(default: the GPU's memory; none on CPU)")
     p.add_argument("--nproc", type=int, help="spawn this many local processes, one stage each (gloo on CPU, "
                                              "NCCL on GPU); under torchrun leave it out")
     p.add_argument("--port", type=int, help="rendezvous port for --nproc (default: a free one)")
@@ -44,7 +48,8 @@ def add_train_parser(subparsers) -> None:
 _TRAIN_FLAGS = {"model": {"preset": "preset"}, "data": {"data": "path", "batch_size": "batch_size",
                                                       "seq_len": "seq_len"},
                 "pipeline": {"schedule": "schedule", "stages": "stages", "microbatches": "microbatches",
-                             "accum": "accum", "nproc": "nproc", "port": "port", "timeout_s": "timeout_s"},
+                             "accum": "accum", "nproc": "nproc", "port": "port", "timeout_s": "timeout_s",
+                             "split": "split", "memory_per_stage": "memory_per_stage"},
                 "optim": {"lr": "lr"}, "train": {"steps": "steps", "seed": "seed", "eval_every": "eval_every",
                                                  "out": "out"}}
 
@@ -68,9 +73,15 @@ def train_command(args: argparse.Namespace) -> int:
         progress.close()
         _finish(summary, args.json)
         return 0
+    import torch
+
+    from paci.partition import split_spec
+    from paci.runtime.launch import threads_per_rank
     from paci.train import make_plan
 
-    config.train.out = str(make_plan(config).run_dir)  # check everything (and warm the data cache) first
+    torch.set_num_threads(config.train.threads or threads_per_rank(config.pipeline.nproc))  # profile as a rank runs
+    plan = make_plan(config)  # check everything (and warm the data cache, profile the split) before any rank starts
+    config.train.out, config.pipeline.split = str(plan.run_dir), split_spec(plan.split)
     return spawn(_train_rank, (config, args.json), config.pipeline.nproc, port=config.pipeline.port,
                  threads=config.train.threads)
 

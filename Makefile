@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m paci train
+	$(PY) -m paci train --nproc 2
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -89,9 +89,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 150  # mini-batches of M micro-batches
+    steps: int = 400  # mini-batches of M micro-batches
     seed: int = 0  # model init and data order
-    eval_every: int = 25  # optimizer steps between validation rounds
+    eval_every: int = 50  # optimizer steps between validation rounds
     eval_batches: int = 8  # held-out micro-batches per validation round
     out: str | None = None  # run directory; default runs/<schedule>-<time>
     threads: int | None = None  # torch threads per process; default: the cores, split across processes

@@ -307,8 +307,9 @@ def run_report(plan: Plan, trace: Trace, peak_memory: list[int]) -> Record:
     metrics = trace.metrics()
     predicted = simulate(plan.schedule, CostModel.from_trace(trace))
     write_chrome_trace([trace, predicted.trace], plan.run_dir / "trace.json")
-    render_png(trace, plan.run_dir / "timeline.png", title=f"{plan.schedule.name}: measured")
-    render_png(predicted.trace, plan.run_dir / "timeline_predicted.png",
+    shown = 8 * plan.num_stages * plan.schedule.accumulation  # the first few steps, readable
+    render_png(trace, plan.run_dir / "timeline.png", title=f"{plan.schedule.name}: measured", max_actions=shown)
+    render_png(predicted.trace, plan.run_dir / "timeline_predicted.png", max_actions=shown,
                title=f"{plan.schedule.name}: predicted from the measured op times")
     makespan = metrics.makespan
     return {"bubble_fraction": metrics.bubble_fraction,

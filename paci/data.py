@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from paci.files import write_bytes
+
 logger = logging.getLogger(__name__)
 
 EOT = "<|endoftext|>"
@@ -358,18 +360,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 # ---------------------------------------------------------------- nanoGPT .bin folders
 
 def _load_bin(folder: Path, cache: Path) -> TokenData:
@@ -412,7 +402,7 @@ def _bin_vocab_size(folder: Path, files: dict, arrays: dict, cache: Path) -> int
     largest = max(int(a[i:i + _BIN_CHUNK].max()) for a in arrays.values()
                   for i in range(0, len(a), _BIN_CHUNK))
     try:
-        write_atomic(entry, json.dumps({"vocab_size": largest + 1, "files": stamp}).encode())
+        write_bytes(entry, json.dumps({"vocab_size": largest + 1, "files": stamp}).encode())
     except OSError as err:
         logger.warning("could not cache the vocabulary size in %s (%s)", entry, err.strerror)
     return largest + 1

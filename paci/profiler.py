@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from paci.data import write_atomic, resolve_cache_dir
+from paci.data import resolve_cache_dir
+from paci.files import write_bytes
 from paci.model import GPTConfig, build_unit, lm_loss, num_units, unit_names
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def profile_units(config: GPTConfig, batch_size: int, seq_len: int, device: torc
                        "profile again on a quiet machine", 100 * spread)
     elif cache:
         payload = {"key": key, "units": [dataclasses.asdict(p) for p in profiles]}
-        write_atomic(path, (json.dumps(payload, indent=1) + "\n").encode())
+        write_bytes(path, (json.dumps(payload, indent=1) + "\n").encode())
     return profiles
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import textwrap
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -29,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from paci.ir import COMPUTE_OPS, Op
+from paci.files import atomic_write
 from paci.trace import OP_CODE, Columns, Trace, TraceMetrics
 
 _LETTERS = [op.value for op in COMPUTE_OPS]  # indexed by trace op code
@@ -249,7 +249,7 @@ def render_png(trace: Trace, path: str | os.PathLike, title: str | None = None, 
                         f"micro-batches, makespan {metrics.makespan:.4g}, bubble {metrics.bubble_fraction:.1%}, "
                         f"max Δ {metrics.max_drift}")
     ax.set_title(heading + note)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
 
 
 def _png_window(trace: Trace, columns: Sequence[Columns], makespan: float,
@@ -338,7 +338,7 @@ def write_chrome_trace(traces: Trace | Sequence[Trace], path: str | os.PathLike,
                            "args": {"name": f"stage {stage}"}})
             keep = col.start < cut
             events.extend(_chrome_events(Columns(*(c[keep] for c in col)), pid, stage, scale))
-    _atomic_write(path, lambda tmp: _dump_json({"traceEvents": events, "displayTimeUnit": "ms"}, tmp))
+    atomic_write(path, lambda tmp: _dump_json({"traceEvents": events, "displayTimeUnit": "ms"}, tmp))
 
 
 def _chrome_events(col: Columns, pid: int, stage: int, scale: float) -> list[dict]:
@@ -357,19 +357,6 @@ def _chrome_events(col: Columns, pid: int, stage: int, scale: float) -> list[dic
 def _dump_json(payload: dict, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(payload, f, separators=(",", ":"))
-
-
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call write(tmp) on a temp file beside `path`, then rename it over `path`."""
-    directory, name = os.path.split(os.fspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,7 +385,7 @@ def plot_curves(curves: dict[str, Sequence[tuple[float, float]]], path: str | os
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from paci import schedules
 from paci.config import RunConfig
 from paci.data import TokenData, load_data
+from paci.files import atomic_write, write_text
 from paci.ir import Action, Message, Op, evaluation_rounds, stage_versions, with_evaluation
 from paci.metrics import Record, Recorder, StatsEvent, StepStats
 from paci.model import PRESETS, GPTConfig, build_units
@@ -123,9 +124,7 @@ def save_checkpoint(plan: Plan, stage: Stage) -> Path:
     path = folder / f"stage-{stage.index}.pt"
     payload = {**stage.state_dict(), "stage": stage.index, "units": plan.split[stage.index], "split": plan.split,
                "model": dataclasses.asdict(plan.model), "schedule": plan.schedule.name}
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 
@@ -145,7 +144,15 @@ def write_header(plan: Plan) -> None:
         "num_microbatches": plan.schedule.num_microbatches, "accumulation": plan.schedule.accumulation,
         "num_steps": plan.schedule.num_steps, "warmup_steps": plan.optimizer.warmup_steps,
         "weight_policy": plan.schedule.weight_policy.value, "data": repr(plan.data)}}
-    (plan.run_dir / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
+    write_text(plan.run_dir / "config.json", json.dumps(resolved, indent=1) + "\n")
+
+
+def write_summary(plan: Plan, recorder: Recorder, extra: Record) -> Record:
+    """summary.json: the recorder's final numbers plus `extra`; called once every version was verified."""
+    summary = {**recorder.summary(), **extra, "schedule": plan.schedule.name, "num_stages": plan.num_stages,
+               "run_dir": str(plan.run_dir), "versions_verified": True}
+    write_text(plan.run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
@@ -172,10 +179,7 @@ def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
             save_checkpoint(plan, stage)
     finally:
         recorder.close()
-    summary = {**recorder.summary(), "schedule": plan.schedule.name, "num_stages": plan.num_stages,
-               "run_dir": str(plan.run_dir), "versions_verified": True}
-    (plan.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return summary, trace
+    return write_summary(plan, recorder, {}), trace
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,10 +300,7 @@ def _gather(plan: Plan, stage: Stage, trace: Trace, recorder: Recorder | None) -
     verify_versions(plan, {index: versions for index, (versions, _) in enumerate(extras)})
     report = run_report(plan, trace, [memory for _, memory in extras])
     recorder.append_final(report)
-    summary = {**recorder.summary(), **report, "schedule": plan.schedule.name, "num_stages": plan.num_stages,
-               "run_dir": str(plan.run_dir), "versions_verified": True}
-    (plan.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+    return write_summary(plan, recorder, report)
 
 
 def run_report(plan: Plan, trace: Trace, peak_memory: list[int]) -> Record:

@@ -24,7 +24,7 @@ from paci import schedules
 from paci.config import RunConfig
 from paci.data import TokenData, load_data
 from paci.files import atomic_write, write_text
-from paci.ir import Action, Message, Op, evaluation_rounds, stage_versions, with_evaluation
+from paci.ir import Action, Message, Op, Schedule, evaluation_rounds, stage_versions, with_evaluation
 from paci.metrics import Record, Recorder, StatsEvent, StepStats
 from paci.model import PRESETS, GPTConfig, build_units
 from paci.partition import choose_split, parse_bytes, split_spec
@@ -35,6 +35,7 @@ from paci.runtime.stage import OptimizerSpec, Stage
 from paci.runtime.transport import DistTransport, LocalTransport, StatsChannel
 from paci.sim import CostModel, simulate
 from paci.trace import Trace
+
 
 @dataclass
 class Plan:
@@ -61,14 +62,16 @@ class Plan:
 
 
 def make_plan(config: RunConfig) -> Plan:
+    """Resolve and check everything, cheapest checks first; profiles the units for a "profile" split."""
+    run_dir = _run_dir(config)
+    pipe = config.pipeline
+    base = schedules.build(pipe.schedule, pipe.stages, pipe.microbatches, config.train.steps, pipe.accum)
     data = load_data(config.data.path, config.model.vocab_size)
     preset = PRESETS[config.model.preset]
     seq_len = config.data.seq_len or preset.block_size
     model = dataclasses.replace(preset, vocab_size=data.vocab_size, block_size=max(seq_len, preset.block_size))
     data.check_fits(config.data.batch_size, seq_len)
     eval_batches = min(config.train.eval_batches, data.num_val_batches(config.data.batch_size, seq_len))
-    pipe = config.pipeline
-    base = schedules.build(pipe.schedule, pipe.stages, pipe.microbatches, config.train.steps, pipe.accum)
     budget = parse_bytes(pipe.memory_per_stage) if pipe.memory_per_stage is not None else None
     split = choose_split(pipe.split, model, pipe.stages, pipe.schedule, pipe.microbatches, pipe.accum,
                          config.data.batch_size, seq_len, default_device(), budget)
@@ -77,7 +80,8 @@ def make_plan(config: RunConfig) -> Plan:
     optimizer = OptimizerSpec(lr=opt.lr, weight_decay=opt.weight_decay, warmup_steps=warmup,
                               total_steps=base.num_steps, min_lr_ratio=opt.min_lr_ratio)
     schedule = with_evaluation(base, config.train.eval_every, eval_batches)
-    return Plan(config, data, model, split, schedule, optimizer, seq_len, config.data.batch_size, eval_batches, _run_dir(config))
+    return Plan(config, data, model, split, schedule, optimizer, seq_len, config.data.batch_size, eval_batches,
+                run_dir)
 
 
 def _run_dir(config: RunConfig) -> Path:
@@ -203,17 +207,17 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
     """This rank's part of a multi-process run. Rank 0 writes the run directory and returns the summary."""
     info = env_rank()
     device = rank_device(info)
+    if config.pipeline.stages != info.world_size:
+        raise ValueError(f"the world has {info.world_size} ranks but the pipeline has {config.pipeline.stages} "
+                         f"stages; pass --stages {info.world_size} (one stage per rank)")
     if not dist.is_initialized():
         init_distributed(device, config.pipeline.timeout_s)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    if config.pipeline.split == "profile":  # measured once, on rank 0, so every rank cuts the same way
+    if config.pipeline.split == "profile":  # measured once on rank 0 (the others wait up to the timeout)
         config = dataclasses.replace(config, pipeline=dataclasses.replace(
             config.pipeline, split=_broadcast(split_spec(make_plan(config).split) if info.rank == 0 else "")))
     plan = make_plan(config)
-    if plan.num_stages != info.world_size:
-        raise ValueError(f"the world has {info.world_size} ranks but the pipeline has {plan.num_stages} stages; "
-                         f"pass --stages {info.world_size} (one stage per rank)")
     plan.run_dir = Path(_broadcast(str(plan.run_dir)))
     last = info.world_size - 1
     stats_group = dist.new_group([0, last])

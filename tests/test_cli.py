@@ -175,3 +175,17 @@ def test_train_end_to_end_reduces_the_loss(tmp_path):
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(31))
     assert all("drift_histogram" in r for r in records[1:])
+
+
+def test_train_port_in_use_is_exit_2(capsys, tmp_path):
+    """--port naming a port that is taken: one actionable line, exit code 2, nothing written."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = run_exit(capsys, ["train", *TINY, "--nproc", "2", "--port", str(port), "--out",
+                                         str(tmp_path / "run")])
+    assert code == 2 and f"port {port} is in use" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

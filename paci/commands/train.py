@@ -68,7 +68,7 @@ def train_command(args: argparse.Namespace) -> int:
     if config.pipeline.nproc == 1:
         from paci.train import train
 
-        progress = _Progress(config.train.steps, quiet=args.json)
+        progress = _Progress(quiet=args.json)
         summary, _ = train(config, on_record=progress.record, on_plan=progress.start)
         progress.close()
         _finish(summary, args.json)
@@ -76,8 +76,11 @@ def train_command(args: argparse.Namespace) -> int:
     import torch
 
     from paci.partition import split_spec
-    from paci.runtime.launch import threads_per_rank
+    from paci.runtime.launch import check_port, threads_per_rank
     from paci.train import make_plan
+
+    if config.pipeline.port is not None:
+        check_port(config.pipeline.port)
 
     torch.set_num_threads(config.train.threads or threads_per_rank(config.pipeline.nproc))  # profile as a rank runs
     plan = make_plan(config)  # check everything (and warm the data cache, profile the split) before any rank starts
@@ -91,7 +94,7 @@ def _train_rank(payload) -> int:
     from paci.train import train_rank
 
     config, as_json = payload
-    progress = _Progress(config.train.steps, quiet=as_json)
+    progress = _Progress(quiet=as_json)
     summary = train_rank(config, on_record=progress.record, on_plan=progress.start)
     progress.close()
     if summary is not None:
@@ -116,13 +119,15 @@ def _finish(summary: dict, as_json: bool) -> None:
 class _Progress:
     """A tqdm bar on a terminal, plain log lines otherwise (every ~10% of the run)."""
 
-    def __init__(self, total: int, quiet: bool) -> None:
-        self.total, self.quiet = total, quiet
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
         self.bar = None
-        self.every = max(1, total // 10)
+        self.total = self.every = 1
         self.last_val = None
 
     def start(self, plan) -> None:
+        self.total = plan.schedule.num_steps  # optimizer steps: M*steps/K
+        self.every = max(1, self.total // 10)
         if self.quiet:
             return
         log.info("%s | P=%d, M=%d, K=%d | %s | %s | run dir %s", plan.schedule.name, plan.num_stages,

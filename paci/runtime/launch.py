@@ -115,7 +115,7 @@ def _supervise(procs: list, grace_s: float) -> int:
         return 0
     rank, code = first_failure
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-    print(f"paci: rank {rank} {how}; the run stopped", file=sys.stderr)
+    log.error("paci: rank %d %s; the run stopped", rank, how)
     return 2 if code == 2 else 1
 
 
@@ -146,10 +146,10 @@ def run_rank(entry: Callable[[Any], int], payload: Any) -> int:
     try:
         return entry(payload)
     except (ValueError, OSError) as exc:
-        print(f"paci: rank {rank}: error: {exc}", file=sys.stderr)
+        log.error("paci: rank %d: error: %s", rank, exc)
         return 2
     except Exception as exc:  # a runtime failure: say which rank, keep the traceback for debugging
-        print(f"paci: rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        log.error("paci: rank %d: %s: %s", rank, type(exc).__name__, exc)
         if os.environ.get("PACI_DEBUG"):
             traceback.print_exc()
         return 1

@@ -23,7 +23,8 @@ class Transport(Protocol):
     def recv(self, msg: Message) -> torch.Tensor: ...
 
     def ready(self, msg: Message) -> bool:
-        """Would `recv(msg)` return without waiting?"""
+        """Would `recv(msg)` return without waiting? Only the in-process driver (`run_local`) asks;
+        DistTransport has no answer (gloo cannot poll), its ranks simply block in `recv`."""
         ...
 
 

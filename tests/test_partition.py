@@ -11,7 +11,7 @@ import torch
 
 from paci.cli import main
 from paci.model import PRESETS, GPT, build_unit, lm_loss, num_units
-from paci.partition import (UnitCosts, choose_split, evaluate_split, parse_bytes, parse_split, partition,
+from paci.partition import (UnitCosts, choose_split, parse_bytes, parse_split, partition,
                             predicted_efficiency, stage_memory_model, uniform_split)
 from paci.profiler import profile_units, saved_activation_bytes, static_bytes
 

@@ -34,7 +34,6 @@ class Executor:
         self.transport = transport
         self.record = record
         self.clock = clock
-        self.wait_time = 0.0  # seconds spent blocked in receives
         self._actions: Iterator[Action] = iter(actions)
         self._head: Action | None = next(self._actions, None)
         self._position = 0
@@ -64,7 +63,6 @@ class Executor:
             before = self.clock()
             received = self.transport.recv(msg)
             waited = self.clock() - before
-            self.wait_time += waited
         start, version = self.clock(), self.stage.version
         try:
             output = self._dispatch[action.op](action.microbatch, received)

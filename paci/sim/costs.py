@@ -92,14 +92,6 @@ class CostModel:
                               latency=_link_latency(trace))
         return replace(costs, time_unit=trace.time_unit)
 
-    def with_stages(self, num_stages: int) -> CostModel:
-        """The same per-stage values for a different depth (only for uniform models)."""
-        fields = ("forward", "backward", "weight", "update", "message_bytes", "static_bytes",
-                  "activation_bytes", "weight_bytes")
-        if any(len(set(getattr(self, f))) > 1 for f in fields):
-            raise ValueError("with_stages needs a cost model whose stages are all alike")
-        return replace(self, **{f: (getattr(self, f)[0],) * num_stages for f in fields})
-
 
 def parse_costs(text: str, num_stages: int) -> CostModel:
     """`F,B[,W]` (uniform over stages) from the command line, e.g. "1,2" or "1,2,1"."""

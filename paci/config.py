@@ -25,7 +25,7 @@ def _positive(section: str, **values: Any) -> None:
 
 @dataclass
 class ModelConfig:
-    preset: str = "small"  # a GPT preset: tiny, small, gpt2, gpt2-medium
+    preset: str = "small"  # a GPT preset: tiny, small, deep, gpt2, gpt2-medium
     vocab_size: int = 4096  # BPE vocabulary for text corpora (a .bin folder brings its own)
 
     def __post_init__(self) -> None:

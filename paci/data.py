@@ -25,9 +25,13 @@ smallest vocabulary is 257. The tokenizer and the uint16 token arrays are cached
 vocabulary size and the tokenizer settings; each cache entry is built in a temporary folder and
 moved into place with ``os.replace``, so it is either complete or absent.
 
-Batches are pure functions of their arguments: ``batch(seed, mb, ...)`` samples windows of the
-train split with ``np.random.default_rng([seed, mb])``, so every process can rebuild micro-batch
-``mb`` alone; ``val_batch(i, ...)`` reads fixed, non-overlapping windows of the val split.
+Batches are pure functions of their arguments, numbered by sequence rather than by micro-batch:
+train sequence g is a window of the train split at an offset drawn with
+``np.random.default_rng([seed, g])``, and micro-batch mb of b sequences holds sequences
+mb*b ... mb*b+b-1. Every process can rebuild micro-batch ``mb`` alone, and a mini-batch holds the
+same sequences however many micro-batches it is cut into (so runs at different M are comparable).
+``val_batch(i, ...)`` reads fixed, non-overlapping windows of the val split, also numbered by
+sequence, so an evaluation of E sequences is the same E windows at any batch size.
 """
 
 import gzip
@@ -35,6 +39,7 @@ import hashlib
 import importlib.resources
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -116,16 +121,21 @@ class TokenData:
               seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (int64, (batch_size, seq_len)) of micro-batch ``microbatch``.
 
-        A pure function of the arguments: windows start at offsets drawn by
-        ``np.random.default_rng([seed, microbatch])``, and targets are inputs shifted by one.
+        Micro-batch ``mb`` holds the train sequences ``mb * batch_size ... mb * batch_size +
+        batch_size - 1``, and sequence ``g`` is the window starting at an offset drawn by
+        ``np.random.default_rng([seed, g])``. So a batch is a pure function of the arguments, and
+        a mini-batch of M micro-batches of B/M sequences holds the same B sequences whatever M is.
+        Targets are inputs shifted by one.
         """
         _check_positive(batch_size=batch_size, seq_len=seq_len)
         if seed < 0 or microbatch < 0:
             raise ValueError(f"seed ({seed}) and microbatch ({microbatch}) must be >= 0")
         if self.train_tokens <= seq_len:
             self.check_fits(1, seq_len)
-        rng = np.random.default_rng([seed, microbatch])
-        starts = rng.integers(0, self.train_tokens - seq_len, size=batch_size)
+        high = self.train_tokens - seq_len
+        first = microbatch * batch_size
+        starts = np.array([np.random.default_rng([seed, g]).integers(0, high) for g in range(first, first + batch_size)],
+                          dtype=np.int64)
         return _windows(self.train, starts, seq_len)
 
     def num_val_batches(self, batch_size: int, seq_len: int) -> int:
@@ -136,16 +146,20 @@ class TokenData:
     def val_batch(self, index: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Validation batch ``index`` of ``num_val_batches``: fixed windows, no randomness.
 
-        The val split is cut into consecutive windows of seq_len (+1 for the target); row j of
-        batch i is window ``j * num_val_batches + i``, so every batch spans the whole val split
-        and the first few batches are already a fair sample of it.
+        The val split is cut into W consecutive windows of seq_len (+1 for the target). Batch i
+        holds the val sequences ``i * batch_size ...``, and sequence g is window ``g * stride mod
+        W`` with a stride near 0.618 W that is coprime to W: distinct sequences are distinct
+        windows, the first few sequences already spread over the whole split, and an evaluation
+        of E sequences reads the same E windows whatever the batch size.
         """
         count = self.num_val_batches(batch_size, seq_len)
         if not 0 <= index < count:
             if count == 0:
                 self.check_fits(batch_size, seq_len)
             raise IndexError(f"validation batch {index} out of range: there are {count}")
-        starts = (np.arange(batch_size) * count + index) * seq_len
+        windows = (self.val_tokens - 1) // seq_len
+        sequences = np.arange(index * batch_size, (index + 1) * batch_size, dtype=np.int64)
+        starts = sequences * _spreading_stride(windows) % windows * seq_len
         return _windows(self.val, starts, seq_len)
 
     def encode(self, text: str) -> list[int]:
@@ -166,6 +180,12 @@ def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _spreading_stride(count: int) -> int:
+    """The integer nearest 0.618 * count (the golden ratio's fraction) that is coprime to count."""
+    target = round(count * (math.sqrt(5) - 1) / 2)
+    return min((s for s in range(1, count + 1) if math.gcd(s, count) == 1), key=lambda s: (abs(s - target), s))
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

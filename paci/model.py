@@ -60,6 +60,9 @@ PRESETS: dict[str, GPTConfig] = {
     "tiny": GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32),
     # the CPU default: trains in minutes on 2 cores (reference/feasibility.md §5)
     "small": GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128),
+    # eight stages of real work on CPU: the P = 8 experiments (with a 1024-token vocabulary the
+    # head costs about as much as one block, so the 18 units split evenly into 8 stages)
+    "deep": GPTConfig(block_size=64, n_layer=8, n_head=4, n_embd=128),
     # GPU machines; vocab 50304 is GPT-2's 50257 padded up to a multiple of 64
     "gpt2": GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": GPTConfig(

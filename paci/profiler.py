@@ -5,6 +5,9 @@ Measured on the device the model will run on, for one micro-batch shape, as the 
 
 * forward_s / backward_s: medians of repeated runs after warm-up, autograd recording, backward
   with a random output gradient; the last unit includes the loss, because the last stage computes it.
+* input_backward_s: the input gradient alone (autograd skips the weight-gradient kernels), what
+  a split backward's I costs; B - I is the least its W can cost.
+* update_s: one AdamW step over the unit's parameters, built as the runtime builds it.
 * static_bytes: parameters + buffers + gradients + AdamW state, whose shapes and dtypes are read
   from a real optimizer step rather than assumed.
 * activation_bytes: the distinct storages autograd saves during the unit's forward, found with
@@ -19,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -30,10 +34,11 @@ from torch import nn
 from paci.data import resolve_cache_dir
 from paci.files import write_bytes
 from paci.model import GPTConfig, build_unit, lm_loss, num_units, unit_names
+from paci.sim import CostModel
 
 logger = logging.getLogger(__name__)
 
-PROFILE_FORMAT = 2  # part of the cache key: bump when what a profile measures changes
+PROFILE_FORMAT = 3  # part of the cache key: bump when what a profile measures changes
 NOISE_LIMIT = 0.3  # rounds whose total time spreads more than this (IQR / median) make a profile untrustworthy
 
 
@@ -45,6 +50,8 @@ class UnitProfile:
     static_bytes: int  # parameters + buffers + gradients + AdamW state, from a real optimizer step
     activation_bytes: int  # unique storages autograd saves for one micro-batch, parameters excluded
     param_bytes: int  # parameters + buffers: the size of one stashed weight copy
+    input_backward_s: float = 0.0  # median time of the input gradient alone (0 for token-id inputs)
+    update_s: float = 0.0  # median time of one AdamW step over the unit's parameters
 
     @property
     def time_s(self) -> float:
@@ -117,9 +124,10 @@ def _measure(config: GPTConfig, batch_size: int, seq_len: int, device: torch.dev
                   for unit, run in zip(units, runs)]
     times, spread = _time(runs, inputs, device, repeats, warmup, generator)
     static = [static_bytes(unit, run) for unit, run in zip(units, runs)]  # last: the AdamW step changes weights
-    return [UnitProfile(name, forward_s, backward_s, static_total, saved, weights)
-            for name, (forward_s, backward_s), (weights, static_total), saved
-            in zip(unit_names(config), times, static, activation)], spread
+    updates = [update_seconds(unit, device, repeats, warmup) for unit in units]
+    return [UnitProfile(name, forward_s, backward_s, static_total, saved, weights, input_s, update_s)
+            for name, (forward_s, backward_s, input_s), (weights, static_total), saved, update_s
+            in zip(unit_names(config), times, static, activation, updates)], spread
 
 
 def _runner(unit: nn.Module, x: torch.Tensor, targets: torch.Tensor | None) -> Callable[[], torch.Tensor]:
@@ -169,17 +177,38 @@ def static_bytes(unit: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[int,
     return weights, weights + grads + state
 
 
+def update_seconds(unit: nn.Module, device: torch.device, repeats: int, warmup: int) -> float:
+    """Median time of one AdamW step (foreach=False, as the runtime builds it) over the unit's
+    parameters, with gradients present; on a throwaway unit, since the steps change its weights."""
+    params = [p for p in unit.parameters() if p.requires_grad]
+    if not params:
+        return 0.0
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    optimizer = torch.optim.AdamW(params, foreach=False)
+    samples = []
+    for i in range(max(warmup, 1) + repeats):
+        _sync(device)
+        start = time.perf_counter()
+        optimizer.step()
+        _sync(device)
+        if i >= max(warmup, 1):
+            samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
 def _time(runs: Sequence[Callable[[], torch.Tensor]], inputs: Sequence[torch.Tensor], device: torch.device,
-          repeats: int, warmup: int, generator: torch.Generator) -> tuple[list[tuple[float, float]], float]:
-    """Per unit, median forward and backward seconds over `repeats` rounds after `warmup` (at least
-    one); and the spread of the rounds' total times, (q3 - q1) / median, 0 with under 4 rounds.
+          repeats: int, warmup: int, generator: torch.Generator) -> tuple[list[tuple[float, float, float]], float]:
+    """Per unit, median forward, backward and input-backward seconds over `repeats` rounds after
+    `warmup` (at least one); and the spread of the rounds' total times (forward + backward),
+    (q3 - q1) / median, 0 with under 4 rounds.
 
     A round times every unit once, in model order, so a burst of load from elsewhere on the
     machine lands on all units alike instead of on whichever unit was being timed; and, as in a
     stage, a unit runs with the other units' data in the caches, not its own from the run before.
     """
     grad_outputs: list[torch.Tensor | None] = [None] * len(runs)
-    samples: list[tuple[list[float], list[float]]] = [([], []) for _ in runs]
+    samples: list[tuple[list[float], list[float], list[float]]] = [([], [], []) for _ in runs]
     for i in range(max(warmup, 1) + repeats):
         for index, (run, x) in enumerate(zip(runs, inputs)):
             _sync(device)
@@ -194,13 +223,23 @@ def _time(runs: Sequence[Callable[[], torch.Tensor]], inputs: Sequence[torch.Ten
             _sync(device)
             t2 = time.perf_counter()
             x.grad = None
+            input_s = 0.0
+            if x.requires_grad:  # the input gradient alone, on a fresh graph
+                output = run()
+                _sync(device)
+                t3 = time.perf_counter()
+                torch.autograd.grad(output, x, grad_outputs[index])
+                _sync(device)
+                input_s = time.perf_counter() - t3
             del output
             if i >= max(warmup, 1):
                 samples[index][0].append(t1 - t0)
                 samples[index][1].append(t2 - t1)
-    rounds = [sum(f[r] + b[r] for f, b in samples) for r in range(repeats)]  # one round's total time
+                samples[index][2].append(input_s)
+    rounds = [sum(f[r] + b[r] for f, b, _ in samples) for r in range(repeats)]  # one round's total time
     q1, median, q3 = statistics.quantiles(rounds, n=4) if len(rounds) >= 4 else (0.0, 1.0, 0.0)
-    return [(statistics.median(f), statistics.median(b)) for f, b in samples], max(0.0, (q3 - q1) / median)
+    return ([(statistics.median(f), statistics.median(b), statistics.median(i)) for f, b, i in samples],
+            max(0.0, (q3 - q1) / median))
 
 
 def _sync(device: torch.device) -> None:
@@ -220,3 +259,25 @@ def default_budget(device: torch.device | str) -> int | None:
     """The paper's default budget: the device's total memory on CUDA; None (no limit) elsewhere."""
     device = torch.device(device)
     return torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else None
+
+
+def stage_costs(profiles: Sequence[UnitProfile], ranges: Sequence[tuple[int, int]], *,
+                message_bytes: Sequence[float] | float = 0.0, latency: float = 0.0,
+                bandwidth: float = math.inf) -> CostModel:
+    """The simulator's cost model (seconds, bytes) of a split, from the profiles of its units.
+
+    Per stage, the sums over its units: F = forward, B = backward, I = input_backward and so
+    W = B - I (a split backward that re-walks nothing), U = update; static, activation and weight
+    bytes likewise. `message_bytes[s]` is the size of stage s's output; a message takes
+    latency + bytes / bandwidth (measure them on the link the run will use).
+    """
+    def sums(field: str) -> list[float]:
+        return [sum(getattr(p, field) for p in profiles[start:stop]) for start, stop in ranges]
+
+    backward, input_backward = sums("backward_s"), sums("input_backward_s")
+    costs = CostModel.per_stage(len(ranges), sums("forward_s"), backward,
+                                [max(0.0, b - i) for b, i in zip(backward, input_backward)], sums("update_s"),
+                                latency=latency, bandwidth=bandwidth, message_bytes=message_bytes,
+                                static_bytes=sums("static_bytes"), activation_bytes=sums("activation_bytes"),
+                                weight_bytes=sums("param_bytes"))
+    return dataclasses.replace(costs, time_unit="s")

@@ -91,17 +91,30 @@ def test_batch_targets_are_inputs_shifted_by_one(corpus):
                    for s in candidates)
 
 
-def test_val_batches_tile_the_val_split(corpus):
-    """Validation rows are fixed, non-overlapping windows; taken in window order they rebuild the split."""
+def test_val_batches_are_distinct_windows_of_the_val_split(corpus):
+    """Validation rows are fixed, non-overlapping windows; all batches together are every window once."""
     B, T = 4, 128
     n = corpus.num_val_batches(B, T)
     assert n == (corpus.val_tokens - 1) // T // B > 0
-    batches = [corpus.val_batch(i, B, T) for i in range(n)]
-    rows = torch.stack([batches[w % n][0][w // n] for w in range(n * B)])  # row j of batch i is window j*n+i
-    assert torch.equal(rows.flatten(), torch.from_numpy(corpus.val[:n * B * T].astype(np.int64)))
-    assert torch.equal(corpus.val_batch(n - 1, B, T)[1], batches[-1][1])
+    windows = (corpus.val_tokens - 1) // T
+    val = torch.from_numpy(corpus.val[:windows * T].astype(np.int64)).view(windows, T)
+    rows = torch.cat([corpus.val_batch(i, B, T)[0] for i in range(n)])
+    index = {tuple(row.tolist()): w for w, row in enumerate(val)}
+    found = [index[tuple(row.tolist())] for row in rows]
+    assert len(set(found)) == n * B  # distinct windows
+    assert max(found[:8]) - min(found[:8]) > windows // 2  # the first few already spread over the split
     with pytest.raises(IndexError):
         corpus.val_batch(n, B, T)
+
+
+def test_batches_are_the_same_sequences_at_any_microbatch_size(corpus):
+    """A mini-batch of 32 sequences is the same tensor cut into 2 micro-batches of 16 or 16 of 2,
+    for training and for validation."""
+    for seed in (0, 3):
+        whole = torch.cat([corpus.batch(seed, mb, 16, 32)[0] for mb in range(2)])
+        assert torch.equal(whole, torch.cat([corpus.batch(seed, mb, 2, 32)[0] for mb in range(16)]))
+    val = torch.cat([corpus.val_batch(i, 16, 32)[1] for i in range(2)])
+    assert torch.equal(val, torch.cat([corpus.val_batch(i, 2, 32)[1] for i in range(16)]))
 
 
 def test_corpus_split_is_by_whole_document(corpus):

@@ -128,16 +128,19 @@ def _torchrun(*args: str) -> list[str]:
 @pytest.mark.timeout(240)
 def test_torchrun_one_node_and_two_nodes_match(tmp_path):
     """`python -m paci train` runs unchanged under torchrun, on one node and as two "nodes" on one
-    machine (static rendezvous on 127.0.0.1), and both give the same losses."""
+    machine (static rendezvous on 127.0.0.1), and both give the same losses. Both run one torch thread per
+    rank (torchrun sets OMP_NUM_THREADS=1 only with several ranks per node; a different thread count may
+    change the order of float reductions)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     train = ["-m", "paci", "train", "--preset", "tiny", "--steps", "3", "--microbatches", "4", "--batch-size", "2",
              "--seq-len", "16", "--eval-every", "3", "--split", "uniform"]
     one = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", *train, "--out", str(tmp_path / "one")),
-                         capture_output=True, text=True, timeout=180)
+                         capture_output=True, text=True, timeout=180, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
     port = str(free_port())
     nodes = [subprocess.Popen(_torchrun("--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1",
                                         "--rdzv-endpoint", f"127.0.0.1:{port}", *train, "--out", str(tmp_path / "two")),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in (0, 1)]
     outputs = [node.communicate(timeout=180) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert _losses(tmp_path / "one") == _losses(tmp_path / "two")

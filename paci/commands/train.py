@@ -19,7 +19,8 @@ def add_train_parser(subparsers) -> None:
                               description="Train on the embedded Shakespeare corpus unless --data says otherwise. "
                                           "Precedence: defaults < --config TOML < flags.")
     p.add_argument("--config", type=Path, help="TOML file with [model] [data] [pipeline] [optim] [train] sections")
-    p.add_argument("--preset", help="model preset: tiny, small (default), gpt2, gpt2-medium")
+    p.add_argument("--preset", help="model preset: tiny, small (default), deep, gpt2, gpt2-medium")
+    p.add_argument("--vocab-size", type=int, help="BPE vocabulary trained on a text corpus (default 4096)")
     p.add_argument("--schedule", help=f"one of: {', '.join(schedules.REGISTRY)} (default paci)")
     p.add_argument("--stages", type=int, help="pipeline depth P (default: --nproc if given, else 4)")
     p.add_argument("--microbatches", type=int, help="micro-batches per mini-batch M (default 8)")
@@ -31,6 +32,9 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 8)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's context)")
     p.add_argument("--eval-every", type=int, help="optimizer steps between validation rounds (default 50)")
+    p.add_argument("--eval-batches", type=int, help="held-out micro-batches per validation round (default 8)")
+    p.add_argument("--threads", type=int, help="torch threads per process (default: the cores, split across "
+                                               "processes)")
     p.add_argument("--out", help="run directory (default runs/<schedule>-<time>); must not exist or be empty")
     p.add_argument("--split", help='stage split: "profile" (default: measure the units, then the exact DP), '
                                    '"uniform", or unit ranges like 0:3,3:6,6:10 (see paci partition)')
@@ -45,13 +49,13 @@ def add_train_parser(subparsers) -> None:
     p.set_defaults(func=train_command)
 
 
-_TRAIN_FLAGS = {"model": {"preset": "preset"}, "data": {"data": "path", "batch_size": "batch_size",
-                                                      "seq_len": "seq_len"},
+_TRAIN_FLAGS = {"model": {"preset": "preset", "vocab_size": "vocab_size"},
+                "data": {"data": "path", "batch_size": "batch_size", "seq_len": "seq_len"},
                 "pipeline": {"schedule": "schedule", "stages": "stages", "microbatches": "microbatches",
                              "accum": "accum", "nproc": "nproc", "port": "port", "timeout_s": "timeout_s",
                              "split": "split", "memory_per_stage": "memory_per_stage"},
                 "optim": {"lr": "lr"}, "train": {"steps": "steps", "seed": "seed", "eval_every": "eval_every",
-                                                 "out": "out"}}
+                                                 "eval_batches": "eval_batches", "threads": "threads", "out": "out"}}
 
 
 def train_command(args: argparse.Namespace) -> int:

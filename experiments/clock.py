@@ -1,0 +1,187 @@
+"""The calibrated clock: how long a schedule's steps take on a pipeline with one of this machine's
+cores per stage, and a check of that clock against real runs.
+
+Two cores cannot run eight stages of real compute at once (they would measure contention, not
+bubbles), so the P = 8 experiments time their runs with the simulator fed with costs measured
+here: every unit of the model profiled with one torch thread (a stage owns one core, as a stage
+owns one device on a real machine) for its forward, backward, input gradient (so a split
+backward's W = B - I) and AdamW step, at the micro-batch size in use; and the link between two
+processes measured over gloo (a ping-pong, fitted as latency + bytes / bandwidth).
+
+`check` runs real multi-process training at P = 2 (one thread per rank, so the two ranks own the
+two cores) for each schedule the experiments use, and compares the measured makespan with the
+clock's prediction for the same schedule, evaluation rounds included (target: within 5%).
+
+    .venv/bin/python experiments/clock.py check [--preset deep --vocab-size 1024 --microbatches 8]
+
+Cost: about 3 minutes (profiling, link probe, four 40-step runs of the `deep` preset at P = 2).
+Run it on a quiet machine: another process on these cores makes both sides of the check wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from paci import schedules
+from paci.ir import Op, Schedule, with_evaluation
+from paci.model import PRESETS, GPTConfig
+from paci.partition import partition, split_spec, stage_memory_model
+from paci.profiler import UnitProfile, profile_units, stage_costs
+from paci.runtime.launch import init_distributed, spawn
+from paci.sim import CostModel, simulate
+from paci.trace import OP_CODE
+
+LINK_SIZES = (4, 2**12, 2**15, 2**18, 2**20)  # bytes per message in the link probe
+LINK_REPEATS = 40
+
+
+def model_config(preset: str, vocab_size: int) -> GPTConfig:
+    return dataclasses.replace(PRESETS[preset], vocab_size=vocab_size)
+
+
+def unit_profiles(config: GPTConfig, batch_size: int, seq_len: int) -> list[UnitProfile]:
+    """The units profiled with one thread (cached by the profiler; the caller's thread count is restored)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return profile_units(config, batch_size, seq_len, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def profiled_split(config: GPTConfig, num_stages: int, batch_size: int, seq_len: int) -> list[tuple[int, int]]:
+    """The partitioner's split for 1F1B/PACI at this micro-batch size (no memory limit on CPU)."""
+    inflight, copies = stage_memory_model("1f1b", num_stages, num_stages)
+    return list(partition(unit_profiles(config, batch_size, seq_len), num_stages, inflight, copies).ranges)
+
+
+def clock_costs(config: GPTConfig, ranges: list[tuple[int, int]], batch_size: int, seq_len: int,
+                link: dict[str, float]) -> CostModel:
+    """The simulator's costs of this split at this micro-batch size, on the measured link."""
+    activation = batch_size * seq_len * config.n_embd * 4  # float32 hidden states between stages
+    return stage_costs(unit_profiles(config, batch_size, seq_len), ranges,
+                       message_bytes=[activation] * (len(ranges) - 1) + [0], latency=link["latency_s"],
+                       bandwidth=link["bandwidth_Bps"])
+
+
+def step_end_times(schedule: Schedule, costs: CostModel) -> list[float]:
+    """Seconds from the start until every stage has finished optimizer step k, for k = 1 .. steps."""
+    trace = simulate(schedule, costs).trace
+    ends = []
+    for stage in range(schedule.num_stages):
+        cols = trace.columns(stage)
+        ends.append(cols.end[cols.op == OP_CODE[Op.U]])
+    return np.max(np.stack(ends), axis=0).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# The link: a gloo ping-pong between two local processes
+
+
+def measure_link(sizes: tuple[int, ...] = LINK_SIZES, repeats: int = LINK_REPEATS) -> dict[str, float]:
+    """One-way time of a message of b bytes as latency + b / bandwidth: the latency is the smallest
+    message's time, the bandwidth what the largest message adds to it (medians of `repeats`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "link.json"
+        if spawn(_ping_pong, (sizes, repeats, str(out)), 2, threads=1) != 0:
+            raise RuntimeError("the link probe failed (see the rank errors above)")
+        one_way = json.loads(out.read_text())
+    extra = one_way[-1] - one_way[0]
+    return {"latency_s": one_way[0], "bandwidth_Bps": (sizes[-1] - sizes[0]) / extra if extra > 0 else math.inf,
+            "sizes": list(sizes), "one_way_s": one_way}
+
+
+def _ping_pong(payload: tuple[tuple[int, ...], int, str]) -> int:
+    sizes, repeats, out = payload
+    init_distributed(torch.device("cpu"), 60)
+    rank, peer = dist.get_rank(), 1 - dist.get_rank()
+    one_way = []
+    for size in sizes:
+        buf = torch.zeros(max(1, size // 4))
+        samples = []
+        for i in range(repeats + 5):
+            start = time.perf_counter()
+            if rank == 0:
+                dist.send(buf, peer)
+                dist.recv(buf, peer)
+            else:
+                dist.recv(buf, peer)
+                dist.send(buf, peer)
+            if i >= 5:
+                samples.append((time.perf_counter() - start) / 2)
+        one_way.append(float(np.median(samples)))
+    if rank == 0:
+        Path(out).write_text(json.dumps(one_way))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The check against real runs at P = 2
+
+
+CHECKED = ("1f1b", "gpipe", "zb-h1", "paci")
+
+
+def check(preset: str, vocab_size: int, microbatches: int, batch_size: int, steps: int, seq_len: int) -> list[dict]:
+    config = model_config(preset, vocab_size)
+    ranges = profiled_split(config, 2, batch_size, seq_len)
+    link = measure_link()
+    costs = clock_costs(config, ranges, batch_size, seq_len, link)
+    rows = []
+    for name in CHECKED:
+        predicted = simulate(with_evaluation(schedules.build(name, 2, microbatches, steps), steps, 1), costs)
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "paci", "train", "--nproc", "2", "--threads", "1", "--preset", preset,
+                   "--vocab-size", str(vocab_size), "--schedule", name, "--microbatches", str(microbatches),
+                   "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--steps", str(steps),
+                   "--eval-every", str(steps), "--eval-batches", "1", "--split", split_spec(ranges),
+                   "--out", str(Path(tmp) / "run"), "--json"]
+            summary = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+        measured = summary["measured_makespan_s"]
+        rows.append({"schedule": name, "measured_s": measured, "predicted_s": predicted.metrics.makespan,
+                     "ratio": measured / predicted.metrics.makespan})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["check", "link"])
+    parser.add_argument("--preset", default="deep")
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args()
+    if args.command == "link":
+        print(json.dumps(measure_link(), indent=1))
+        return
+    from common import machine  # benchmarks/common.py, on the path below
+
+    started = time.perf_counter()
+    rows = check(args.preset, args.vocab_size, args.microbatches, args.batch_size, args.steps, args.seq_len)
+    print(f"machine: {machine()}")
+    print(f"P = 2 processes x 1 thread, {args.preset} (vocab {args.vocab_size}), m = {args.microbatches} x "
+          f"({args.batch_size}x{args.seq_len} tokens), {args.steps} steps, gloo; wall {time.perf_counter() - started:.0f} s")
+    print("| schedule | measured makespan | clock's prediction | measured / predicted |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['schedule']} | {row['measured_s']:.2f} s | {row['predicted_s']:.2f} s | {row['ratio']:.3f} |")
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,456 @@
+"""Time to accuracy at P = 8: does PACI reach a target validation loss sooner than 1F1B-flush?
+
+The paper's headline (arXiv 2606.07881; GPT-2 Medium, 8 stages): PACI reaches a target
+perplexity up to 1.69x sooner than the fastest 1F1B-flush setting, 2.04x sooner than flush at the
+same number of micro-batches m. The same question at the scale two CPU cores allow:
+
+* Model and data: the `deep` GPT (8 layers, width 128, 1024-token BPE vocabulary), the embedded
+  corpus, P = 8 stages with one pinned split (profiled once on this machine, so that every run
+  shares the layers' grouping into stages), a global batch of 64 sequences x 64 tokens per step
+  cut into m micro-batches of 64/m, 400 steps, AdamW (warm-up 5%, cosine to 10%), validation on
+  the same 64 held-out sequences every 20 steps. Data are numbered by sequence, so every run sees
+  the same sequences in the same steps whatever m is.
+* Quality: exact single-process runs (the schedule alone fixes every weight version; the
+  multi-process runtime computes the same numbers bit for bit). 1F1B-flush is trained once, at
+  m = 8: GPipe, 1F1B-flush and ZB-H1 at any m compute the same updates (to float summation
+  order; tests/test_train.py), so, as the paper does, one trajectory is timed with each
+  schedule's clock. PACI (K = m) is trained at every m, because m sets its drift bound.
+* Time: the calibrated clock of experiments/clock.py, i.e. the simulator fed with per-op costs
+  profiled here with one thread per stage at each micro-batch size, and the gloo link measured
+  here. `clock.py check` compares it with real runs at P = 2.
+* Fairness: every schedule is judged at its own best peak learning rate from a sweep, and also at
+  flush's best. Headline cells get 3 seeds.
+
+    .venv/bin/python experiments/tta.py [--workers 2] [--quick]    # clock, cells, report
+    .venv/bin/python experiments/tta.py report                     # tables and plot from the cache
+
+Every finished cell is a small JSON file under experiments/results/tta/ (committed), so an
+interrupted study resumes where it stopped, in this session or the next. Cost of the full study:
+about 30 quality runs of 4-8 CPU-minutes each (m = 32 is the slowest), roughly 3 CPU-hours on
+the 2-core machine, plus about 2 minutes for the clock. --quick (tiny model, 4 stages, 12 steps)
+takes under a minute and is what CI runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "benchmarks"))
+
+
+@dataclass(frozen=True)
+class Setting:
+    preset: str
+    vocab_size: int
+    stages: int
+    splits: dict[int, str]  # P -> the pinned split ("uniform" or unit ranges)
+    global_batch: int  # sequences per optimizer step
+    seq_len: int
+    steps: int
+    eval_every: int
+    eval_sequences: int
+    microbatches: tuple[int, ...]  # m values; PACI runs with K = m
+    flush_m: int  # the m at which the flush trajectory is trained
+    lrs: tuple[float, ...]
+    seeds: tuple[int, ...]  # for the headline cells
+
+    def batch_size(self, m: int) -> int:
+        return self.global_batch // m
+
+    @property
+    def split(self) -> str:
+        return self.splits[self.stages]
+
+
+# The splits were profiled once on this machine (experiments/clock.py profiled_split, micro-batch 8x64)
+# and are pinned: which layers share a stage decides which weights a PACI backward sees.
+FULL = Setting(preset="deep", vocab_size=1024, stages=8,
+               splits={8: "0:3,3:5,5:7,7:10,10:12,12:14,14:16,16:18", 4: "0:5,5:10,10:14,14:18", 2: "0:10,10:18"},
+               global_batch=64, seq_len=64, steps=400, eval_every=20, eval_sequences=64,
+               microbatches=(4, 8, 16, 32), flush_m=8, lrs=(5e-4, 1e-3, 2e-3, 4e-3), seeds=(0, 1, 2))
+QUICK = Setting(preset="tiny", vocab_size=512, stages=4, splits={4: "uniform", 2: "uniform"}, global_batch=8, seq_len=32, steps=12,
+                eval_every=4, eval_sequences=8, microbatches=(2, 4), flush_m=4, lrs=(2e-3, 4e-3), seeds=(0, 1))
+SYNC = ("1f1b", "gpipe", "zb-h1")  # the synchronous schedules, all timed on the flush trajectory
+
+
+# ----------------------------------------------------------------------------------------------
+# Cells: one quality run each, cached as a JSON file
+
+
+@dataclass(frozen=True)
+class Cell:
+    schedule: str  # "1f1b" (the flush trajectory) or "paci"
+    m: int
+    lr: float
+    seed: int = 0
+    steps: int | None = None  # None: the setting's; more for the equal-budget runs
+    stages: int | None = None  # None: the setting's P
+
+    @property
+    def name(self) -> str:
+        extra = (f"-steps{self.steps}" if self.steps else "") + (f"-P{self.stages}" if self.stages else "")
+        return f"{self.schedule}-m{self.m}-lr{self.lr:g}-s{self.seed}{extra}"
+
+
+def run_cell(setting: Setting, cell: Cell, cache: Path, threads: int) -> dict:
+    """Train one cell (single process) and keep what the report needs: the evaluation curve."""
+    path = cache / "cells" / f"{cell.name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    b = setting.batch_size(cell.m)
+    steps = cell.steps or setting.steps
+    stages = cell.stages or setting.stages
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "paci", "train", "--preset", setting.preset, "--vocab-size",
+               str(setting.vocab_size), "--schedule", cell.schedule, "--stages", str(stages),
+               "--microbatches", str(cell.m), "--batch-size", str(b), "--seq-len", str(setting.seq_len),
+               "--steps", str(steps), "--lr", str(cell.lr), "--seed", str(cell.seed), "--split", setting.splits[stages],
+               "--eval-every", str(setting.eval_every), "--eval-batches", str(setting.eval_sequences // b),
+               "--threads", str(threads), "--out", str(Path(tmp) / "run"), "--json"]
+        started = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"cell {cell.name} failed:\n{done.stderr[-3000:]}")
+        summary = json.loads(done.stdout)
+        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    drift: dict[str, int] = {}
+    for record in records:
+        for delta, count in record.get("drift_histogram", {}).items():
+            drift[delta] = drift.get(delta, 0) + count
+    result = {**dataclasses.asdict(cell), "name": cell.name, "steps": steps, "stages": stages, "batch_size": b,
+              "eval": [[r["step"], round(r["val_loss"], 5)] for r in records if "val_loss" in r],
+              "train_loss": [round(r["loss"], 4) for r in records if "loss" in r],
+              "final_val_loss": summary["final_val_loss"], "max_drift": summary["max_drift"], "drift_histogram": drift,
+              "cpu_wall_s": round(time.perf_counter() - started, 1), "threads": threads}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_suffix(".tmp")
+    tmp_path.write_text(json.dumps(result) + "\n")
+    os.replace(tmp_path, path)
+    return result
+
+
+def load_cells(cache: Path) -> dict[str, dict]:
+    folder = cache / "cells"
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+
+
+def planned_cells(setting: Setting, done: dict[str, dict], clock: dict | None) -> list[Cell]:
+    """Every cell the study needs that is not cached yet, most important first. Cells that depend on
+    others (the best learning rates; with a clock, the equal-budget length) appear once those are known."""
+    sweep = [Cell("1f1b", setting.flush_m, lr) for lr in setting.lrs]
+    sweep += [Cell("paci", setting.flush_m, lr) for lr in setting.lrs]
+    sweep += [Cell("paci", m, lr) for m in setting.microbatches if m != setting.flush_m for lr in setting.lrs]
+    cells = [c for c in sweep if c.name not in done]
+    if cells:
+        return cells
+    flush_lr = best_lr(setting, done, "1f1b", setting.flush_m)
+    paci_m, paci_lr = best_paci(setting, done)
+    headline = [Cell("1f1b", setting.flush_m, flush_lr), Cell("paci", paci_m, paci_lr),
+                Cell("paci", paci_m, flush_lr)]
+    cells = [dataclasses.replace(c, seed=s) for c in headline for s in setting.seeds]
+    budget = setting.steps if clock is None else equal_budget_steps(setting, clock, paci_m)
+    if budget != setting.steps:
+        cells += [Cell("paci", paci_m, paci_lr, steps=budget), Cell("paci", paci_m, flush_lr, steps=budget)]
+    return [c for c in dict.fromkeys(cells) if c.name not in done]
+
+
+def final_loss(done: dict[str, dict], cell: Cell, seeds: tuple[int, ...] = (0,)) -> float:
+    values = [done[dataclasses.replace(cell, seed=s).name]["final_val_loss"] for s in seeds
+              if dataclasses.replace(cell, seed=s).name in done]
+    return sum(values) / len(values) if values else math.inf
+
+
+def best_lr(setting: Setting, done: dict[str, dict], schedule: str, m: int) -> float:
+    return min(setting.lrs, key=lambda lr: final_loss(done, Cell(schedule, m, lr)))
+
+
+def best_paci(setting: Setting, done: dict[str, dict]) -> tuple[int, float]:
+    """PACI's (m, lr) with the lowest final validation loss (seed 0)."""
+    return min(((m, lr) for m in setting.microbatches for lr in setting.lrs),
+               key=lambda c: final_loss(done, Cell("paci", *c)))
+
+
+def equal_budget_steps(setting: Setting, clock: dict, paci_m: int) -> int:
+    """Steps PACI at m takes in the time the fastest synchronous setting needs for the full run."""
+    fastest = min(step_time(clock, s, m, setting.steps) for s in SYNC for m in setting.microbatches)
+    period = step_time(clock, "paci", paci_m, setting.steps) / setting.steps
+    return int(fastest / period)
+
+
+# ----------------------------------------------------------------------------------------------
+# The clock: simulated time at which each optimizer step ends, per schedule and m
+
+
+def make_clock(setting: Setting, cache: Path) -> dict:
+    path = cache / "clock.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from clock import clock_costs, measure_link, model_config, step_end_times
+    from paci import schedules
+    from paci.partition import parse_split, uniform_split
+    from paci.model import num_units
+
+    config = model_config(setting.preset, setting.vocab_size)
+    n = num_units(config)
+    ranges = uniform_split(n, setting.stages) if setting.split == "uniform" else \
+        parse_split(setting.split, n, setting.stages)
+    link = measure_link()
+    clock = {"link": link, "split": setting.split, "steps": setting.steps, "costs": {}, "step_end_s": {}}
+    for m in setting.microbatches:
+        costs = clock_costs(config, ranges, setting.batch_size(m), setting.seq_len, link)
+        clock["costs"][str(m)] = {"forward_s": costs.forward, "backward_s": costs.backward,
+                                  "weight_s": costs.weight, "update_s": costs.update}
+        for name in (*SYNC, "paci"):
+            ends = step_end_times(schedules.build(name, setting.stages, m, setting.steps), costs)
+            clock["step_end_s"][f"{name}-m{m}"] = [round(t, 6) for t in ends]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(clock) + "\n")
+    return clock
+
+
+def step_time(clock: dict, schedule: str, m: int, step: float) -> float:
+    """Seconds until every stage has finished step `step` (fractional steps interpolate; beyond the
+    simulated run, the steady period of its second half extends it)."""
+    ends = clock["step_end_s"][f"{schedule}-m{m}"]
+    n = len(ends)
+    if step <= 0:
+        return 0.0
+    if step > n:
+        period = (ends[-1] - ends[n // 2 - 1]) / (n - n // 2)
+        return ends[-1] + (step - n) * period
+    low = int(math.floor(step))
+    before = ends[low - 1] if low >= 1 else 0.0
+    after = ends[min(low, n - 1)]
+    return before + (step - low) * (after - before)
+
+
+# ----------------------------------------------------------------------------------------------
+# Time to a target, and the report
+
+
+def crossing_step(curve: list[list[float]], target: float) -> float | None:
+    """The first (fractional) step at which the evaluation curve reaches `target`, interpolating
+    linearly between evaluations; None if it never does."""
+    for (s0, l0), (s1, l1) in zip(curve, curve[1:]):
+        if l1 <= target:
+            return s1 if l0 == l1 else s0 + (s1 - s0) * max(0.0, (l0 - target) / (l0 - l1))
+    return None
+
+
+def time_to(clock: dict, schedule: str, m: int, cell: dict, target: float) -> float | None:
+    step = crossing_step(cell["eval"], target)
+    return None if step is None else step_time(clock, schedule, m, step)
+
+
+@dataclass
+class Study:
+    setting: Setting
+    clock: dict
+    done: dict[str, dict]
+
+    def cell(self, schedule: str, m: int, lr: float, seed: int = 0, steps: int | None = None) -> dict | None:
+        return self.done.get(Cell(schedule, m, lr, seed, steps).name)
+
+    def flush_lr(self) -> float:
+        return best_lr(self.setting, self.done, "1f1b", self.setting.flush_m)
+
+    def fastest_sync(self, target: float, lr: float, seed: int = 0) -> tuple[float | None, str]:
+        """The fastest synchronous (schedule, m) to `target` on the flush trajectory at `lr`."""
+        cell = self.cell("1f1b", self.setting.flush_m, lr, seed)
+        options = [(time_to(self.clock, s, m, cell, target), f"{s} m={m}") for s in SYNC
+                   for m in self.setting.microbatches] if cell else []
+        reached = [o for o in options if o[0] is not None]
+        return min(reached) if reached else (None, "-")
+
+    def paci_time(self, m: int, lr: float, target: float, seed: int = 0, steps: int | None = None) -> float | None:
+        cell = self.cell("paci", m, lr, seed, steps)
+        return None if cell is None else time_to(self.clock, "paci", m, cell, target)
+
+    def targets(self) -> list[float]:
+        """The best final loss flush reaches (mean over seeds), and looser ones below the initial loss."""
+        flush = self.cell("1f1b", self.setting.flush_m, self.flush_lr())
+        best = final_loss(self.done, Cell("1f1b", self.setting.flush_m, self.flush_lr()), self.setting.seeds)
+        return [round(best + gap, 3) for gap in (1.0, 0.5, 0.2, 0.1, 0.05, 0.0) if best + gap < flush["eval"][0][1]]
+
+
+def _fmt(seconds: float | None) -> str:
+    return "not reached" if seconds is None else f"{seconds:.3g} s"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}x"
+
+
+def report(study: Study) -> list[str]:
+    st, clock = study.setting, study.clock
+    flush_lr = study.flush_lr()
+    paci_m, paci_lr = best_paci(st, study.done)
+    lines = [f"Setting: {st.preset} GPT (vocab {st.vocab_size}), P = {st.stages}, split {st.split}, "
+             f"{st.global_batch} x {st.seq_len} tokens per step, {st.steps} steps; lr sweep {list(st.lrs)}.",
+             f"Clock: one thread per stage, link latency {1e6 * clock['link']['latency_s']:.0f} us, "
+             f"bandwidth {clock['link']['bandwidth_Bps'] / 1e9:.2f} GB/s (gloo, two local processes).", ""]
+    lines += ["Calibrated time per step (steady state, s) and the bubble ceiling:", "",
+              "| m | micro-batch | " + " | ".join(SYNC) + " | paci | paci / fastest sync at this m | (m+P-1)/m |",
+              "|---|---|" + "---|" * (len(SYNC) + 3)]
+    for m in st.microbatches:
+        period = {s: step_time(clock, s, m, st.steps) / st.steps for s in (*SYNC, "paci")}
+        sync = min(period[s] for s in SYNC)
+        lines.append(f"| {m} | {st.batch_size(m)} x {st.seq_len} | " +
+                     " | ".join(f"{period[s]:.3f}" for s in SYNC) +
+                     f" | {period['paci']:.3f} | {sync / period['paci']:.2f}x | {(m + st.stages - 1) / m:.2f} |")
+    lines += ["", "Final validation loss after the full run, seed 0 (the learning-rate sweep):", "",
+              "| run | " + " | ".join(f"lr {lr:g}" for lr in st.lrs) + " |", "|---|" + "---|" * len(st.lrs)]
+    rows = [("1f1b", st.flush_m, "flush (any sync schedule, any m)")] + \
+           [("paci", m, f"paci K=m={m} (max Δ {max_drift(study, m)})") for m in st.microbatches]
+    for schedule, m, label in rows:
+        lines.append(f"| {label} | " + " | ".join(
+            f"{c['final_val_loss']:.3f}" if (c := study.cell(schedule, m, lr)) else "-" for lr in st.lrs) + " |")
+    lines += ["", f"Time to target validation loss, each at its best lr (flush {flush_lr:g}, "
+                  f"PACI m={paci_m} {paci_lr:g}); fastest sync setting named; seed 0:", "",
+              "| target | fastest sync | " + " | ".join(f"paci m={m}" for m in st.microbatches) +
+              f" | Speedup_best | Speedup_match (m={st.flush_m}) |", "|---|---|" + "---|" * (len(st.microbatches) + 2)]
+    for target in study.targets():
+        sync_t, sync_name = study.fastest_sync(target, flush_lr)
+        paci = {m: study.paci_time(m, best_lr(st, study.done, "paci", m), target) for m in st.microbatches}
+        match_sync = time_to(clock, "1f1b", st.flush_m, study.cell("1f1b", st.flush_m, flush_lr) or {"eval": []},
+                             target)
+        lines.append(f"| {target:.3f} | {_fmt(sync_t)} ({sync_name}) | " +
+                     " | ".join(_fmt(paci[m]) for m in st.microbatches) +
+                     f" | {_ratio(sync_t, paci[paci_m])} | {_ratio(match_sync, paci[st.flush_m])} |")
+    lines += headline(study, flush_lr, paci_m, paci_lr)
+    return lines
+
+
+def max_drift(study: Study, m: int) -> str:
+    cells = [c for c in study.done.values() if c["schedule"] == "paci" and c["m"] == m
+             and c["stages"] == study.setting.stages]
+    return str(cells[0]["max_drift"]) if cells else "?"
+
+
+def headline(study: Study, flush_lr: float, paci_m: int, paci_lr: float) -> list[str]:
+    """Mean ± std over seeds of the final loss, and the equal-wall-clock-budget comparison."""
+    st = study.setting
+    lines = ["", f"Headline cells over seeds {list(st.seeds)} (final validation loss, mean ± std):", "",
+             "| run | seeds | final val loss | gap to flush |", "|---|---|---|---|"]
+    flush = _seed_stats(study, "1f1b", st.flush_m, flush_lr)
+    for label, schedule, m, lr, steps in [(f"flush m={st.flush_m}, lr {flush_lr:g}", "1f1b", st.flush_m, flush_lr, None),
+                                          (f"paci m={paci_m}, lr {paci_lr:g} (its best)", "paci", paci_m, paci_lr, None),
+                                          (f"paci m={paci_m}, lr {flush_lr:g} (flush's best)", "paci", paci_m, flush_lr,
+                                           None)]:
+        stats = _seed_stats(study, schedule, m, lr, steps)
+        if stats is None:
+            continue
+        gap = "-" if flush is None or schedule == "1f1b" else f"{stats[0] - flush[0]:+.3f}"
+        lines.append(f"| {label} | {stats[2]} | {stats[0]:.3f} ± {stats[1]:.3f} | {gap} |")
+    steps = equal_budget_steps(st, study.clock, paci_m)
+    lines += ["", f"Equal wall-clock budget: PACI m={paci_m} gets the {steps} steps its speed buys in the time the "
+                  "fastest sync setting needs for the full run (seed 0):", "",
+              "| run | steps | final val loss | vs flush |", "|---|---|---|---|"]
+    if flush is not None:
+        lines.append(f"| flush, lr {flush_lr:g} | {st.steps} | {flush[0]:.3f} | |")
+    for lr in dict.fromkeys((paci_lr, flush_lr)):
+        c = study.cell("paci", paci_m, lr, 0, None if steps == st.steps else steps)
+        vs = "-" if flush is None or c is None else f"{c['final_val_loss'] - flush[0]:+.3f}"
+        lines.append(f"| paci m={paci_m}, lr {lr:g} | {steps} | "
+                     f"{'not run' if c is None else format(c['final_val_loss'], '.3f')} | {vs} |")
+    return lines
+
+
+def _seed_stats(study: Study, schedule: str, m: int, lr: float,
+                steps: int | None = None) -> tuple[float, float, int] | None:
+    values = [c["final_val_loss"] for s in study.setting.seeds if (c := study.cell(schedule, m, lr, s, steps))]
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std, len(values)
+
+
+def plot(study: Study, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st, clock = study.setting, study.clock
+    flush_lr = study.flush_lr()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    flush = study.cell("1f1b", st.flush_m, flush_lr)
+    _, name = study.fastest_sync(study.targets()[-1], flush_lr)
+    schedule, m = (name.split(" m=")[0], int(name.split(" m=")[1])) if name != "-" else ("1f1b", st.flush_m)
+    if flush:
+        ax.plot([step_time(clock, schedule, m, s) for s, _ in flush["eval"]], [l for _, l in flush["eval"]],
+                "k-", lw=2, label=f"fastest sync: {name} (lr {flush_lr:g})")
+    for m in st.microbatches:
+        lr = best_lr(st, study.done, "paci", m)
+        if (c := study.cell("paci", m, lr)):
+            ax.plot([step_time(clock, "paci", m, s) for s, _ in c["eval"]], [l for _, l in c["eval"]],
+                    label=f"paci K=m={m} (lr {lr:g})")
+    for c in study.done.values():
+        if c["schedule"] == "paci" and c["steps"] != st.steps and c["stages"] == st.stages:
+            ax.plot([step_time(clock, "paci", c["m"], s) for s, _ in c["eval"]], [l for _, l in c["eval"]], "--",
+                    label=f"paci m={c['m']} lr {c['lr']:g}, equal budget ({c['steps']} steps)")
+    ax.set_xlabel(f"calibrated wall-clock (s): P = {st.stages}, one core of this machine per stage")
+    ax.set_ylabel("validation loss")
+    ax.set_ylim(top=min(ax.get_ylim()[1], (flush["eval"][1][1] if flush and len(flush["eval"]) > 1 else 10)))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title("Time to accuracy: PACI against the fastest synchronous schedule")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", default="all", choices=["all", "clock", "cells", "report"])
+    parser.add_argument("--quick", action="store_true", help="tiny model, 4 stages, 12 steps: under a minute")
+    parser.add_argument("--cache", type=Path, help="results folder (default experiments/results/tta[-quick])")
+    parser.add_argument("--workers", type=int, default=2, help="quality runs at once, one thread each")
+    parser.add_argument("--plot", type=Path, help="PNG to write (default docs/figures/tta.png; quick: in the cache)")
+    args = parser.parse_args()
+    setting = QUICK if args.quick else FULL
+    cache = args.cache or HERE / "results" / ("tta-quick" if args.quick else "tta")
+    clock_file = cache / "clock.json"
+    clock = make_clock(setting, cache) if args.command in ("all", "clock") else \
+        json.loads(clock_file.read_text()) if clock_file.is_file() else None
+    if args.command in ("all", "cells"):  # without a clock yet, all but the equal-budget cells
+        run_study(setting, cache, clock, args.workers)
+    if args.command in ("all", "report"):
+        if clock is None:
+            raise SystemExit(f"no clock in {cache}: run `experiments/tta.py clock` first (on a quiet machine)")
+        study = Study(setting, clock, load_cells(cache))
+        print("\n".join(report(study)))
+        plot(study, args.plot or (cache / "tta.png" if args.quick else HERE.parent / "docs" / "figures" / "tta.png"))
+
+
+def run_study(setting: Setting, cache: Path, clock: dict | None, workers: int) -> None:
+    """Run the planned cells, `workers` at a time, until none is left; each is cached as it ends."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    while cells := planned_cells(setting, load_cells(cache), clock):
+        print(f"{len(cells)} cells to run: {', '.join(c.name for c in cells)}", flush=True)
+        with ThreadPoolExecutor(workers) as pool:
+            for result in pool.map(lambda c: run_cell(setting, c, cache, threads), cells[:workers * 2]):
+                print(f"  {result['name']}: final val loss {result['final_val_loss']:.3f} "
+                      f"({result['cpu_wall_s']:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

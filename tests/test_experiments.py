@@ -1,0 +1,38 @@
+"""Smoke tests of the experiments' quick modes: the whole pipeline (clock, cached cells, report, plot)
+runs end to end on the tiny setting, and a second run reuses every cached cell."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def _run(script: str, cache: Path) -> str:
+    done = subprocess.run([sys.executable, str(EXPERIMENTS / script), "--quick", "--cache", str(cache)],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.timeout(300)
+def test_time_to_accuracy_and_drift_quick_modes(tmp_path):
+    """tta.py --quick writes a clock, the cells and a report with every table; drift.py --quick adds its
+    cells to the same cache; rerunning tta.py trains nothing new."""
+    cache = tmp_path / "tta"
+    report = _run("tta.py", cache)
+    for heading in ("Calibrated time per step", "learning-rate sweep", "Time to target validation loss",
+                    "Headline cells", "Equal wall-clock budget"):
+        assert heading in report, report
+    assert (cache / "clock.json").is_file() and (cache / "tta.png").is_file()
+    cells = sorted(p.name for p in (cache / "cells").glob("*.json"))
+    assert "1f1b-m4-lr0.002-s0.json" in cells and "paci-m2-lr0.004-s0.json" in cells
+    drift = _run("drift.py", cache)
+    assert "| 4 | 1 | [3, 2, 1, 0] | [3, 2, 1, 0] |" in drift, drift  # K = 1: the bound is attained
+    assert (cache / "drift.png").is_file()
+    before = sorted(p.name for p in (cache / "cells").glob("*.json"))
+    again = _run("tta.py", cache)
+    assert "cells to run" not in again
+    assert sorted(p.name for p in (cache / "cells").glob("*.json")) == before

@@ -2,11 +2,14 @@
 
 Each rank runs the real Executor and DistTransport over the real schedule; only the compute is a
 sleep of the configured length. Rank 0 gathers the traces and compares the measured makespan
-with the simulator's prediction from the measured per-op means and link latency.
+with the simulator's prediction from the measured per-op means and link latency. When the sleeps
+come from a cost model (e.g. a real model's profiled per-stage costs, `synthetic_costs`), it also
+reports that model's prediction: what the simulator said before anything ran.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +24,11 @@ from paci.sim import CostModel, simulate
 from paci.trace import Trace
 
 
+def synthetic_costs(costs: CostModel, activation_shape: Sequence[int]) -> SyntheticCosts:
+    """Sleeping stages whose F, B, W (so I = B - W) and U take a cost model's per-stage times, read as seconds."""
+    return SyntheticCosts(costs.forward, costs.backward, costs.update, tuple(activation_shape), costs.weight)
+
+
 @dataclass(frozen=True)
 class RuntimeBench:
     schedule: str
@@ -30,8 +38,21 @@ class RuntimeBench:
     accumulation: int | None
     costs: SyntheticCosts
     timeout_s: float = 60.0
+    planned: CostModel | None = None  # the cost model the sleeps came from: its prediction is reported too
+
+    @classmethod
+    def from_cost_model(cls, schedule: str, num_microbatches: int, num_steps: int, accumulation: int | None,
+                        costs: CostModel, activation_shape: Sequence[int], timeout_s: float = 60.0) -> RuntimeBench:
+        """A bench at the cost model's depth whose stages sleep its per-stage times."""
+        return cls(schedule, costs.num_stages, num_microbatches, num_steps, accumulation,
+                   synthetic_costs(costs, activation_shape), timeout_s, costs)
 
     def build(self):
+        """The schedule; ValueError for bad sizes or costs for another depth, before any process starts."""
+        for stages in (self.costs.num_stages, self.planned and self.planned.num_stages):
+            if stages not in (None, self.num_stages):
+                raise ValueError(f"the costs are for {stages} stages, the bench has {self.num_stages}; "
+                                 "give one time per stage")
         return schedules.build(self.schedule, self.num_stages, self.num_microbatches, self.num_steps,
                                self.accumulation)
 
@@ -59,14 +80,16 @@ def run_bench_rank(bench: RuntimeBench) -> dict | None:
     if gathered is None:
         return None
     trace, _ = gathered
-    return summarize(schedule, trace)
+    return summarize(schedule, trace, bench.planned)
 
 
-def summarize(schedule, trace: Trace) -> dict:
+def summarize(schedule, trace: Trace, planned: CostModel | None = None) -> dict:
+    """Measured makespan, throughput and bubble beside the simulator's prediction from the
+    measured op means (and, with `planned`, from the cost model the run was set up with)."""
     measured = trace.metrics()
     costs = CostModel.from_trace(trace)
     predicted = simulate(schedule, costs).metrics
-    return {"schedule": schedule.name, "num_stages": schedule.num_stages,
+    result = {"schedule": schedule.name, "num_stages": schedule.num_stages,
             "num_microbatches": schedule.num_microbatches, "accumulation": schedule.accumulation,
             "measured_makespan_s": measured.makespan, "predicted_makespan_s": predicted.makespan,
             "makespan_ratio": measured.makespan / predicted.makespan,
@@ -75,3 +98,8 @@ def summarize(schedule, trace: Trace) -> dict:
             "predicted_bubble_fraction": predicted.bubble_fraction, "link_latency_s": costs.latency,
             "mean_forward_s": sum(costs.forward) / len(costs.forward),
             "mean_backward_s": sum(costs.backward) / len(costs.backward)}
+    if planned is not None:
+        plan = simulate(schedule, planned).metrics
+        result.update(planned_makespan_s=plan.makespan, planned_throughput_mb_per_s=plan.throughput,
+                      planned_ratio=measured.makespan / plan.makespan)
+    return result

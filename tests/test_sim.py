@@ -3,6 +3,8 @@
 If one fails, check paci/sim/engine.py (timing) and paci/trace.py (metrics) before the builders.
 """
 
+import dataclasses
+import json
 import math
 
 import pytest
@@ -133,3 +135,15 @@ def test_parse_costs_rejects_malformed(text):
     """--costs accepts F,B or F,B,W positive numbers with W <= B only."""
     with pytest.raises(ValueError):
         parse_costs(text, 2)
+
+
+def test_cost_model_round_trips_through_json():
+    """as_dict -> JSON -> from_dict gives the same cost model (per-stage times, bytes, link, unit)."""
+    costs = dataclasses.replace(CostModel.per_stage(3, [1.0, 2.0, 3.0], 4.0, weight=[1.0, 2.0, 3.0], update=0.5,
+                                                    latency=0.1, message_bytes=8.0, static_bytes=[1, 2, 3]),
+                                time_unit="s")
+    assert CostModel.from_dict(json.loads(json.dumps(costs.as_dict()))) == costs
+    with pytest.raises(ValueError, match="unknown cost-model keys"):
+        CostModel.from_dict({"forward": [1.0], "backward": [2.0], "forwards": [1.0]})
+    with pytest.raises(ValueError, match="needs per-stage 'forward' and 'backward'"):
+        CostModel.from_dict({"forward": [1.0]})

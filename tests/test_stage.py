@@ -8,13 +8,16 @@ import gc
 import numpy as np
 import pytest
 import torch
-from pipeline_helpers import SEED, TINY, feed, make_stages, reference_training, stage_parameters
+from pipeline_helpers import BATCH, SEED, TINY, feed, make_stages, reference_training, stage_parameters
 from torch import nn
 from torch.nn import functional as F
 
 from paci.ir import WeightPolicy, with_evaluation
-from paci.model import GPT
+from paci.model import GPT, num_units
+from paci.partition import uniform_split
+from paci.profiler import profile_units, stage_costs
 from paci.runtime.executor import run_local
+from paci.runtime.memory import StageMemory
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.runtime.transport import LocalTransport
 from paci.schedules import REGISTRY, build
@@ -137,3 +140,47 @@ def test_stashed_backward_reads_forward_time_weights():
     torch.testing.assert_close(input_grad, stale, rtol=1e-5, atol=1e-6)
     assert not np.allclose(input_grad.numpy(), live.numpy(), atol=1e-4)
     assert copies >= 2  # both Linear weights of version 0 are stashed: the memory probe sees them
+
+
+# ----------------------------------------------------------------------------------------------
+# memory accounting: the stage's own bytes against the simulator's prediction
+
+
+def _run_measured(schedule):
+    """Run `schedule` with a StageMemory per stage, sampled after every action."""
+    pipeline = make_stages(schedule)
+    meters = [StageMemory(stage) for stage in pipeline]
+    samples = [[] for _ in pipeline]
+    run_local(pipeline, schedule, LocalTransport(), lambda stage, _: samples[stage.index].append(
+        meters[stage.index].sample()))
+    return pipeline, meters, samples
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_memory_meter_changes_no_number(name):
+    """With the saved-tensor hooks installed every parameter ends bit-identical, and every saved
+    activation is released once its backward has run."""
+    schedule = build(name, 3, 4, 3)
+    reference = make_stages(schedule)
+    run_local(reference, schedule, LocalTransport())
+    pipeline, meters, _ = _run_measured(schedule)
+    assert all(torch.equal(a, b) for a, b in zip(stage_parameters(pipeline), stage_parameters(reference)))
+    assert all(meter.saved.bytes == 0 for meter in meters)
+    meters[0].close()
+    assert pipeline[0].saved_tensors_hooks is None
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_measured_peak_bytes_equal_the_simulators(name):
+    """Per stage, the largest static bytes plus the peak of saved activations + weight copies, counted
+    from the stage's own tensors, equal the simulator's peak fed with the profiled bytes; except that
+    stage 0's token ids are a view of a (batch, T+1) tensor, whose extra column it keeps alive."""
+    schedule = build(name, 3, 4, 3)
+    profiles = profile_units(TINY, BATCH, TINY.block_size, "cpu", repeats=1, warmup=0, cache=False)
+    costs = stage_costs(profiles, uniform_split(num_units(TINY), 3))
+    predicted = simulate(schedule, costs)
+    _, _, samples = _run_measured(schedule)
+    measured = [max(s.weights + s.gradients + s.optimizer for s in taken) + max(s.activations + s.stash for s in taken)
+                for taken in samples]
+    token_column = predicted.metrics.per_stage[0].peak_inflight * BATCH * 8  # int64 ids
+    assert measured == [predicted.peak_bytes[0] + token_column, *predicted.peak_bytes[1:]]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from paci import schedules
+from paci.sim import CostModel
 
 
 def add_bench_parser(subparsers) -> None:
@@ -22,9 +24,13 @@ def add_bench_parser(subparsers) -> None:
     r.add_argument("--microbatches", type=int, default=8, help="micro-batches per mini-batch M (default 8)")
     r.add_argument("--accum", type=int, help="K for paci/2bw (default M)")
     r.add_argument("--steps", type=int, default=8, help="mini-batches to run (default 8)")
-    r.add_argument("--f-ms", type=float, default=20.0, help="forward time per micro-batch, ms (default 20)")
-    r.add_argument("--b-ms", type=float, default=40.0, help="backward time per micro-batch, ms (default 40)")
-    r.add_argument("--u-ms", type=float, default=0.0, help="optimizer step time, ms (default 0)")
+    r.add_argument("--f-ms", type=float, help="forward time per micro-batch, ms (default 20)")
+    r.add_argument("--b-ms", type=float, help="backward time per micro-batch, ms (default 40; W = B/2)")
+    r.add_argument("--u-ms", type=float, help="optimizer step time, ms (default 0)")
+    r.add_argument("--costs", type=Path, metavar="FILE",
+                   help="per-stage times from a cost-model JSON in seconds (keys forward, backward and optionally "
+                        "weight, update; e.g. a profiled split's costs), instead of --f-ms/--b-ms/--u-ms; the "
+                        "result then also shows that model's prediction")
     r.add_argument("--activation-mib", type=float, default=1.0,
                    help="size of each activation/gradient message in MiB (default 1)")
     r.add_argument("--json", action="store_true", help="print one JSON object")
@@ -38,11 +44,36 @@ def bench_command(args: argparse.Namespace) -> int:
 
     if args.activation_mib <= 0:
         raise ValueError(f"--activation-mib must be > 0, got {args.activation_mib}")
-    floats = max(1, round(args.activation_mib * 2**20 / 4))
-    bench = RuntimeBench(args.schedule, args.stages, args.microbatches, args.steps, args.accum,
-                         SyntheticCosts(args.f_ms / 1e3, args.b_ms / 1e3, args.u_ms / 1e3, (floats,)))
+    shape = (max(1, round(args.activation_mib * 2**20 / 4)),)
+    if args.costs is not None:
+        if any(v is not None for v in (args.f_ms, args.b_ms, args.u_ms)):
+            raise ValueError("--costs gives every op time; leave out --f-ms, --b-ms and --u-ms")
+        bench = RuntimeBench.from_cost_model(args.schedule, args.microbatches, args.steps, args.accum,
+                                             _read_costs(args.costs), shape)
+        if bench.num_stages != args.stages:
+            raise ValueError(f"{args.costs} has costs for {bench.num_stages} stages; pass --stages {bench.num_stages}")
+    else:
+        costs = SyntheticCosts(_ms(args.f_ms, 20.0), _ms(args.b_ms, 40.0), _ms(args.u_ms, 0.0), shape)
+        bench = RuntimeBench(args.schedule, args.stages, args.microbatches, args.steps, args.accum, costs)
     bench.build()  # bad sizes fail here, before any process starts
     return spawn(_bench_rank, (bench, args.json), args.stages, threads=1)
+
+
+def _ms(value: float | None, default: float) -> float:
+    return (default if value is None else value) / 1e3
+
+
+def _read_costs(path: Path) -> CostModel:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--costs {path}: cannot read a JSON cost model ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--costs {path}: expected a JSON object with per-stage 'forward' and 'backward' lists")
+    try:
+        return CostModel.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--costs {path}: {exc}") from None
 
 
 def _bench_rank(payload) -> int:
@@ -58,5 +89,8 @@ def _bench_rank(payload) -> int:
                   f"K={result['accumulation']} | measured {result['measured_makespan_s']:.3f} s, predicted "
                   f"{result['predicted_makespan_s']:.3f} s (ratio {result['makespan_ratio']:.3f}) | "
                   f"{result['throughput_mb_per_s']:.2f} mb/s | bubble {result['bubble_fraction']:.1%}")
+            if "planned_makespan_s" in result:
+                print(f"the cost model predicted {result['planned_makespan_s']:.3f} s "
+                      f"(measured/predicted {result['planned_ratio']:.3f})")
         sys.stdout.flush()
     return 0

@@ -14,6 +14,7 @@ weights taken at forward time, one copy per distinct version still in flight.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +83,8 @@ class Stage:
         self.eval_losses: dict[int, float] = {}  # eval index -> loss (last stage)
         self._inflight: dict[int, _InFlight] = {}
         self._stash = Stash()
+        # memory accounting (paci.runtime.memory): (pack, unpack) entered around every training forward
+        self.saved_tensors_hooks: tuple[Callable, Callable] | None = None
         self._params = dict(self.module.named_parameters())
         self._shadows = {name: nn.Parameter(p.data) for name, p in self._params.items()}
         decay = [s for s in self._shadows.values() if s.dim() >= 2]
@@ -98,11 +101,13 @@ class Stage:
         """F(mb): run the stage with the weights as they are now; keep what backward needs."""
         inputs, targets = self.train_batch(mb) if (self.is_first or self.is_last) else (None, None)
         x = inputs.to(self.device) if self.is_first else received.requires_grad_()
-        output = self._run(x, self._stash_acquire() if self.policy is WeightPolicy.STASHED else None)
-        if self.is_last:
-            loss = lm_loss(output, targets.to(self.device))
-            self.losses[mb] = loss.detach()
-            output = loss * self.loss_scale
+        hooks = self.saved_tensors_hooks
+        with torch.autograd.graph.saved_tensors_hooks(*hooks) if hooks else contextlib.nullcontext():
+            output = self._run(x, self._stash_acquire() if self.policy is WeightPolicy.STASHED else None)
+            if self.is_last:
+                loss = lm_loss(output, targets.to(self.device))
+                self.losses[mb] = loss.detach()
+                output = loss * self.loss_scale
         self._inflight[mb] = _InFlight(None if self.is_first else x, output, self.version)
         return None if self.is_last else output.detach()
 
@@ -199,6 +204,11 @@ class Stage:
     def stash_size(self) -> int:
         """Weight copies held right now (stashed policy)."""
         return len(self._stash.tensors)
+
+    @property
+    def stashed_weights(self) -> list[torch.Tensor]:
+        """The tensors of the weight copies held right now (stashed policy), for memory accounting."""
+        return [t for copy in self._stash.tensors.values() for t in copy.values()]
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),

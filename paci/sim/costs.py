@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from paci.ir import Op
 from paci.trace import OP_CODE, Trace
@@ -66,6 +66,30 @@ class CostModel:
                    float(latency), float(bandwidth), _per_stage(message_bytes, n, "message_bytes"),
                    _per_stage(static_bytes, n, "static_bytes"), _per_stage(activation_bytes, n, "activation_bytes"),
                    _per_stage(weight_bytes, n, "weight_bytes"))
+
+    def as_dict(self) -> dict:
+        """Every field by name, per-stage values as lists: what `from_dict` reads back."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CostModel:
+        """A cost model from `as_dict`'s keys (e.g. a JSON file): per-stage forward and backward
+        times are required, the rest default as in `per_stage`; scalars apply to every stage."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown cost-model keys {unknown}; the keys are {sorted(known)}")
+        if "forward" not in data or "backward" not in data:
+            raise ValueError("a cost model needs per-stage 'forward' and 'backward' times, e.g. "
+                             '{"forward": [0.01, 0.01], "backward": [0.02, 0.02]}')
+        forward = data["forward"]
+        num_stages = 1 if isinstance(forward, (int, float)) else len(forward)
+        options = {k: v for k, v in data.items() if k not in ("forward", "time_unit")}
+        return replace(cls.per_stage(num_stages, forward, **options), time_unit=data.get("time_unit", "units"))
 
     def transfer(self, stage: int) -> float:
         """Time for stage `stage`'s output activation (or the gradient of it) to cross one link."""

@@ -198,7 +198,7 @@ def make_clock(setting: Setting, cache: Path) -> dict:
     path = cache / "clock.json"
     if path.is_file():
         return json.loads(path.read_text())
-    from clock import clock_costs, measure_link, model_config, step_end_times
+    from clock import check, clock_costs, measure_link, model_config, step_end_times
     from paci import schedules
     from paci.partition import parse_split, uniform_split
     from paci.model import num_units
@@ -208,9 +208,14 @@ def make_clock(setting: Setting, cache: Path) -> dict:
     ranges = uniform_split(n, setting.stages) if setting.split == "uniform" else \
         parse_split(setting.split, n, setting.stages)
     link = measure_link()
-    clock = {"link": link, "split": setting.split, "steps": setting.steps, "costs": {}, "step_end_s": {}}
+    # the calibration: real P = 2 runs of this model (skipped in quick mode, which only smoke-tests)
+    checked = [] if setting is QUICK else check(setting.preset, setting.vocab_size, setting.flush_m,
+                                                 setting.batch_size(setting.flush_m), 40, setting.seq_len, link)
+    scale = checked[0]["scale"] if checked else 1.0
+    clock = {"link": link, "split": setting.split, "steps": setting.steps, "scale": scale, "check": checked,
+             "costs": {}, "step_end_s": {}}
     for m in setting.microbatches:
-        costs = clock_costs(config, ranges, setting.batch_size(m), setting.seq_len, link)
+        costs = clock_costs(config, ranges, setting.batch_size(m), setting.seq_len, link, scale)
         clock["costs"][str(m)] = {"forward_s": costs.forward, "backward_s": costs.backward,
                                   "weight_s": costs.weight, "update_s": costs.update}
         for name in (*SYNC, "paci"):
@@ -301,7 +306,14 @@ def report(study: Study) -> list[str]:
     lines = [f"Setting: {st.preset} GPT (vocab {st.vocab_size}), P = {st.stages}, split {st.split}, "
              f"{st.global_batch} x {st.seq_len} tokens per step, {st.steps} steps; lr sweep {list(st.lrs)}.",
              f"Clock: one thread per stage, link latency {1e6 * clock['link']['latency_s']:.0f} us, "
-             f"bandwidth {clock['link']['bandwidth_Bps'] / 1e9:.2f} GB/s (gloo, two local processes).", ""]
+             f"bandwidth {clock['link']['bandwidth_Bps'] / 1e9:.2f} GB/s (gloo, two local processes); profiled "
+             f"compute times x {clock['scale']:.3f}, the calibration below.", ""]
+    if clock["check"]:
+        from clock import check_table
+
+        lines += ["The clock against real runs at P = 2 (one thread per rank, 40 steps, m = "
+                  f"{st.flush_m}); the factor is 1F1B's measured / predicted, the other rows test it:", "",
+                  *check_table(clock["check"]), ""]
     lines += ["Calibrated time per step (steady state, s) and the bubble ceiling:", "",
               "| m | micro-batch | " + " | ".join(SYNC) + " | paci | paci / fastest sync at this m | (m+P-1)/m |",
               "|---|---|" + "---|" * (len(SYNC) + 3)]

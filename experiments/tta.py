@@ -80,7 +80,7 @@ class Setting:
 FULL = Setting(preset="deep", vocab_size=1024, stages=8,
                splits={8: "0:3,3:5,5:7,7:10,10:12,12:14,14:16,16:18", 4: "0:5,5:10,10:14,14:18", 2: "0:10,10:18"},
                global_batch=64, seq_len=64, steps=400, eval_every=20, eval_sequences=64,
-               microbatches=(4, 8, 16, 32), flush_m=8, lrs=(5e-4, 1e-3, 2e-3, 4e-3), seeds=(0, 1, 2))
+               microbatches=(4, 8, 16, 32), flush_m=8, lrs=(2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3), seeds=(0, 1, 2))
 QUICK = Setting(preset="tiny", vocab_size=512, stages=4, splits={4: "uniform", 2: "uniform"}, global_batch=8, seq_len=32, steps=12,
                 eval_every=4, eval_sequences=8, microbatches=(2, 4), flush_m=4, lrs=(2e-3, 4e-3), seeds=(0, 1))
 SYNC = ("1f1b", "gpipe", "zb-h1")  # the synchronous schedules, all timed on the flush trajectory
@@ -162,7 +162,9 @@ def planned_cells(setting: Setting, done: dict[str, dict], clock: dict | None) -
             cells += [Cell("paci", m, paci_lr, steps=budget), Cell("paci", m, flush_lr, steps=budget)]
         # diagnosis: 2BW has PACI's drift but stashed weights, so it splits PACI's gap into delay and inconsistency
         cells += [Cell("2bw", m, lr) for lr in dict.fromkeys((paci_lr, flush_lr))]
-    cells += [Cell("paci", k, lr) for k in setting.microbatches if k != m for lr in setting.lrs]
+        # the other m: the learning rates within a factor 2 of PACI's best at m
+        near = [lr for lr in setting.lrs if paci_lr / 2 <= lr <= 2 * paci_lr]
+        cells += [Cell("paci", k, lr) for k in setting.microbatches if k != m for lr in near]
     return [c for c in dict.fromkeys(cells) if c.name not in done]
 
 

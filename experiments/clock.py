@@ -193,7 +193,7 @@ def main() -> None:
     if args.command == "link":
         print(json.dumps(measure_link(), indent=1))
         return
-    from common import machine  # benchmarks/common.py, on the path below
+    from common import machine
 
     started = time.perf_counter()
     rows = check(args.preset, args.vocab_size, args.microbatches, args.batch_size, args.steps, args.seq_len,
@@ -203,8 +203,6 @@ def main() -> None:
           f"({args.batch_size}x{args.seq_len} tokens), {args.steps} steps, gloo; wall {time.perf_counter() - started:.0f} s")
     print("\n".join(check_table(rows)))
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 if __name__ == "__main__":
     main()

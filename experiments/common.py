@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from paci.files import write_text
+from paci.files import atomic_write, write_text
 
 
 def machine() -> str:
@@ -27,6 +27,15 @@ def machine() -> str:
     except OSError:
         pass
     return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as a PNG, atomically (complete or absent), and close it."""
+    import matplotlib.pyplot as plt
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
 
 
 def cpu_seconds() -> float:

@@ -2,7 +2,8 @@
 
 At stage s of a P-stage PACI pipe a backward crosses at most ⌈(P−1−s)/K⌉ optimizer steps. Two
 sweeps on the time-to-accuracy setting (experiments/tta.py: the `deep` GPT, 64 x 64 tokens per
-step, 400 steps), at the learning rate that is best for 1F1B-flush there:
+step, 400 steps), at the learning rate that is best for PACI at m = 8 there, against 1F1B-flush at
+the same learning rate (so the gap is the drift's alone):
 
 * K in {1, 2, 4, 8, 16, 32} at P = 8, with K = m: the global batch is cut into K micro-batches,
   so every optimizer step sees the same 64 sequences as flush's (K = 1 is naive async 1F1B);
@@ -15,8 +16,8 @@ validation loss minus flush's.
     .venv/bin/python experiments/drift.py [--quick]
 
 It shares tta.py's cache (experiments/results/tta/): cells already run there are reused and the
-new ones (K = 1, 2 at P = 8; P = 2, 4) are added to it, about 20 CPU-minutes. --quick: the tiny
-setting, under a minute.
+new ones (K = 1, 2, 16, 32 at P = 8 and P = 2, 4, at most six) are added to it, about 30
+CPU-minutes. --quick: the tiny setting, under a minute.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from common import save_figure  # noqa: E402
 from tta import FULL, QUICK, Cell, Setting, best_lr, load_cells, run_cell  # noqa: E402
 
 from paci import schedules  # noqa: E402
@@ -55,7 +57,8 @@ def drift_per_stage(num_stages: int, k: int, steps: int) -> list[int]:
 
 def table(setting: Setting, lr: float, done: dict[str, dict]) -> list[str]:
     flush = done.get(Cell("1f1b", setting.flush_m, lr).name)
-    lines = [f"PACI (K = m) against 1F1B-flush at lr {lr:g} (flush's best), {setting.steps} steps, seed 0; "
+    lines = [f"PACI (K = m) against 1F1B-flush at lr {lr:g} (PACI's best at m = {setting.flush_m}), "
+             f"{setting.steps} steps, seed 0; "
              f"flush ends at {flush['final_val_loss']:.3f}." if flush else "flush not run yet", "",
              "| P | K | bound ⌈(P−1−s)/K⌉, s = 0..P−1 | largest Δ per stage | mean Δ | final val loss | gap to flush |",
              "|---|---|---|---|---|---|---|"]
@@ -99,10 +102,7 @@ def plot(setting: Setting, lr: float, done: dict[str, dict], path: Path) -> None
     ax.set_ylabel("final val loss − flush's")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -115,12 +115,12 @@ def main() -> None:
     setting = QUICK if args.quick else FULL
     cache = args.cache or HERE / "results" / ("tta-quick" if args.quick else "tta")
     done = load_cells(cache)
-    flush_cells = [Cell("1f1b", setting.flush_m, lr) for lr in setting.lrs]
-    missing = [c for c in flush_cells if c.name not in done]
+    sweep = [Cell(name, setting.flush_m, lr) for name in ("1f1b", "paci") for lr in setting.lrs]
+    missing = [c for c in sweep if c.name not in done]
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     with ThreadPoolExecutor(args.workers) as pool:
-        list(pool.map(lambda c: run_cell(setting, c, cache, threads), missing))  # flush's lr sweep first
-        lr = best_lr(setting, load_cells(cache), "1f1b", setting.flush_m)
+        list(pool.map(lambda c: run_cell(setting, c, cache, threads), missing))  # tta's m = 8 sweep first
+        lr = best_lr(setting, load_cells(cache), "paci", setting.flush_m)
         todo = [cell for _, _, cell in cells(setting, lr) if cell.name not in load_cells(cache)]
         for result in pool.map(lambda c: run_cell(setting, c, cache, threads), todo):
             print(f"  {result['name']}: final val loss {result['final_val_loss']:.3f}", flush=True)

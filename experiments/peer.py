@@ -59,6 +59,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from common import machine, save_figure
 from paci import schedules
 from paci.files import write_text
 from paci.ir import Message, Op
@@ -464,15 +465,7 @@ def plot(rows: list[Row], path: Path, title: str) -> None:
     ax.set_ylabel("tokens / s (median over repeats)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 "unknown CPU")
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------

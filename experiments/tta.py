@@ -48,7 +48,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "benchmarks"))
+
+from common import save_figure  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -419,10 +420,7 @@ def plot(study: Study, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     ax.set_title("Time to accuracy: PACI against the fastest synchronous schedule")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------

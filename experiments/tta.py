@@ -163,9 +163,13 @@ def planned_cells(setting: Setting, done: dict[str, dict], clock: dict | None) -
             cells += [Cell("paci", m, paci_lr, steps=budget), Cell("paci", m, flush_lr, steps=budget)]
         # diagnosis: 2BW has PACI's drift but stashed weights, so it splits PACI's gap into delay and inconsistency
         cells += [Cell("2bw", m, lr) for lr in dict.fromkeys((paci_lr, flush_lr))]
-        # the other m: the learning rates within a factor 2 of PACI's best at m
-        near = [lr for lr in setting.lrs if paci_lr / 2 <= lr <= 2 * paci_lr]
-        cells += [Cell("paci", k, lr) for k in setting.microbatches if k != m for lr in near]
+        # the other m: the rates within a factor 2 of the best found for that m (before any run, of
+        # the best at the nearest smaller m), until that best is not at the edge of what was run
+        best = paci_lr
+        for k in sorted(k for k in setting.microbatches if k != m):
+            run = [lr for lr in setting.lrs if Cell("paci", k, lr).name in done]
+            best = min(run, key=lambda lr: final_loss(done, Cell("paci", k, lr))) if run else best
+            cells += [Cell("paci", k, lr) for lr in setting.lrs if best / 2 <= lr <= 2 * best]
     return [c for c in dict.fromkeys(cells) if c.name not in done]
 
 

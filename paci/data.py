@@ -34,6 +34,7 @@ same sequences however many micro-batches it is cut into (so runs at different M
 sequence, so an evaluation of E sequences is the same E windows at any batch size.
 """
 
+import functools
 import gzip
 import hashlib
 import importlib.resources
@@ -182,8 +183,10 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+@functools.cache
 def _spreading_stride(count: int) -> int:
-    """The integer nearest 0.618 * count (the golden ratio's fraction) that is coprime to count."""
+    """The integer nearest 0.618 * count (the golden ratio's fraction) that is coprime to count;
+    cached, since every validation batch of a split asks for the same one."""
     target = round(count * (math.sqrt(5) - 1) / 2)
     return min((s for s in range(1, count + 1) if math.gcd(s, count) == 1), key=lambda s: (abs(s - target), s))
 

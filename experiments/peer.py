@@ -193,12 +193,7 @@ def torch_step(schedule, rank: int, inputs: torch.Tensor, targets: torch.Tensor,
 
 def torch_optimizer(module: nn.Module, spec: OptimizerSpec):
     """AdamW and LR schedule set up as paci's Stage sets them up."""
-    params = list(module.parameters())
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": spec.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=spec.lr, betas=spec.betas, eps=spec.eps, foreach=False)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: spec.lr_at(step) / spec.lr)
+    return spec.build(list(module.parameters()))
 
 
 def time_theirs(work: Work, name: str, num_microbatches: int, rank: int) -> list[float]:

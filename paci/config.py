@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from paci.model import PRESETS
+from paci.runtime.stage import COMPENSATIONS, OPTIMIZERS
 from paci.schedules import REGISTRY
 
 
@@ -77,6 +78,9 @@ class OptimConfig:
     weight_decay: float = 0.1
     warmup_steps: int | None = None  # default: 5% of the optimizer steps
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    optimizer: str = "adamw"  # "adamw" or "nadamw" (Adam with Nesterov momentum, decoupled weight decay)
+    beta1: float = 0.9  # first-moment decay
+    compensate: str = "none"  # stash-free correction for delayed gradients: none, pipemare, nesterov
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -85,6 +89,12 @@ class OptimConfig:
             raise ValueError("weight_decay must be >= 0 and min_lr_ratio in [0, 1]")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.beta1 < 1:
+            raise ValueError(f"--beta1 must be in [0, 1), got {self.beta1}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown --optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.compensate not in COMPENSATIONS:
+            raise ValueError(f"unknown --compensate {self.compensate!r}; choose one of: {', '.join(COMPENSATIONS)}")
 
 
 @dataclass

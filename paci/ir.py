@@ -221,6 +221,11 @@ def stage_versions(schedule: Schedule, stage: int) -> Iterator[tuple[int, int, i
             yield action.microbatch, forward_version.pop(action.microbatch), version
 
 
+def stage_delay(schedule: Schedule, stage: int) -> int:
+    """The most updates any backward of `stage` crosses (its largest drift Δ), fixed by the schedule."""
+    return max((v_b - v_f for _, v_f, v_b in stage_versions(schedule, stage)), default=0)
+
+
 def evaluation_rounds(num_steps: int, every: int) -> list[int]:
     """The step after which each evaluation round of `with_evaluation` runs (0 = before training)."""
     return [0] + [k for k in range(1, num_steps + 1) if k % every == 0 or k == num_steps]

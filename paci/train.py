@@ -24,7 +24,8 @@ from paci import schedules
 from paci.config import RunConfig
 from paci.data import TokenData, load_data
 from paci.files import atomic_write, write_text
-from paci.ir import Action, Message, Op, Schedule, evaluation_rounds, stage_versions, with_evaluation
+from paci.ir import (Action, Message, Op, Schedule, evaluation_rounds, stage_delay, stage_versions,
+                     with_evaluation)
 from paci.metrics import Record, Recorder, StatsEvent, StepStats
 from paci.model import PRESETS, GPTConfig, build_units
 from paci.partition import choose_split, parse_bytes, split_spec
@@ -77,8 +78,9 @@ def make_plan(config: RunConfig) -> Plan:
                          config.data.batch_size, seq_len, default_device(), budget)
     opt = config.optim
     warmup = opt.warmup_steps if opt.warmup_steps is not None else max(1, base.num_steps // 20)
-    optimizer = OptimizerSpec(lr=opt.lr, weight_decay=opt.weight_decay, warmup_steps=warmup,
-                              total_steps=base.num_steps, min_lr_ratio=opt.min_lr_ratio)
+    optimizer = OptimizerSpec(lr=opt.lr, weight_decay=opt.weight_decay, betas=(opt.beta1, 0.95), warmup_steps=warmup,
+                              total_steps=base.num_steps, min_lr_ratio=opt.min_lr_ratio, name=opt.optimizer,
+                              compensate=opt.compensate)
     schedule = with_evaluation(base, config.train.eval_every, eval_batches)
     return Plan(config, data, model, split, schedule, optimizer, seq_len, config.data.batch_size, eval_batches,
                 run_dir)
@@ -98,7 +100,7 @@ def build_stage(plan: Plan, index: int, device: torch.device) -> Stage:
     start, stop = plan.split[index]
     seed, batch_size, seq_len = plan.config.train.seed, plan.batch_size, plan.seq_len
     return Stage(index, plan.num_stages, build_units(plan.model, seed, start, stop),
-                 policy=plan.schedule.weight_policy, optim=plan.optimizer,
+                 policy=plan.schedule.weight_policy, optim=plan.optimizer.for_stage(stage_delay(plan.schedule, index)),
                  loss_scale=1.0 / plan.schedule.accumulation,
                  train_batch=lambda mb: plan.data.batch(seed, mb, batch_size, seq_len),
                  val_batch=lambda i: plan.data.val_batch(i % plan.eval_batches, batch_size, seq_len),

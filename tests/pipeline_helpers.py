@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from paci.ir import Schedule
+from paci.ir import Schedule, stage_delay
 from paci.model import GPT, GPTConfig, build_units, lm_loss, num_units
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.partition import uniform_split
@@ -25,23 +25,20 @@ def optimizer_spec(schedule: Schedule, lr: float = 1e-2) -> OptimizerSpec:
     return OptimizerSpec(lr=lr, warmup_steps=1, total_steps=schedule.num_steps)
 
 
-def make_stages(schedule: Schedule, config: GPTConfig = TINY, seed: int = SEED) -> list[Stage]:
-    spec = optimizer_spec(schedule)
+def make_stages(schedule: Schedule, config: GPTConfig = TINY, seed: int = SEED,
+                spec: OptimizerSpec | None = None) -> list[Stage]:
+    spec = spec or optimizer_spec(schedule)
     return [Stage(s, schedule.num_stages, build_units(config, seed, start, stop), policy=schedule.weight_policy,
-                  optim=spec, loss_scale=1.0 / schedule.accumulation, train_batch=feed, val_batch=feed)
+                  optim=spec.for_stage(stage_delay(schedule, s)), loss_scale=1.0 / schedule.accumulation, train_batch=feed, val_batch=feed)
             for s, (start, stop) in enumerate(uniform_split(num_units(config), schedule.num_stages))]
 
 
-def reference_training(schedule: Schedule, config: GPTConfig = TINY, seed: int = SEED) -> GPT:
+def reference_training(schedule: Schedule, config: GPTConfig = TINY, seed: int = SEED,
+                       spec: OptimizerSpec | None = None) -> GPT:
     """The unsplit model trained with plain gradient accumulation over the same micro-batches."""
     model = GPT(config, seed)
-    spec = optimizer_spec(schedule)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=spec.lr, betas=spec.betas, eps=spec.eps, foreach=False)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: spec.lr_at(step) / spec.lr)
+    spec = spec or optimizer_spec(schedule)
+    opt, sched = spec.build(list(model.parameters()))
     k = schedule.accumulation
     for step in range(schedule.num_steps):
         for mb in range(step * k, (step + 1) * k):

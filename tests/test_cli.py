@@ -126,6 +126,10 @@ TINY = ["--preset", "tiny", "--steps", "4", "--stages", "2", "--microbatches", "
     (["--data", "does/not/exist"], "does/not/exist"),
     (["--lr", "0"], "--lr must be > 0"),
     (["--lr=-1e-3"], "--lr must be > 0"),
+    (["--compensate", "magic"], "unknown --compensate 'magic'; choose one of: none, pipemare, nesterov"),
+    (["--optimizer", "sgd"], "unknown --optimizer 'sgd'; choose one of: adamw, nadamw"),
+    (["--beta1", "1"], "--beta1 must be in [0, 1)"),
+    (["--warmup=-1"], "warmup_steps must be >= 0"),
     (["--nproc", "3"], "--nproc 3 must equal --stages 2"),
 ])
 def test_train_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, extra, fragment):

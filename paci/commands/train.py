@@ -27,6 +27,11 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--accum", type=int, help="K, backwards per optimizer step for paci/2bw (default M)")
     p.add_argument("--steps", type=int, help="mini-batches to train (default 400)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    p.add_argument("--warmup", type=int, dest="warmup_steps", help="LR warm-up steps (default 5%% of --steps)")
+    p.add_argument("--optimizer", help="adamw (default) or nadamw (Adam with Nesterov momentum)")
+    p.add_argument("--beta1", type=float, help="the optimizer's first-moment decay (default 0.9)")
+    p.add_argument("--compensate", help="stash-free correction for delayed gradients: none (default), pipemare "
+                                        "(lr / delay^p, annealed), nesterov (NAdamW, beta1 0.99, on delayed stages)")
     p.add_argument("--seed", type=int, help="seed for init and data order (default 0)")
     p.add_argument("--data", help="text file, folder of .txt, or folder with train.bin/val.bin (default: embedded)")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 8)")
@@ -54,7 +59,8 @@ _TRAIN_FLAGS = {"model": {"preset": "preset", "vocab_size": "vocab_size"},
                 "pipeline": {"schedule": "schedule", "stages": "stages", "microbatches": "microbatches",
                              "accum": "accum", "nproc": "nproc", "port": "port", "timeout_s": "timeout_s",
                              "split": "split", "memory_per_stage": "memory_per_stage"},
-                "optim": {"lr": "lr"}, "train": {"steps": "steps", "seed": "seed", "eval_every": "eval_every",
+                "optim": {"lr": "lr", "warmup_steps": "warmup_steps", "optimizer": "optimizer", "beta1": "beta1",
+                          "compensate": "compensate"}, "train": {"steps": "steps", "seed": "seed", "eval_every": "eval_every",
                                                  "eval_batches": "eval_batches", "threads": "threads", "out": "out"}}
 
 

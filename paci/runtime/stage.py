@@ -15,6 +15,7 @@ weights taken at forward time, one copy per distinct version still in flight.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,9 +30,32 @@ from paci.model import lm_loss
 Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # index -> (inputs, targets)
 
 
+OPTIMIZERS = ("adamw", "nadamw")
+COMPENSATIONS = ("none", "pipemare", "nesterov")
+# Nesterov look-ahead for delayed gradients (Ajanthan et al., ICML 2025, arXiv 2505.01099): their
+# released recipe is torch's NAdam with decoupled weight decay and beta1 = 0.99. NAdam warms its
+# momentum up as mu_t = beta1 (1 - 0.5 * 0.96^(t psi)); their runs take 50 000 steps with psi = 0.004,
+# so psi * steps = 200. We keep that product, so the momentum warms up over the same share of a run.
+NESTEROV_BETA1 = 0.99
+NESTEROV_WARMUP = 200.0
+# PipeMare's learning-rate rescheduling (Yang et al., arXiv 1910.05124): a stage whose gradients are
+# up to tau updates late steps with lr / tau^p, p falling linearly from 1 to 0 over the first 15% of
+# the steps (Ajanthan et al.'s code anneals over 7 of 50 epochs).
+PIPEMARE_ANNEAL = 0.15
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """AdamW with decoupled weight decay on >=2-D weights only; linear warm-up then cosine decay."""
+    """The optimizer of one stage: AdamW (or NAdamW) with decoupled weight decay on >=2-D weights only,
+    linear warm-up then cosine decay, and optionally a stash-free correction for delayed gradients.
+
+    `delay` is the stage's largest drift (the most updates one of its backwards crosses, fixed by
+    the schedule); `for_stage` sets it. Every compensation is the identity at delay 0, so a
+    synchronous schedule, or PACI's last stage, trains exactly as without it:
+
+    * "pipemare": lr / delay^p with p annealed from 1 to 0 (PipeMare); the identity at delay <= 1.
+    * "nesterov": a delayed stage steps with NAdamW, beta1 = 0.99 (Ajanthan et al.).
+    """
 
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -40,14 +64,47 @@ class OptimizerSpec:
     warmup_steps: int = 0
     total_steps: int = 1
     min_lr_ratio: float = 0.1
+    name: str = "adamw"  # one of OPTIMIZERS
+    compensate: str = "none"  # one of COMPENSATIONS
+    delay: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.compensate not in COMPENSATIONS:
+            raise ValueError(f"unknown compensation {self.compensate!r}; choose one of: {', '.join(COMPENSATIONS)}")
+
+    def for_stage(self, delay: int) -> OptimizerSpec:
+        """This spec for a stage whose backwards cross at most `delay` updates."""
+        spec = dataclasses.replace(self, delay=delay)
+        if self.compensate == "nesterov" and delay > 0:
+            spec = dataclasses.replace(spec, name="nadamw", betas=(NESTEROV_BETA1, self.betas[1]))
+        return spec
 
     def lr_at(self, step: int) -> float:
         """Learning rate used by optimizer step `step` (0-based)."""
         if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        span = max(1, self.total_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+            lr = self.lr * (step + 1) / self.warmup_steps
+        else:
+            span = max(1, self.total_steps - self.warmup_steps)
+            progress = min(1.0, (step - self.warmup_steps) / span)
+            lr = self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        if self.compensate == "pipemare" and self.delay > 1:
+            anneal = max(1.0, PIPEMARE_ANNEAL * self.total_steps)
+            lr /= self.delay ** (1.0 - min(step / anneal, 1.0))
+        return lr
+
+    def build(self, params: Sequence[nn.Parameter]) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """The optimizer over `params` (weight decay on >=2-D ones only) and its LR schedule."""
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        if self.name == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, foreach=False)
+        else:
+            optimizer = torch.optim.NAdam(groups, lr=self.lr, betas=self.betas, eps=self.eps,
+                                          momentum_decay=NESTEROV_WARMUP / max(1, self.total_steps),
+                                          decoupled_weight_decay=True, foreach=False)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_at(step) / self.lr)
 
 
 @dataclass
@@ -87,12 +144,7 @@ class Stage:
         self.saved_tensors_hooks: tuple[Callable, Callable] | None = None
         self._params = dict(self.module.named_parameters())
         self._shadows = {name: nn.Parameter(p.data) for name, p in self._params.items()}
-        decay = [s for s in self._shadows.values() if s.dim() >= 2]
-        no_decay = [s for s in self._shadows.values() if s.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=optim.lr, betas=optim.betas, eps=optim.eps, foreach=False)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: optim.lr_at(step) / optim.lr)
+        self.optimizer, self.scheduler = optim.build(list(self._shadows.values()))
 
     # ------------------------------------------------------------------------------------------
     # forward

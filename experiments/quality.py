@@ -1,63 +1,230 @@
-"""Does bounded drift cost quality? PACI against 1F1B-flush and the other schedules, same data and steps.
+"""PACI's quality cost, and what closes it without a weight stash: each variant at its own best lr.
 
-The paper's claim (arXiv 2606.07881, GPT-2 Medium, P = 8): PACI with K ≥ P−1 matches 1F1B-flush's
-final perplexity; smaller K (larger Δ) is worse. This runs the same question at the scale two CPU
-cores allow: the `small` GPT on the embedded corpus, P = 4, M = 8 micro-batches of 8×64 tokens
-per step, 400 steps, every stage in one process (the schedule, not the wall clock, decides every
-weight version, so this is the same computation a multi-process run does). Per schedule it
-prints the final validation loss and perplexity and the largest drift.
+At the time-to-accuracy setting (experiments/tta.py: the `deep` GPT, P = 8, m = K = 8, 64 x 64
+tokens per step, 400 steps) PACI ends 0.58 nats behind 1F1B-flush, and 2BW, with the same drift
+but stashed weights, ends where PACI does: the cost is the delay, not inconsistent weights. This
+study measures what the stash-free corrections of `paci train --compensate` buy back:
 
-    .venv/bin/python experiments/quality.py [--steps 400] [--lr 2e-3] [--seeds 0] [--only 1f1b paci-8]
+* "nesterov" (Ajanthan et al., ICML 2025, arXiv 2505.01099): delayed stages step with NAdamW,
+  beta1 = 0.99, the last stage (never delayed) keeps AdamW. Controls: flush with the same NAdamW on
+  every stage (is it a better optimizer rather than a delay correction?), and PACI with NAdamW on
+  every stage (the paper's recipe as released).
+* "pipemare" (Yang et al., arXiv 1910.05124): lr / Δ^p, annealed. It is the identity at Δ <= 1,
+  so at K = m = 8 it is plain PACI; it is measured where it acts, at K = 2 (Δ up to 4).
+* The learning rate decides it, so every variant is swept over 5e-4 to 4e-3 and judged at its own
+  best rate and at flush's; then a longer warm-up, P = 4, a 4x longer horizon and 3 seeds for the
+  headline cells.
+
+Cells are shared with tta.py (same folder, same names), so the flush and plain PACI runs are not
+repeated; each new cell is cached as it finishes and an interrupted study resumes.
+
+    .venv/bin/python experiments/quality.py [--workers 2]    # run what is missing, then report
+    .venv/bin/python experiments/quality.py report           # tables and plots from the cache
+    .venv/bin/python experiments/quality.py --quick          # tiny model, 12 steps: about a minute
+
+Cost on the 2-core machine: a 400-step cell takes 4-6 CPU-minutes, a 1600-step one about 20; the
+planned study is about 45 cells, roughly 5 CPU-hours, on top of tta.py's.
 """
 
+from __future__ import annotations
+
 import argparse
-import json
+import dataclasses
 import math
-import subprocess
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-RUNS = {  # name: (label, schedule, K); K only for paci/2bw
-    "1f1b": ("1f1b (flush, m=8)", "1f1b", None),
-    "paci-8": ("paci K=8", "paci", 8),
-    "paci-4": ("paci K=4", "paci", 4),
-    "2bw-8": ("2bw K=8 (stashed)", "2bw", 8),
-    "paci-2": ("paci K=2", "paci", 2),
-    "async-1f1b": ("async-1f1b (K=1)", "async-1f1b", None),
-}
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import save_figure  # noqa: E402
+from tta import FULL, QUICK, Cell, Setting, load_cells, run_cell  # noqa: E402
 
 
-def train(schedule: str, accum: int | None, seed: int, steps: int, lr: float, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "paci", "train", "--schedule", schedule, "--stages", "4", "--microbatches", "8",
-           "--steps", str(steps), "--seed", str(seed), "--lr", str(lr), "--split", "uniform", "--out", str(out),
-           "--json"]
-    if accum is not None:
-        cmd += ["--accum", str(accum)]
-    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    schedule: str
+    options: tuple[tuple[str, object], ...] = ()  # Cell fields besides schedule, m, lr
+
+    def cell(self, setting: Setting, lr: float, **more) -> Cell:
+        return Cell(self.schedule, setting.flush_m, lr, **dict(self.options), **more)
+
+
+NADAMW = (("optimizer", "nadamw"), ("beta1", 0.99))
+FLUSH = Variant("1F1B-flush", "1f1b")
+PACI = Variant("PACI", "paci")
+NESTEROV = Variant("PACI + nesterov (NAdamW 0.99 on delayed stages)", "paci", (("compensate", "nesterov"),))
+VARIANTS = [FLUSH, PACI, NESTEROV,
+            Variant("1F1B-flush, NAdamW 0.99 (control)", "1f1b", NADAMW),
+            Variant("PACI, NAdamW 0.99 on every stage", "paci", NADAMW)]
+COMPENSATED = [NESTEROV, VARIANTS[4]]
+# PipeMare where it acts: K = 2 at P = 8 gives Δ up to 4
+PIPEMARE_K = 2
+PIPEMARE = [Variant(f"PACI K={PIPEMARE_K}", "paci", (("accum", PIPEMARE_K),)),
+            Variant(f"PACI K={PIPEMARE_K} + pipemare", "paci", (("accum", PIPEMARE_K), ("compensate", "pipemare")))]
+def sweep(setting: Setting) -> tuple[float, ...]:
+    """The learning rates every variant is run at."""
+    return QUICK.lrs if setting is QUICK else (5e-4, 1e-3, 2e-3, 4e-3)
+
+
+LONG_WARMUP = 0.2  # the second warm-up length, as a share of the steps (the default is 5%)
+HORIZON = 4  # the longer runs are this many times the setting's steps
+
+
+@dataclass
+class Study:
+    setting: Setting
+    done: dict[str, dict]
+
+    def get(self, cell: Cell) -> dict | None:
+        return self.done.get(cell.name)
+
+    def final(self, variant: Variant, lr: float, **more) -> float:
+        result = self.get(variant.cell(self.setting, lr, **more))
+        return result["final_val_loss"] if result else math.inf
+
+    def best_lr(self, variant: Variant, **more) -> float | None:
+        """The swept rate with the lowest final loss (seed 0); None before any ran."""
+        run = [lr for lr in self.lrs if self.get(variant.cell(self.setting, lr, **more))]
+        return min(run, key=lambda lr: self.final(variant, lr, **more)) if run else None
+
+    @property
+    def lrs(self) -> tuple[float, ...]:
+        return tuple(sorted(set(sweep(self.setting)) | set(self.setting.lrs)))
+
+    def best_compensated(self) -> Variant:
+        return min(COMPENSATED, key=lambda v: self.final(v, self.best_lr(v) or 0.0))
+
+    def seeds(self, variant: Variant, lr: float, **more) -> list[float]:
+        return [c["final_val_loss"] for s in self.setting.seeds
+                if (c := self.get(variant.cell(self.setting, lr, seed=s, **more)))]
+
+
+def planned_cells(setting: Setting, done: dict[str, dict]) -> list[Cell]:
+    """What the study still needs, most important first; later phases use the best rates found."""
+    study = Study(setting, done)
+    lrs = sweep(setting)
+    cells = [v.cell(setting, lr) for v in VARIANTS for lr in lrs]
+    cells += [v.cell(setting, lr) for v in PIPEMARE for lr in lrs[:2]]
+    if all(c.name in done for c in cells):
+        best = {v: study.best_lr(v) for v in (FLUSH, PACI, study.best_compensated())}
+        warmup = max(1, round(LONG_WARMUP * setting.steps))
+        cells += [v.cell(setting, lr, warmup=warmup) for v, lr in best.items()]
+        cells += [v.cell(setting, lr, stages=4) for v in (PACI, study.best_compensated()) for lr in lrs[:3]]
+        cells += [v.cell(setting, lr, seed=s) for v, lr in best.items() for s in setting.seeds]
+        cells += [v.cell(setting, lr, steps=HORIZON * setting.steps) for v, lr in best.items()]
+    return [c for c in dict.fromkeys(cells) if c.name not in done]
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+
+def _loss(result: dict | None) -> str:
+    return f"{result['final_val_loss']:.3f}" if result else "-"
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {std:.3f} ({len(values)})"
+
+
+def report(study: Study) -> list[str]:
+    st, lrs = study.setting, study.lrs
+    flush_lr = study.best_lr(FLUSH)
+    flush = study.final(FLUSH, flush_lr) if flush_lr else math.inf
+    lines = [f"Setting: {st.preset} GPT (vocab {st.vocab_size}), P = {st.stages}, split {st.split}, m = {st.flush_m}, "
+             f"{st.global_batch} x {st.seq_len} tokens per step, {st.steps} steps, warm-up 5%, cosine to 10%.", "",
+             "Final validation loss (seed 0) against the peak learning rate:", "",
+             "| variant | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr | at its best, vs flush's best |"
+             + " at flush's lr, vs flush |", "|---|" + "---|" * (len(lrs) + 3)]
+    for v in VARIANTS + PIPEMARE:
+        best = study.best_lr(v)
+        at_best = study.final(v, best) if best else math.inf
+        at_flush = study.final(v, flush_lr) if flush_lr else math.inf
+        lines.append(f"| {v.label} | " + " | ".join(_loss(study.get(v.cell(st, lr))) for lr in lrs) +
+                     f" | {best or '-'} | {_gap(at_best, flush)} | {_gap(at_flush, flush)} |")
+    lines += ["", "The best rates again: a 20% warm-up, P = 4, 3 seeds, and a 4x longer run:", "",
+              "| variant | lr | warm-up 20% | P = 4 | seeds (mean ± std) | 4x steps |", "|---|---|---|---|---|---|"]
+    warmup = max(1, round(LONG_WARMUP * st.steps))
+    for v in (FLUSH, PACI, *COMPENSATED):
+        lr = study.best_lr(v)
+        if lr is None:
+            continue
+        p4 = "-" if v.schedule == "1f1b" else " / ".join(
+            f"{_loss(study.get(v.cell(st, x, stages=4)))} @{x:g}" for x in sweep(st)[:3])
+        lines.append(f"| {v.label} | {lr:g} | {_loss(study.get(v.cell(st, lr, warmup=warmup)))} | {p4} | "
+                     f"{_mean_std(study.seeds(v, lr))} | {_loss(study.get(v.cell(st, lr, steps=HORIZON * st.steps)))} |")
+    return lines
+
+
+def _gap(value: float, flush: float) -> str:
+    return "-" if math.isinf(value) or math.isinf(flush) else f"{value:.3f} ({value - flush:+.3f})"
+
+
+def plot(study: Study, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st = study.setting
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for v in VARIANTS + PIPEMARE:
+        points = [(lr, r["final_val_loss"]) for lr in study.lrs if (r := study.get(v.cell(st, lr)))]
+        if points:
+            left.plot(*zip(*points), "o-", label=v.label)
+    left.set_xscale("log")
+    left.set_xlabel("peak learning rate")
+    left.set_ylabel(f"final validation loss ({st.steps} steps)")
+    left.set_title("Each variant across the learning rate")
+    for v in (FLUSH, PACI, *COMPENSATED):
+        lr = study.best_lr(v)
+        if lr and (r := study.get(v.cell(st, lr))):
+            right.plot(*zip(*r["eval"]), label=f"{v.label}, lr {lr:g}")
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("validation loss")
+    right.set_ylim(top=min(right.get_ylim()[1], 7.0))
+    right.set_title("At each variant's best learning rate")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--only", nargs="+", choices=list(RUNS), default=list(RUNS))
-    parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    parser.add_argument("command", nargs="?", default="all", choices=["all", "cells", "report"])
+    parser.add_argument("--quick", action="store_true", help="tiny model, 4 stages, 12 steps: about a minute")
+    parser.add_argument("--cache", type=Path, help="cells folder's parent (default: tta.py's, shared)")
+    parser.add_argument("--workers", type=int, default=2, help="quality runs at once, one thread each")
+    parser.add_argument("--plot", type=Path, help="PNG (default docs/figures/quality.png; quick: in the cache)")
     args = parser.parse_args()
-    print(f"small GPT, embedded corpus, P=4, M=8 x (8x64 tokens), {args.steps} steps, peak lr {args.lr}, "
-          f"seeds {args.seeds}")
-    print("| schedule | max Δ | final val loss | val ppl | final train loss |")
-    print("|---|---|---|---|---|")
-    for name in args.only:
-        label, schedule, accum = RUNS[name]
-        results = [train(schedule, accum, seed, args.steps, args.lr, args.out / f"lr{args.lr}-{name}-s{seed}")
-                   for seed in args.seeds]
-        val = sum(r["final_val_loss"] for r in results) / len(results)
-        train_loss = sum(r["final_train_loss"] for r in results) / len(results)
-        spread = max(r["final_val_loss"] for r in results) - min(r["final_val_loss"] for r in results)
-        extra = f" (range {spread:.3f})" if len(results) > 1 else ""
-        print(f"| {label} | {results[0]['max_drift']} | {val:.3f}{extra} | {math.exp(val):.1f} | {train_loss:.3f} |",
-              flush=True)
+    setting = QUICK if args.quick else FULL
+    cache = args.cache or HERE / "results" / ("tta-quick" if args.quick else "tta")
+    if args.command in ("all", "cells"):
+        threads = max(1, (os.cpu_count() or 1) // args.workers)
+        while cells := planned_cells(setting, load_cells(cache)):
+            print(f"{len(cells)} cells to run: {', '.join(c.name for c in cells)}", flush=True)
+            with ThreadPoolExecutor(args.workers) as pool:
+                for result in pool.map(lambda c: run_cell(setting, c, cache, threads), cells[:args.workers * 2]):
+                    print(f"  {result['name']}: final val loss {result['final_val_loss']:.3f} "
+                          f"({result['cpu_wall_s']:.0f} s)", flush=True)
+    if args.command in ("all", "report"):
+        study = Study(setting, load_cells(cache))
+        print("\n".join(report(study)))
+        plot(study, args.plot or (cache / "quality.png" if args.quick else HERE.parent / "docs" / "figures" /
+                                  "quality.png"))
 
 
 if __name__ == "__main__":

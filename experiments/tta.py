@@ -93,17 +93,32 @@ SYNC = ("1f1b", "gpipe", "zb-h1")  # the synchronous schedules, all timed on the
 
 @dataclass(frozen=True)
 class Cell:
-    schedule: str  # "1f1b" (the flush trajectory) or "paci"
+    schedule: str  # "1f1b" (the flush trajectory), "paci" or "2bw"
     m: int
     lr: float
     seed: int = 0
     steps: int | None = None  # None: the setting's; more for the equal-budget runs
     stages: int | None = None  # None: the setting's P
+    accum: int | None = None  # K; None: K = m
+    optimizer: str = "adamw"
+    beta1: float = 0.9
+    compensate: str = "none"  # experiments/quality.py: stash-free corrections for delayed gradients
+    warmup: int | None = None  # None: 5% of the steps
 
     @property
     def name(self) -> str:
         extra = (f"-steps{self.steps}" if self.steps else "") + (f"-P{self.stages}" if self.stages else "")
+        extra += f"-K{self.accum}" if self.accum else ""
+        extra += f"-{self.optimizer}{self.beta1:g}" if (self.optimizer, self.beta1) != ("adamw", 0.9) else ""
+        extra += f"-{self.compensate}" if self.compensate != "none" else ""
+        extra += f"-wu{self.warmup}" if self.warmup is not None else ""
         return f"{self.schedule}-m{self.m}-lr{self.lr:g}-s{self.seed}{extra}"
+
+    def flags(self) -> list[str]:
+        """The `paci train` flags this cell adds to the setting's."""
+        flags = ["--accum", str(self.accum)] if self.accum else []
+        flags += ["--optimizer", self.optimizer, "--beta1", str(self.beta1), "--compensate", self.compensate]
+        return flags + (["--warmup", str(self.warmup)] if self.warmup is not None else [])
 
 
 def run_cell(setting: Setting, cell: Cell, cache: Path, threads: int) -> dict:
@@ -120,7 +135,7 @@ def run_cell(setting: Setting, cell: Cell, cache: Path, threads: int) -> dict:
                "--microbatches", str(cell.m), "--batch-size", str(b), "--seq-len", str(setting.seq_len),
                "--steps", str(steps), "--lr", str(cell.lr), "--seed", str(cell.seed), "--split", setting.splits[stages],
                "--eval-every", str(setting.eval_every), "--eval-batches", str(setting.eval_sequences // b),
-               "--threads", str(threads), "--out", str(Path(tmp) / "run"), "--json"]
+               "--threads", str(threads), "--out", str(Path(tmp) / "run"), "--json", *cell.flags()]
         started = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:

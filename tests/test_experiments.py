@@ -17,10 +17,11 @@ def _run(script: str, cache: Path) -> str:
     return done.stdout
 
 
-@pytest.mark.timeout(300)
-def test_time_to_accuracy_and_drift_quick_modes(tmp_path):
-    """tta.py --quick writes a clock, the cells and a report with every table; drift.py --quick adds its
-    cells to the same cache; rerunning tta.py trains nothing new."""
+@pytest.mark.timeout(480)
+def test_time_to_accuracy_drift_and_quality_quick_modes(tmp_path):
+    """tta.py --quick writes a clock, the cells and a report with every table; drift.py and quality.py
+    --quick add their cells to the same cache (quality.py reusing tta's); rerunning tta.py trains
+    nothing new."""
     cache = tmp_path / "tta"
     report = _run("tta.py", cache)
     for heading in ("Calibrated time per step", "learning-rate sweep", "Time to target validation loss",
@@ -32,6 +33,11 @@ def test_time_to_accuracy_and_drift_quick_modes(tmp_path):
     drift = _run("drift.py", cache)
     assert "| 4 | 1 | [3, 2, 1, 0] | [3, 2, 1, 0] |" in drift, drift  # K = 1: the bound is attained
     assert (cache / "drift.png").is_file()
+    quality = _run("quality.py", cache)
+    assert "paci-m4-lr0.002-s0," not in quality  # tta's cell, reused
+    for row in ("| PACI + nesterov", "| 1F1B-flush, NAdamW 0.99 (control)", "| PACI K=2 + pipemare", "4x steps"):
+        assert row in quality, quality
+    assert (cache / "quality.png").is_file() and (cache / "cells" / "paci-m4-lr0.002-s0-nesterov.json").is_file()
     before = sorted(p.name for p in (cache / "cells").glob("*.json"))
     again = _run("tta.py", cache)
     assert "cells to run" not in again

@@ -56,8 +56,11 @@ class PipelineConfig:
     memory_per_stage: str | None = None  # e.g. "24GiB"; default: the device's memory on CUDA, no limit on CPU
     port: int | None = None  # rendezvous port for --nproc (default: a free one)
     timeout_s: float = 45.0  # a rank waiting longer than this on a peer (or at start-up) gives up
+    recompute: bool = False  # keep only stage inputs; backward re-runs the forward with the weights of then
 
     def __post_init__(self) -> None:
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"recompute must be true or false, got {self.recompute!r}")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         if self.port is not None and not 1024 <= self.port <= 65535:

@@ -104,7 +104,7 @@ def build_stage(plan: Plan, index: int, device: torch.device) -> Stage:
                  loss_scale=1.0 / plan.schedule.accumulation,
                  train_batch=lambda mb: plan.data.batch(seed, mb, batch_size, seq_len),
                  val_batch=lambda i: plan.data.val_batch(i % plan.eval_batches, batch_size, seq_len),
-                 device=device)
+                 device=device, recompute=plan.config.pipeline.recompute)
 
 
 def default_device() -> torch.device:

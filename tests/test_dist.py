@@ -23,13 +23,19 @@ from paci.train import train
 pytestmark = pytest.mark.dist
 
 
-def _config(name: str, stages: int, out, nproc: int):
+# every schedule, and PACI with recompute and the Nesterov compensation: (label, schedule, options)
+RUNS = [(name, name, {}) for name in REGISTRY] + [("paci-recompute-nesterov", "paci", {"recompute": True,
+                                                                                       "compensate": "nesterov"})]
+
+
+def _config(name: str, stages: int, out, nproc: int, options: dict | None = None):
+    options = options or {}
     return load_config(None, {
         "model": {"preset": "tiny"}, "data": {"batch_size": 2, "seq_len": 16},
         "pipeline": {"schedule": name, "stages": stages, "microbatches": 4, "nproc": nproc, "timeout_s": 30.0,
-                     "split": "uniform"},
-        "optim": {"lr": 1e-2}, "train": {"steps": 3, "eval_every": 2, "eval_batches": 2, "out": str(out),
-                                         "threads": 1}})
+                     "split": "uniform", "recompute": options.get("recompute", False)},
+        "optim": {"lr": 1e-2, "compensate": options.get("compensate", "none")},
+        "train": {"steps": 3, "eval_every": 2, "eval_batches": 2, "out": str(out), "threads": 1}})
 
 
 def _losses(run_dir) -> list[float]:
@@ -44,16 +50,17 @@ def _weights(run_dir, stages: int) -> list[dict]:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("stages", [2, 3])
 def test_multiprocess_is_bit_identical_to_single_process(tmp_path, stages):
-    """For every schedule: per-step losses and final parameters of the gloo run equal the local run's bit for bit,
-    and every rank's recorded (v_f, v_b) equal the simulator's (checked inside the run)."""
-    names = list(REGISTRY)
-    distributed = [_config(name, stages, tmp_path / f"dist-{name}", stages) for name in names]
+    """For every schedule (and PACI with recompute and compensation): per-step losses and final parameters of the
+    gloo run equal the local run's bit for bit, and every rank's recorded (v_f, v_b) equal the simulator's (checked
+    inside the run)."""
+    distributed = [_config(schedule, stages, tmp_path / f"dist-{name}", stages, options)
+                   for name, schedule, options in RUNS]
     start = time.monotonic()
     assert spawn(train_each, distributed, stages, threads=1) == 0
     elapsed = time.monotonic() - start
-    for name in names:
+    for name, schedule, options in RUNS:
         local_dir, dist_dir = tmp_path / f"local-{name}", tmp_path / f"dist-{name}"
-        train(_config(name, stages, local_dir, 1))
+        train(_config(schedule, stages, local_dir, 1, options))
         assert _losses(dist_dir) == _losses(local_dir), name
         for local, remote in zip(_weights(local_dir, stages), _weights(dist_dir, stages)):
             assert local.keys() == remote.keys()

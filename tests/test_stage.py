@@ -12,7 +12,7 @@ from pipeline_helpers import BATCH, SEED, TINY, feed, make_stages, reference_tra
 from torch import nn
 from torch.nn import functional as F
 
-from paci.ir import WeightPolicy, with_evaluation
+from paci.ir import WeightPolicy, stage_delay, with_evaluation
 from paci.model import GPT, num_units
 from paci.partition import uniform_split
 from paci.profiler import profile_units, stage_costs
@@ -76,11 +76,11 @@ def test_stash_count(name, expected):
 # live vs stashed, by hand: a middle stage Linear -> GELU -> Linear, one update between F and B
 
 
-def _middle_stage(policy: WeightPolicy) -> Stage:
+def _middle_stage(policy: WeightPolicy, recompute: bool = False) -> Stage:
     torch.manual_seed(0)
     modules = [nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3)]
     return Stage(1, 3, modules, policy=policy, optim=OptimizerSpec(lr=0.1, weight_decay=0.0, total_steps=4),
-                 loss_scale=1.0, train_batch=feed, val_batch=feed)
+                 loss_scale=1.0, train_batch=feed, val_batch=feed, recompute=recompute)
 
 
 def _foreign_parameter_copies(stage: Stage) -> int:
@@ -97,8 +97,8 @@ def _foreign_parameter_copies(stage: Stage) -> int:
                and obj.untyped_storage().data_ptr() not in owned)
 
 
-def _update_between_forward_and_backward(policy: WeightPolicy):
-    stage = _middle_stage(policy)
+def _update_between_forward_and_backward(policy: WeightPolicy, recompute: bool = False):
+    stage = _middle_stage(policy, recompute)
     # numpy snapshots, so the memory probe does not count the test's own copies
     w1_old, b1_old, w2_old = (t.detach().numpy().copy() for t in (stage.module[0].weight, stage.module[0].bias,
                                                                    stage.module[2].weight))
@@ -110,23 +110,27 @@ def _update_between_forward_and_backward(policy: WeightPolicy):
     stage.backward(1, torch.ones(2, 3))
     stage.step()  # version 1: mb 0 was forwarded at version 0
     copies = []
-    received.register_hook(lambda grad: copies.append(_foreign_parameter_copies(stage)))
+    received.requires_grad_().register_hook(lambda grad: copies.append(_foreign_parameter_copies(stage)))
     input_grad = stage.backward(0, g0)
-    w1_new, w2_new = (stage.module[i].weight.detach().numpy().copy() for i in (0, 2))
-    h = (x0 @ torch.from_numpy(w1_old).T + torch.from_numpy(b1_old)).requires_grad_()  # saved at forward time
-    (gelu_slope,) = torch.autograd.grad(F.gelu(h).sum(), h)
+    w1_new, b1_new, w2_new = (t.detach().numpy().copy() for t in (stage.module[0].weight, stage.module[0].bias,
+                                                                   stage.module[2].weight))
 
-    def by_hand(w1, w2):
-        return ((g0 @ torch.from_numpy(w2)) * gelu_slope) @ torch.from_numpy(w1)
+    def gelu_slope(w1, b1):
+        h = (x0 @ torch.from_numpy(w1).T + torch.from_numpy(b1)).requires_grad_()
+        return torch.autograd.grad(F.gelu(h).sum(), h)[0]
 
-    return stage, input_grad, by_hand(w1_new, w2_new), by_hand(w1_old, w2_old), copies[0]
+    def by_hand(w1, w2, slope=gelu_slope(w1_old, b1_old)):  # activations saved at forward time
+        return ((g0 @ torch.from_numpy(w2)) * slope) @ torch.from_numpy(w1)
+
+    live_recomputed = by_hand(w1_new, w2_new, gelu_slope(w1_new, b1_new))
+    return stage, input_grad, by_hand(w1_new, w2_new), by_hand(w1_old, w2_old), live_recomputed, copies[0]
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # the gc scan touches deprecated torch objects
 def test_live_backward_reads_updated_weights_without_copies():
     """live: after an update between F(mb) and B(mb), the input grad uses the *updated* weights
     (with forward-time activations), and no parameter-sized copy is alive during that backward."""
-    stage, input_grad, live, stale, copies = _update_between_forward_and_backward(WeightPolicy.LIVE)
+    stage, input_grad, live, stale, _, copies = _update_between_forward_and_backward(WeightPolicy.LIVE)
     assert stage.versions[0] == (0, 1)
     torch.testing.assert_close(input_grad, live, rtol=1e-5, atol=1e-6)
     assert not np.allclose(input_grad.numpy(), stale.numpy(), atol=1e-4)
@@ -136,10 +140,40 @@ def test_live_backward_reads_updated_weights_without_copies():
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_stashed_backward_reads_forward_time_weights():
     """stashed: the same sequence yields the forward-time answer, from a weight copy held for it."""
-    stage, input_grad, live, stale, copies = _update_between_forward_and_backward(WeightPolicy.STASHED)
+    stage, input_grad, live, stale, _, copies = _update_between_forward_and_backward(WeightPolicy.STASHED)
     torch.testing.assert_close(input_grad, stale, rtol=1e-5, atol=1e-6)
     assert not np.allclose(input_grad.numpy(), live.numpy(), atol=1e-4)
     assert copies >= 2  # both Linear weights of version 0 are stashed: the memory probe sees them
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_live_recompute_reads_updated_weights_everywhere():
+    """live + recompute: the backward re-runs the forward with the updated weights, so activations
+    and weights are both version 1 (the stage's Jacobian at the weights its gradient updates);
+    stashed + recompute still gives the forward-time answer."""
+    stage, input_grad, live, stale, recomputed, copies = _update_between_forward_and_backward(WeightPolicy.LIVE, True)
+    assert stage.versions[0] == (0, 1)
+    torch.testing.assert_close(input_grad, recomputed, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(input_grad.numpy(), live.numpy(), atol=1e-4)
+    assert copies == 0
+    _, input_grad, _, stale, _, _ = _update_between_forward_and_backward(WeightPolicy.STASHED, True)
+    torch.testing.assert_close(input_grad, stale, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_recompute_changes_no_bit_unless_weights_are_live_and_move(name):
+    """Recompute re-runs the forward with the weights backward would read anyway on flush schedules
+    (nothing moved) and stashed ones (the same copy): every parameter ends bit-identical. On the
+    live asynchronous schedules the re-run sees updated weights, which is the point."""
+    schedule = build(name, 3, 4, 3)
+    plain, recomputed = make_stages(schedule), make_stages(schedule, recompute=True)
+    run_local(plain, schedule, LocalTransport())
+    run_local(recomputed, schedule, LocalTransport())
+    same = all(torch.equal(a, b) for a, b in zip(stage_parameters(recomputed), stage_parameters(plain)))
+    moves = schedule.weight_policy is WeightPolicy.LIVE and max(stage_delay(schedule, s) for s in range(3)) > 0
+    assert same != moves
+    assert torch.equal(recomputed[-1].losses[0], plain[-1].losses[0])  # the loss of a forward before any update
+    assert all(not stage._inflight for stage in recomputed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +202,30 @@ def test_memory_meter_changes_no_number(name):
     assert all(meter.saved.bytes == 0 for meter in meters)
     meters[0].close()
     assert pipeline[0].saved_tensors_hooks is None
+
+
+@pytest.mark.parametrize("name", [n for n in REGISTRY if n != "zb-h1"])
+def test_recompute_peak_bytes_equal_the_simulators(name):
+    """With recompute a stage holds only inputs: the measured peak equals the simulator's with
+    `CostModel.recomputed` (stage 0 holds its (batch, T+1) token tensor, of which the ids are a
+    view). ZB-H1 is left out: between I and W it holds the re-run's activations, which the
+    simulator's per-micro-batch input count does not model."""
+    schedule = build(name, 3, 4, 3)
+    profiles = profile_units(TINY, BATCH, TINY.block_size, "cpu", repeats=1, warmup=0, cache=False)
+    message = BATCH * TINY.block_size * TINY.n_embd * 4  # fp32 hidden states
+    costs = stage_costs(profiles, uniform_split(num_units(TINY), 3), message_bytes=message).recomputed(
+        BATCH * (TINY.block_size + 1) * 8)
+    predicted = simulate(schedule, costs)
+    pipeline = make_stages(schedule, recompute=True)
+    meters = [StageMemory(stage) for stage in pipeline]
+    samples = [[] for _ in pipeline]
+    run_local(pipeline, schedule, LocalTransport(), lambda stage, _: samples[stage.index].append(
+        meters[stage.index].sample()))
+    measured = [max(s.weights + s.gradients + s.optimizer for s in taken) + max(s.activations + s.stash for s in taken)
+                for taken in samples]
+    assert measured == list(predicted.peak_bytes)
+    plain = simulate(schedule, stage_costs(profiles, uniform_split(num_units(TINY), 3)))
+    assert all(r < p for r, p in zip(predicted.peak_bytes, plain.peak_bytes))
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))

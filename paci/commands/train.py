@@ -43,6 +43,9 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--out", help="run directory (default runs/<schedule>-<time>); must not exist or be empty")
     p.add_argument("--split", help='stage split: "profile" (default: measure the units, then the exact DP), '
                                    '"uniform", or unit ranges like 0:3,3:6,6:10 (see paci partition)')
+    p.add_argument("--recompute", action="store_true", default=None,
+                   help="keep only each stage's input per in-flight micro-batch; backward re-runs the forward "
+                        "with the weights of that moment (costs one more forward)")
     p.add_argument("--memory-per-stage", help="memory budget per stage for the profiled split, e.g. 24GiB "
                                               "(default: the GPU's memory; none on CPU)")
     p.add_argument("--nproc", type=int, help="spawn this many local processes, one stage each (gloo on CPU, "
@@ -58,7 +61,8 @@ _TRAIN_FLAGS = {"model": {"preset": "preset", "vocab_size": "vocab_size"},
                 "data": {"data": "path", "batch_size": "batch_size", "seq_len": "seq_len"},
                 "pipeline": {"schedule": "schedule", "stages": "stages", "microbatches": "microbatches",
                              "accum": "accum", "nproc": "nproc", "port": "port", "timeout_s": "timeout_s",
-                             "split": "split", "memory_per_stage": "memory_per_stage"},
+                             "split": "split", "memory_per_stage": "memory_per_stage",
+                             "recompute": "recompute"},
                 "optim": {"lr": "lr", "warmup_steps": "warmup_steps", "optimizer": "optimizer", "beta1": "beta1",
                           "compensate": "compensate"}, "train": {"steps": "steps", "seed": "seed", "eval_every": "eval_every",
                                                  "eval_batches": "eval_batches", "threads": "threads", "out": "out"}}

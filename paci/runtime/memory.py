@@ -11,7 +11,8 @@ same things:
 * optimizer: the tensors of the optimizer's state (AdamW's moments, from the first U on);
 * activations: the distinct storages autograd keeps for backward, tracked by a saved-tensor pack
   hook that the stage enters around each forward; a storage is released when autograd frees the
-  last saved tensor on it. Parameters and stashed weight copies are not activations;
+  last saved tensor on it, plus with recompute the inputs kept for forwards not yet re-run.
+  Parameters and stashed weight copies are not activations;
 * stash: the weight copies of the stashed policy (PipeDream, 2BW).
 
 Sample between actions (e.g. as `run_local`'s listener): that is the granularity the simulator
@@ -123,7 +124,7 @@ class StageMemory:
             weights=storage_bytes([*module.parameters(), *module.buffers()]),
             gradients=storage_bytes(p.grad for p in module.parameters() if p.grad is not None),
             optimizer=storage_bytes(state),
-            activations=self.saved.bytes,
+            activations=self.saved.bytes + storage_bytes(stage.held_inputs),
             stash=storage_bytes(stage.stashed_weights))
 
     def close(self) -> None:

@@ -10,6 +10,12 @@ whose forward ran before the step reads the updated weights without autograd's "
 inplace operation" error, and without any copy of the forward-time weights. Forward and backward
 code stay untouched. Stashed weights (PipeDream, 2BW) instead run the forward on a copy of the
 weights taken at forward time, one copy per distinct version still in flight.
+
+Recompute (`recompute=True`) keeps only each in-flight micro-batch's input: F runs without a
+graph, and its backward first re-runs the forward with the weights of that moment (live: the
+updated ones, so the stage's own Jacobian is taken at the weights its gradient is applied to;
+stashed: the forward's copy), then back-propagates. On a flush schedule both weights are the same
+and recompute changes no bit.
 """
 
 from __future__ import annotations
@@ -109,8 +115,10 @@ class OptimizerSpec:
 
 @dataclass
 class _InFlight:
-    inputs: torch.Tensor | None  # the received activation (a leaf that collects its grad), None on stage 0
-    output: torch.Tensor  # the stage output, or the scaled loss on the last stage
+    inputs: torch.Tensor | None  # the received activation (a leaf that collects its grad); on stage 0 the
+    # token ids with recompute, else None
+    output: torch.Tensor | None  # the stage output, or the scaled loss on the last stage; None until a
+    # recompute re-runs the forward
     version: int
     grad: torch.Tensor | None = None  # kept from I for W (split backward)
 
@@ -126,8 +134,9 @@ class Stash:
 class Stage:
     def __init__(self, index: int, num_stages: int, modules: Sequence[nn.Module], *, policy: WeightPolicy,
                  optim: OptimizerSpec, loss_scale: float, train_batch: Batch, val_batch: Batch,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", recompute: bool = False) -> None:
         self.index, self.num_stages = index, num_stages
+        self.recompute = recompute
         self.is_first, self.is_last = index == 0, index == num_stages - 1
         self.device = torch.device(device)
         self.module = nn.Sequential(*modules).to(self.device)
@@ -150,18 +159,43 @@ class Stage:
     # forward
 
     def forward(self, mb: int, received: torch.Tensor | None) -> torch.Tensor | None:
-        """F(mb): run the stage with the weights as they are now; keep what backward needs."""
-        inputs, targets = self.train_batch(mb) if (self.is_first or self.is_last) else (None, None)
-        x = inputs.to(self.device) if self.is_first else received.requires_grad_()
+        """F(mb): run the stage with the weights as they are now; keep what backward needs: the
+        saved activations, or with recompute only the input."""
+        x = self.train_batch(mb)[0].to(self.device) if self.is_first else received
+        weights = self._stash_acquire() if self.policy is WeightPolicy.STASHED else None
+        if self.recompute:
+            with torch.no_grad():
+                output = self._graph(mb, x, weights, record=True)
+            self._inflight[mb] = _InFlight(x, None, self.version)
+        else:
+            output = self._graph(mb, x if self.is_first else x.requires_grad_(), weights, record=True)
+            self._inflight[mb] = _InFlight(None if self.is_first else x, output, self.version)
+        return None if self.is_last else output.detach()
+
+    def _graph(self, mb: int, x: torch.Tensor, weights: dict[str, torch.Tensor] | None, record: bool) -> torch.Tensor:
+        """The stage's forward of x; on the last stage the loss scaled by 1/K (recorded if `record`)."""
         hooks = self.saved_tensors_hooks
         with torch.autograd.graph.saved_tensors_hooks(*hooks) if hooks else contextlib.nullcontext():
-            output = self._run(x, self._stash_acquire() if self.policy is WeightPolicy.STASHED else None)
+            output = self._run(x, weights)
             if self.is_last:
-                loss = lm_loss(output, targets.to(self.device))
-                self.losses[mb] = loss.detach()
+                loss = lm_loss(output, self.train_batch(mb)[1].to(self.device))
+                if record:
+                    self.losses[mb] = loss.detach()
                 output = loss * self.loss_scale
-        self._inflight[mb] = _InFlight(None if self.is_first else x, output, self.version)
-        return None if self.is_last else output.detach()
+        return output
+
+    def _rebuild(self, mb: int, state: _InFlight) -> None:
+        """Recompute: run the forward again, with the weights of this moment (live) or of the
+        forward's version (stashed), so that backward has a graph."""
+        if state.output is None:
+            x = state.inputs if self.is_first else state.inputs.requires_grad_()
+            weights = self._stash.tensors[state.version] if self.policy is WeightPolicy.STASHED else None
+            state.output = self._graph(mb, x, weights, record=False)
+
+    @property
+    def held_inputs(self) -> list[torch.Tensor]:
+        """With recompute, the inputs kept for forwards not yet re-run (for memory accounting)."""
+        return [state.inputs for state in self._inflight.values() if state.output is None]
 
     def evaluate(self, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
         """E(index): forward-only pass over held-out batch `index` with the current weights."""
@@ -183,6 +217,7 @@ class Stage:
         """B(mb): backward through the saved graph, add into the grads, return the input grad."""
         state = self._inflight.pop(mb)
         self._record_backward(mb, state)
+        self._rebuild(mb, state)
         state.output.backward(None if self.is_last else grad)
         self._finish(state)
         return None if self.is_first else state.inputs.grad
@@ -191,6 +226,7 @@ class Stage:
         """I(mb): only the input gradient; the graph is kept for W."""
         state = self._inflight[mb]
         self._record_backward(mb, state)
+        self._rebuild(mb, state)
         state.grad = grad
         if self.is_first:
             return None

@@ -91,6 +91,16 @@ class CostModel:
         options = {k: v for k, v in data.items() if k not in ("forward", "time_unit")}
         return replace(cls.per_stage(num_stages, forward, **options), time_unit=data.get("time_unit", "units"))
 
+    def recomputed(self, first_input_bytes: float = 0.0) -> CostModel:
+        """The same stages with activation recomputation (`paci train --recompute`): a backward
+        first re-runs the forward (B and I cost F more; W is unchanged), and an in-flight
+        micro-batch holds only its input: the previous stage's message, or `first_input_bytes`
+        (the token ids) on stage 0. Counted between actions, like every byte here: the recomputed
+        activations of the one micro-batch inside a backward come on top while it runs."""
+        inputs = (float(first_input_bytes), *self.message_bytes[:-1]) if self.message_bytes else ()
+        return replace(self, backward=tuple(b + f for b, f in zip(self.backward, self.forward)),
+                       activation_bytes=inputs)
+
     def transfer(self, stage: int) -> float:
         """Time for stage `stage`'s output activation (or the gradient of it) to cross one link."""
         return self.latency + self.message_bytes[stage] / self.bandwidth

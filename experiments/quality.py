@@ -29,7 +29,6 @@ planned study is about 45 cells, roughly 5 CPU-hours, on top of tta.py's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import sys

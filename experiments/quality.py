@@ -9,6 +9,9 @@ study measures what the stash-free corrections of `paci train --compensate` buy 
   beta1 = 0.99, the last stage (never delayed) keeps AdamW. Controls: flush with the same NAdamW on
   every stage (is it a better optimizer rather than a delay correction?), and PACI with NAdamW on
   every stage (the paper's recipe as released).
+* recompute (`--recompute`): a backward re-runs its stage's forward with the live weights, so each
+  stage's local gradient is taken at the weights it updates (only the input and the gradient
+  from downstream are late).
 * "pipemare" (Yang et al., arXiv 1910.05124): lr / Δ^p, annealed. It is the identity at Δ <= 1,
   so at K = m = 8 it is plain PACI; it is measured where it acts, at K = 2 (Δ up to 4).
 * The learning rate decides it, so every variant is swept over 5e-4 to 4e-3 and judged at its own
@@ -57,10 +60,11 @@ NADAMW = (("optimizer", "nadamw"), ("beta1", 0.99))
 FLUSH = Variant("1F1B-flush", "1f1b")
 PACI = Variant("PACI", "paci")
 NESTEROV = Variant("PACI + nesterov (NAdamW 0.99 on delayed stages)", "paci", (("compensate", "nesterov"),))
+RECOMPUTE = Variant("PACI + recompute (each stage's Jacobian at the live weights)", "paci", (("recompute", True),))
 VARIANTS = [FLUSH, PACI, NESTEROV,
             Variant("1F1B-flush, NAdamW 0.99 (control)", "1f1b", NADAMW),
-            Variant("PACI, NAdamW 0.99 on every stage", "paci", NADAMW)]
-COMPENSATED = [NESTEROV, VARIANTS[4]]
+            Variant("PACI, NAdamW 0.99 on every stage", "paci", NADAMW), RECOMPUTE]
+COMPENSATED = [NESTEROV, VARIANTS[4], RECOMPUTE]
 # PipeMare where it acts: K = 2 at P = 8 gives Δ up to 4
 PIPEMARE_K = 2
 PIPEMARE = [Variant(f"PACI K={PIPEMARE_K}", "paci", (("accum", PIPEMARE_K),)),

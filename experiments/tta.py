@@ -104,6 +104,7 @@ class Cell:
     beta1: float = 0.9
     compensate: str = "none"  # experiments/quality.py: stash-free corrections for delayed gradients
     warmup: int | None = None  # None: 5% of the steps
+    recompute: bool = False
 
     @property
     def name(self) -> str:
@@ -112,12 +113,14 @@ class Cell:
         extra += f"-{self.optimizer}{self.beta1:g}" if (self.optimizer, self.beta1) != ("adamw", 0.9) else ""
         extra += f"-{self.compensate}" if self.compensate != "none" else ""
         extra += f"-wu{self.warmup}" if self.warmup is not None else ""
+        extra += "-recompute" if self.recompute else ""
         return f"{self.schedule}-m{self.m}-lr{self.lr:g}-s{self.seed}{extra}"
 
     def flags(self) -> list[str]:
         """The `paci train` flags this cell adds to the setting's."""
         flags = ["--accum", str(self.accum)] if self.accum else []
         flags += ["--optimizer", self.optimizer, "--beta1", str(self.beta1), "--compensate", self.compensate]
+        flags += ["--recompute"] if self.recompute else []
         return flags + (["--warmup", str(self.warmup)] if self.warmup is not None else [])
 
 

@@ -9,6 +9,10 @@ study measures what the stash-free corrections of `paci train --compensate` buy 
   beta1 = 0.99, the last stage (never delayed) keeps AdamW. Controls: flush with the same NAdamW on
   every stage (is it a better optimizer rather than a delay correction?), and PACI with NAdamW on
   every stage (the paper's recipe as released).
+* "predict" (ours, after SpecTrain, arXiv 1809.02839, and XPipe, arXiv 1911.04610): a forward
+  that the schedule says an update will overtake runs on the weights AdamW's next step is
+  predicted to reach (the current moments taken as the coming gradient), through the live weights
+  and restored exactly afterwards; the predicted values exist only for that forward.
 * recompute (`--recompute`): a backward re-runs its stage's forward with the live weights, so each
   stage's local gradient is taken at the weights it updates (only the input and the gradient
   from downstream are late).
@@ -60,11 +64,12 @@ NADAMW = (("optimizer", "nadamw"), ("beta1", 0.99))
 FLUSH = Variant("1F1B-flush", "1f1b")
 PACI = Variant("PACI", "paci")
 NESTEROV = Variant("PACI + nesterov (NAdamW 0.99 on delayed stages)", "paci", (("compensate", "nesterov"),))
+PREDICT = Variant("PACI + predict (overtaken forwards on predicted weights)", "paci", (("compensate", "predict"),))
 RECOMPUTE = Variant("PACI + recompute (each stage's Jacobian at the live weights)", "paci", (("recompute", True),))
-VARIANTS = [FLUSH, PACI, NESTEROV,
+VARIANTS = [FLUSH, PACI, PREDICT, NESTEROV, RECOMPUTE,
             Variant("1F1B-flush, NAdamW 0.99 (control)", "1f1b", NADAMW),
-            Variant("PACI, NAdamW 0.99 on every stage", "paci", NADAMW), RECOMPUTE]
-COMPENSATED = [NESTEROV, VARIANTS[4], RECOMPUTE]
+            Variant("PACI, NAdamW 0.99 on every stage", "paci", NADAMW)]
+COMPENSATED = [PREDICT, NESTEROV, RECOMPUTE, VARIANTS[-1]]
 # PipeMare where it acts: K = 2 at P = 8 gives Δ up to 4
 PIPEMARE_K = 2
 PIPEMARE = [Variant(f"PACI K={PIPEMARE_K}", "paci", (("accum", PIPEMARE_K),)),

@@ -83,7 +83,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
     optimizer: str = "adamw"  # "adamw" or "nadamw" (Adam with Nesterov momentum, decoupled weight decay)
     beta1: float = 0.9  # first-moment decay
-    compensate: str = "none"  # stash-free correction for delayed gradients: none, pipemare, nesterov
+    compensate: str = "none"  # stash-free correction for delayed gradients: none, pipemare, nesterov, predict
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -98,6 +98,8 @@ class OptimConfig:
             raise ValueError(f"unknown --optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
         if self.compensate not in COMPENSATIONS:
             raise ValueError(f"unknown --compensate {self.compensate!r}; choose one of: {', '.join(COMPENSATIONS)}")
+        if self.compensate == "predict" and self.optimizer != "adamw":
+            raise ValueError("--compensate predict predicts AdamW's steps; use it with --optimizer adamw")
 
 
 @dataclass

@@ -226,6 +226,21 @@ def stage_delay(schedule: Schedule, stage: int) -> int:
     return max((v_b - v_f for _, v_f, v_b in stage_versions(schedule, stage)), default=0)
 
 
+def updates_ahead(schedule: Schedule, stage: int) -> Callable[[int], int]:
+    """mb -> how many updates of `stage` come between F(mb) and its backward (v_b - v_f), read
+    lazily from the schedule as the forwards ask for them (each micro-batch once)."""
+    versions = stage_versions(schedule, stage)
+    known: dict[int, int] = {}
+
+    def ahead(mb: int) -> int:
+        while mb not in known:
+            other, v_f, v_b = next(versions)
+            known[other] = v_b - v_f
+        return known.pop(mb)
+
+    return ahead
+
+
 def evaluation_rounds(num_steps: int, every: int) -> list[int]:
     """The step after which each evaluation round of `with_evaluation` runs (0 = before training)."""
     return [0] + [k for k in range(1, num_steps + 1) if k % every == 0 or k == num_steps]

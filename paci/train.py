@@ -24,8 +24,8 @@ from paci import schedules
 from paci.config import RunConfig
 from paci.data import TokenData, load_data
 from paci.files import atomic_write, write_text
-from paci.ir import (Action, Message, Op, Schedule, evaluation_rounds, stage_delay, stage_versions,
-                     with_evaluation)
+from paci.ir import (Action, Message, Op, Schedule, WeightPolicy, evaluation_rounds, stage_delay, stage_versions,
+                     updates_ahead, with_evaluation)
 from paci.metrics import Record, Recorder, StatsEvent, StepStats
 from paci.model import PRESETS, GPTConfig, build_units
 from paci.partition import choose_split, parse_bytes, split_spec
@@ -67,6 +67,8 @@ def make_plan(config: RunConfig) -> Plan:
     run_dir = _run_dir(config)
     pipe = config.pipeline
     base = schedules.build(pipe.schedule, pipe.stages, pipe.microbatches, config.train.steps, pipe.accum)
+    if config.optim.compensate == "predict" and base.weight_policy is WeightPolicy.STASHED:
+        raise ValueError(f"--compensate predict moves live weights; {pipe.schedule} stashes them instead")
     data = load_data(config.data.path, config.model.vocab_size)
     preset = PRESETS[config.model.preset]
     seq_len = config.data.seq_len or preset.block_size
@@ -104,7 +106,8 @@ def build_stage(plan: Plan, index: int, device: torch.device) -> Stage:
                  loss_scale=1.0 / plan.schedule.accumulation,
                  train_batch=lambda mb: plan.data.batch(seed, mb, batch_size, seq_len),
                  val_batch=lambda i: plan.data.val_batch(i % plan.eval_batches, batch_size, seq_len),
-                 device=device, recompute=plan.config.pipeline.recompute)
+                 device=device, recompute=plan.config.pipeline.recompute,
+                 updates_ahead=updates_ahead(plan.schedule, index))
 
 
 def default_device() -> torch.device:

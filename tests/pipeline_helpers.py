@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from paci.ir import Schedule, stage_delay
+from paci.ir import Schedule, stage_delay, updates_ahead
 from paci.model import GPT, GPTConfig, build_units, lm_loss, num_units
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.partition import uniform_split
@@ -30,7 +30,7 @@ def make_stages(schedule: Schedule, config: GPTConfig = TINY, seed: int = SEED,
     spec = spec or optimizer_spec(schedule)
     return [Stage(s, schedule.num_stages, build_units(config, seed, start, stop), policy=schedule.weight_policy,
                   optim=spec.for_stage(stage_delay(schedule, s)), loss_scale=1.0 / schedule.accumulation, train_batch=feed, val_batch=feed,
-                  recompute=recompute)
+                  recompute=recompute, updates_ahead=updates_ahead(schedule, s))
             for s, (start, stop) in enumerate(uniform_split(num_units(config), schedule.num_stages))]
 
 

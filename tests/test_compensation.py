@@ -2,7 +2,7 @@
 
 `OptimizerSpec.for_stage(delay)` gives a stage its optimizer from the largest drift the schedule
 fixes for it; PipeMare rescales that stage's learning rate, Nesterov switches it to NAdamW with
-beta1 = 0.99. Where the delay is 0 (every synchronous schedule, PACI's last stage) both must train
+beta1 = 0.99, and predict runs each forward that an update will overtake on predicted weights. Where the delay is 0 (every synchronous schedule, PACI's last stage) both must train
 bit for bit like plain AdamW, and the weights a live backward reads stay exact with NAdamW too.
 """
 
@@ -10,12 +10,14 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
+from torch.nn import functional as F
 from pipeline_helpers import TINY, SEED, make_stages, optimizer_spec, reference_training, stage_parameters
 
-from paci.ir import stage_delay
+from paci.ir import WeightPolicy, stage_delay
 from paci.model import GPT
 from paci.runtime.executor import run_local
-from paci.runtime.stage import NESTEROV_BETA1, OptimizerSpec
+from paci.runtime.stage import NESTEROV_BETA1, OptimizerSpec, Stage
 from paci.runtime.transport import LocalTransport
 from paci.schedules import build
 
@@ -26,7 +28,7 @@ def _train(schedule, spec: OptimizerSpec) -> list[torch.Tensor]:
     return stage_parameters(pipeline)
 
 
-@pytest.mark.parametrize("compensate", ["pipemare", "nesterov"])
+@pytest.mark.parametrize("compensate", ["pipemare", "nesterov", "predict"])
 @pytest.mark.parametrize("name", ["1f1b", "gpipe", "zb-h1"])
 def test_identity_without_delay(name, compensate):
     """On a synchronous schedule (Δ = 0 on every stage) a compensation changes no bit."""
@@ -69,6 +71,47 @@ def test_nesterov_switches_only_delayed_stages():
     kinds = [(type(stage.optimizer).__name__, stage.optimizer.defaults["betas"][0]) for stage in pipeline]
     assert kinds == [("NAdam", NESTEROV_BETA1)] * 3 + [("AdamW", 0.9)]
     assert all(stage.optimizer.defaults["decoupled_weight_decay"] for stage in pipeline[:3])
+
+
+def test_predicted_forward_by_hand():
+    """predict: a forward that the schedule says one update will overtake runs on w + (AdamW's next
+    step, taken with the current moments), computed here by hand; the weights are bit for bit
+    back afterwards; a forward no update overtakes runs on the weights as they are."""
+    torch.manual_seed(0)
+    modules = [nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3)]
+    spec = OptimizerSpec(lr=0.1, weight_decay=0.1, warmup_steps=0, total_steps=10, compensate="predict")
+    ahead = {0: 0, 1: 1, 2: 0}
+    stage = Stage(1, 3, modules, policy=WeightPolicy.LIVE, optim=spec, loss_scale=1.0, train_batch=None,
+                  val_batch=None, updates_ahead=ahead.__getitem__)
+    x = [torch.randn(2, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    stage.forward(0, x[0].clone())
+    stage.backward(0, torch.ones(2, 3))
+    stage.step()
+    before = [p.detach().clone() for p in stage.module.parameters()]
+    predicted = []
+    for (name, p), shadow in zip(stage.module.named_parameters(), stage._shadows.values()):
+        m, v = stage.optimizer.state[shadow]["exp_avg"], stage.optimizer.state[shadow]["exp_avg_sq"]
+        lr, decay = spec.lr_at(1), 0.1 if p.dim() >= 2 else 0.0
+        predicted.append(p.detach() * (1 - lr * decay) - lr * (m / (1 - 0.9 ** 2)) / ((v / (1 - 0.95 ** 2)).sqrt() + 1e-8))
+    w1, b1, w2, b2 = predicted
+    expected = F.gelu(x[1] @ w1.T + b1) @ w2.T + b2
+    torch.testing.assert_close(stage.forward(1, x[1].clone()), expected, rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(a, b) for a, b in zip(stage.module.parameters(), before))
+    torch.testing.assert_close(stage.forward(2, x[2].clone()), stage.module(x[2]).detach(), rtol=0, atol=0)
+    stage.backward(1, torch.ones(2, 3))
+    stage.backward(2, torch.ones(2, 3))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in stage.module.parameters())
+
+
+def test_predict_acts_only_where_updates_overtake():
+    """PACI at K >= P-1: prediction changes training (stages 0..P-2 have delayed forwards), and a
+    one-stage PACI (no delay anywhere) is bit for bit plain."""
+    schedule = build("paci", 4, 4, 3)
+    plain = optimizer_spec(schedule)
+    predict = dataclasses.replace(plain, compensate="predict")
+    assert not all(torch.equal(a, b) for a, b in zip(_train(schedule, predict), _train(schedule, plain)))
+    single = build("paci", 1, 4, 3)
+    assert all(torch.equal(a, b) for a, b in zip(_train(single, predict), _train(single, plain)))
 
 
 @pytest.mark.parametrize("name", ["1f1b", "paci"])

@@ -23,9 +23,10 @@ from paci.train import train
 pytestmark = pytest.mark.dist
 
 
-# every schedule, and PACI with recompute and the Nesterov compensation: (label, schedule, options)
-RUNS = [(name, name, {}) for name in REGISTRY] + [("paci-recompute-nesterov", "paci", {"recompute": True,
-                                                                                       "compensate": "nesterov"})]
+# every schedule, and PACI with recompute and compensations: (label, schedule, options)
+RUNS = [(name, name, {}) for name in REGISTRY] + [
+    ("paci-recompute-nesterov", "paci", {"recompute": True, "compensate": "nesterov"}),
+    ("paci-predict", "paci", {"compensate": "predict"})]
 
 
 def _config(name: str, stages: int, out, nproc: int, options: dict | None = None):

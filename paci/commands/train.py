@@ -31,7 +31,8 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--optimizer", help="adamw (default) or nadamw (Adam with Nesterov momentum)")
     p.add_argument("--beta1", type=float, help="the optimizer's first-moment decay (default 0.9)")
     p.add_argument("--compensate", help="stash-free correction for delayed gradients: none (default), pipemare "
-                                        "(lr / delay^p, annealed), nesterov (NAdamW, beta1 0.99, on delayed stages)")
+                                        "(lr / delay^p, annealed), nesterov (NAdamW, beta1 0.99, on delayed stages), "
+                                        "predict (forwards that an update will overtake run on predicted weights)")
     p.add_argument("--seed", type=int, help="seed for init and data order (default 0)")
     p.add_argument("--data", help="text file, folder of .txt, or folder with train.bin/val.bin (default: embedded)")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 8)")

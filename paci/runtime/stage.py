@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +37,7 @@ Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # index -> (inputs, 
 
 
 OPTIMIZERS = ("adamw", "nadamw")
-COMPENSATIONS = ("none", "pipemare", "nesterov")
+COMPENSATIONS = ("none", "pipemare", "nesterov", "predict")
 # Nesterov look-ahead for delayed gradients (Ajanthan et al., ICML 2025, arXiv 2505.01099): their
 # released recipe is torch's NAdam with decoupled weight decay and beta1 = 0.99. NAdam warms its
 # momentum up as mu_t = beta1 (1 - 0.5 * 0.96^(t psi)); their runs take 50 000 steps with psi = 0.004,
@@ -61,6 +61,10 @@ class OptimizerSpec:
 
     * "pipemare": lr / delay^p with p annealed from 1 to 0 (PipeMare); the identity at delay <= 1.
     * "nesterov": a delayed stage steps with NAdamW, beta1 = 0.99 (Ajanthan et al.).
+    * "predict": a forward whose backward comes after d updates runs on the weights AdamW's next d
+      steps are predicted to reach (`Stage` does it; weight prediction as in SpecTrain, Chen et
+      al., arXiv 1809.02839, and for Adam XPipe, Guan et al., arXiv 1911.04610). Forwards that no
+      update overtakes are untouched.
     """
 
     lr: float = 2e-3
@@ -79,6 +83,8 @@ class OptimizerSpec:
             raise ValueError(f"unknown optimizer {self.name!r}; choose one of: {', '.join(OPTIMIZERS)}")
         if self.compensate not in COMPENSATIONS:
             raise ValueError(f"unknown compensation {self.compensate!r}; choose one of: {', '.join(COMPENSATIONS)}")
+        if self.compensate == "predict" and self.name != "adamw":
+            raise ValueError("--compensate predict predicts AdamW's steps; use it with --optimizer adamw")
 
     def for_stage(self, delay: int) -> OptimizerSpec:
         """This spec for a stage whose backwards cross at most `delay` updates."""
@@ -134,9 +140,16 @@ class Stash:
 class Stage:
     def __init__(self, index: int, num_stages: int, modules: Sequence[nn.Module], *, policy: WeightPolicy,
                  optim: OptimizerSpec, loss_scale: float, train_batch: Batch, val_batch: Batch,
-                 device: torch.device | str = "cpu", recompute: bool = False) -> None:
+                 device: torch.device | str = "cpu", recompute: bool = False,
+                 updates_ahead: Callable[[int], int] | None = None) -> None:
         self.index, self.num_stages = index, num_stages
         self.recompute = recompute
+        self.spec = optim
+        # mb -> updates between F(mb) and its backward, from the schedule (ir.updates_ahead); "predict" needs it
+        self.updates_ahead = updates_ahead
+        if optim.compensate == "predict" and (updates_ahead is None or policy is WeightPolicy.STASHED):
+            raise ValueError("--compensate predict needs live weights (not pipedream or 2bw) and the schedule's "
+                             "updates_ahead")
         self.is_first, self.is_last = index == 0, index == num_stages - 1
         self.device = torch.device(device)
         self.module = nn.Sequential(*modules).to(self.device)
@@ -163,14 +176,48 @@ class Stage:
         saved activations, or with recompute only the input."""
         x = self.train_batch(mb)[0].to(self.device) if self.is_first else received
         weights = self._stash_acquire() if self.policy is WeightPolicy.STASHED else None
-        if self.recompute:
-            with torch.no_grad():
-                output = self._graph(mb, x, weights, record=True)
-            self._inflight[mb] = _InFlight(x, None, self.version)
-        else:
-            output = self._graph(mb, x if self.is_first else x.requires_grad_(), weights, record=True)
-            self._inflight[mb] = _InFlight(None if self.is_first else x, output, self.version)
+        ahead = self.updates_ahead(mb) if self.spec.compensate == "predict" else 0
+        with self._predicted_weights(ahead) if ahead else contextlib.nullcontext():
+            if self.recompute:
+                with torch.no_grad():
+                    output = self._graph(mb, x, weights, record=True)
+                self._inflight[mb] = _InFlight(x, None, self.version)
+            else:
+                output = self._graph(mb, x if self.is_first else x.requires_grad_(), weights, record=True)
+                self._inflight[mb] = _InFlight(None if self.is_first else x, output, self.version)
         return None if self.is_last else output.detach()
+
+    @contextlib.contextmanager
+    def _predicted_weights(self, ahead: int) -> Iterator[None]:
+        """For the length of one forward, the weights where AdamW's next `ahead` steps are predicted
+        to take them: each step as the current moments would make it (the coming gradients assumed
+        equal to the first moment), with the LR schedule's rates and the decoupled weight decay.
+        Written through the shadow parameters, so autograd keeps referring to the live weights that
+        the backward will read; restored exactly from a copy that lives only this long."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if not self.optimizer.state:  # before the first step there are no moments to predict with
+            yield
+            return
+        originals = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for group in self.optimizer.param_groups:
+                beta1, beta2 = group["betas"]
+                for p in group["params"]:
+                    state = self.optimizer.state.get(p)
+                    if not state:
+                        continue
+                    t = int(state["step"])
+                    for k in range(1, ahead + 1):
+                        lr = self.spec.lr_at(t + k - 1)
+                        p.mul_(1 - lr * group["weight_decay"])
+                        denom = (state["exp_avg_sq"] / (1 - beta2 ** (t + k))).sqrt_().add_(group["eps"])
+                        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** (t + k)))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, original in zip(params, originals):
+                    p.copy_(original)
 
     def _graph(self, mb: int, x: torch.Tensor, weights: dict[str, torch.Tensor] | None, record: bool) -> torch.Tensor:
         """The stage's forward of x; on the last stage the loss scaled by 1/K (recorded if `record`)."""

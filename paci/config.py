@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from paci.model import PRESETS
-from paci.runtime.stage import COMPENSATIONS, OPTIMIZERS
+from paci.runtime.stage import OptimizerSpec
 from paci.schedules import REGISTRY
 
 
@@ -94,12 +94,7 @@ class OptimConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.beta1 < 1:
             raise ValueError(f"--beta1 must be in [0, 1), got {self.beta1}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown --optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
-        if self.compensate not in COMPENSATIONS:
-            raise ValueError(f"unknown --compensate {self.compensate!r}; choose one of: {', '.join(COMPENSATIONS)}")
-        if self.compensate == "predict" and self.optimizer != "adamw":
-            raise ValueError("--compensate predict predicts AdamW's steps; use it with --optimizer adamw")
+        OptimizerSpec(name=self.optimizer, compensate=self.compensate)  # checks the choices
 
 
 @dataclass

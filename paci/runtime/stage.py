@@ -80,9 +80,9 @@ class OptimizerSpec:
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+            raise ValueError(f"unknown --optimizer {self.name!r}; choose one of: {', '.join(OPTIMIZERS)}")
         if self.compensate not in COMPENSATIONS:
-            raise ValueError(f"unknown compensation {self.compensate!r}; choose one of: {', '.join(COMPENSATIONS)}")
+            raise ValueError(f"unknown --compensate {self.compensate!r}; choose one of: {', '.join(COMPENSATIONS)}")
         if self.compensate == "predict" and self.name != "adamw":
             raise ValueError("--compensate predict predicts AdamW's steps; use it with --optimizer adamw")
 

@@ -32,6 +32,8 @@ bench: $(STAMP)
 results: $(STAMP)
 	$(PY) experiments/tta.py
 	$(PY) experiments/drift.py
+	$(PY) experiments/quality.py
+	$(PY) experiments/stability.py
 	$(PY) experiments/throughput.py
 	$(PY) experiments/memory.py
 	$(PY) experiments/peer.py

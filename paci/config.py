@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from paci.model import PRESETS
+from paci.model import PRECISIONS, PRESETS
 from paci.runtime.stage import OptimizerSpec
 from paci.schedules import REGISTRY
 
@@ -105,10 +105,13 @@ class TrainConfig:
     eval_batches: int = 8  # held-out micro-batches per validation round
     out: str | None = None  # run directory; default runs/<schedule>-<time>
     threads: int | None = None  # torch threads per process; default: the cores, split across processes
+    precision: str = "fp32"  # "fp32", or "bf16": autocast over fp32 weights (model.autocast)
 
     def __post_init__(self) -> None:
         _positive("train", steps=self.steps, eval_every=self.eval_every, eval_batches=self.eval_batches,
                   threads=self.threads)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown --precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"--seed must be an integer >= 0, got {self.seed!r}")
 

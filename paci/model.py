@@ -18,6 +18,7 @@ References:
 2) karpathy/nanoGPT model.py: the module and parameter names used here.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -298,6 +299,20 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(probs, num_samples=1)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The numerics a forward runs under: fp32, or bf16 autocast over fp32 weights (matmuls in
+    bf16 on a bf16 copy of each weight made when the forward first uses it; LayerNorm, softmax and
+    the loss in fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown --precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -355,7 +355,7 @@ def _check_budget(budget: float | None) -> None:
 
 def choose_split(spec: str, config: GPTConfig, num_stages: int, schedule_name: str, microbatches: int,
                  accum: int | None, batch_size: int, seq_len: int, device: torch.device | str,
-                 budget: float | None = None, dtype: torch.dtype = torch.float32) -> list[tuple[int, int]]:
+                 budget: float | None = None, precision: str = "fp32") -> list[tuple[int, int]]:
     """The split `paci train` uses: "profile" (measure the units here, then `partition`), "uniform",
     or an explicit "0:5,5:9,..." list. `budget` None means the device's total memory on CUDA and
     no limit elsewhere. Profiling uses torch's current thread count: set it first."""
@@ -368,7 +368,7 @@ def choose_split(spec: str, config: GPTConfig, num_stages: int, schedule_name: s
     _check_budget(budget)
     budget = default_budget(device) if budget is None else budget
     inflight, copies = stage_memory_model(schedule_name, num_stages, microbatches, accum)  # checks the schedule
-    profiles = profile_units(config, batch_size, seq_len, device, dtype)
+    profiles = profile_units(config, batch_size, seq_len, device, precision)
     split = partition(profiles, num_stages, inflight, copies, budget)
     uniform = evaluate_split(profiles, uniform_split(n, num_stages), inflight, copies, budget)
     logger.info("profiled split %s: slowest stage %d at %.2f ms fwd+bwd per micro-batch (uniform %s: %.2f ms)",

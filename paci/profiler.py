@@ -33,7 +33,7 @@ from torch import nn
 
 from paci.data import resolve_cache_dir
 from paci.files import write_bytes
-from paci.model import GPTConfig, build_unit, lm_loss, num_units, unit_names
+from paci.model import GPTConfig, autocast, build_unit, lm_loss, num_units, unit_names
 from paci.sim import CostModel
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class UnitProfile:
 
 
 def profile_units(config: GPTConfig, batch_size: int, seq_len: int, device: torch.device | str,
-                  dtype: torch.dtype = torch.float32, repeats: int = 10, warmup: int = 2,
+                  precision: str = "fp32", repeats: int = 10, warmup: int = 2,
                   cache: bool = True) -> list[UnitProfile]:
     """Profile every unit of `config` for micro-batches of (batch_size, seq_len) tokens on `device`.
 
@@ -67,7 +67,7 @@ def profile_units(config: GPTConfig, batch_size: int, seq_len: int, device: torc
     medians of `repeats` rounds (each times every unit once) after `warmup`; torch's thread count
     is left as the caller set it. All units are resident at once, as in the unsplit model.
     With `cache`, the result is kept in <cache dir>/profiles/<key>.json, keyed by the model
-    config, batch shape, device, dtype, threads and torch version.
+    config, batch shape, device, precision (`model.autocast`), threads and torch version.
     """
     if batch_size < 1 or seq_len < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"batch_size, seq_len and repeats must be >= 1 and warmup >= 0, got "
@@ -77,7 +77,7 @@ def profile_units(config: GPTConfig, batch_size: int, seq_len: int, device: torc
                          "use a shorter --seq-len")
     device = torch.device(device)
     key = {"format": PROFILE_FORMAT, "model": dataclasses.asdict(config), "batch_size": batch_size,
-           "seq_len": seq_len, "device": _device_label(device), "dtype": str(dtype),
+           "seq_len": seq_len, "device": _device_label(device), "precision": precision,
            "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats, "warmup": warmup}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = resolve_cache_dir() / "profiles" / f"{digest}.json"
@@ -91,8 +91,8 @@ def profile_units(config: GPTConfig, batch_size: int, seq_len: int, device: torc
             pass
         logger.warning("ignoring unreadable profile cache %s; measuring again", path)
     logger.info("profiling %d units on %s (%s, micro-batch %dx%d, %d repeats)", num_units(config),
-                _device_label(device), str(dtype).removeprefix("torch."), batch_size, seq_len, repeats)
-    profiles, spread = _measure(config, batch_size, seq_len, device, dtype, repeats, warmup)
+                _device_label(device), precision, batch_size, seq_len, repeats)
+    profiles, spread = _measure(config, batch_size, seq_len, device, precision, repeats, warmup)
     if spread > NOISE_LIMIT:
         logger.warning("unit timings are noisy (round times spread %.0f%% around their median; is another "
                        "process using these cores?): the split may be off and the profile is not cached; "
@@ -103,7 +103,7 @@ def profile_units(config: GPTConfig, batch_size: int, seq_len: int, device: torc
     return profiles
 
 
-def _measure(config: GPTConfig, batch_size: int, seq_len: int, device: torch.device, dtype: torch.dtype,
+def _measure(config: GPTConfig, batch_size: int, seq_len: int, device: torch.device, precision: str,
              repeats: int, warmup: int) -> tuple[list[UnitProfile], float]:
     """The profiles, and the spread of the timing rounds (see `_time`)."""
     generator = torch.Generator().manual_seed(0)  # inputs and output gradients; the global RNG is untouched
@@ -112,14 +112,14 @@ def _measure(config: GPTConfig, batch_size: int, seq_len: int, device: torch.dev
     last = num_units(config) - 1
     units, inputs = [], []
     for index in range(last + 1):
-        units.append(build_unit(config, index, seed=0).to(device=device, dtype=dtype))
+        units.append(build_unit(config, index, seed=0).to(device))
         if x.is_floating_point():
             x = x.detach().requires_grad_(True)  # a stage's received activation: a leaf that wants its grad
         inputs.append(x)
         if index < last:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(precision, device):
                 x = units[-1](x)
-    runs = [_runner(unit, inputs[i], targets if i == last else None) for i, unit in enumerate(units)]
+    runs = [_runner(unit, inputs[i], targets if i == last else None, precision) for i, unit in enumerate(units)]
     activation = [saved_activation_bytes(run, exclude=[*unit.parameters(), *unit.buffers()])
                   for unit, run in zip(units, runs)]
     times, spread = _time(runs, inputs, device, repeats, warmup, generator)
@@ -130,11 +130,15 @@ def _measure(config: GPTConfig, batch_size: int, seq_len: int, device: torch.dev
             in zip(unit_names(config), times, static, activation, updates)], spread
 
 
-def _runner(unit: nn.Module, x: torch.Tensor, targets: torch.Tensor | None) -> Callable[[], torch.Tensor]:
-    """The unit's forward as a stage runs it: the last unit also computes the loss."""
-    if targets is None:
-        return lambda: unit(x)
-    return lambda: lm_loss(unit(x), targets)
+def _runner(unit: nn.Module, x: torch.Tensor, targets: torch.Tensor | None,
+            precision: str) -> Callable[[], torch.Tensor]:
+    """The unit's forward as a stage runs it, under its precision: the last unit also computes the loss."""
+    def run() -> torch.Tensor:
+        with autocast(precision, x.device):
+            output = unit(x)
+            return output if targets is None else lm_loss(output, targets)
+
+    return run
 
 
 def saved_activation_bytes(run: Callable[[], torch.Tensor], exclude: Sequence[torch.Tensor] = ()) -> int:

@@ -27,7 +27,7 @@ from paci.files import atomic_write, write_text
 from paci.ir import (Action, Message, Op, Schedule, WeightPolicy, evaluation_rounds, stage_delay, stage_versions,
                      updates_ahead, with_evaluation)
 from paci.metrics import Record, Recorder, StatsEvent, StepStats
-from paci.model import PRESETS, GPTConfig, build_units
+from paci.model import PRESETS, GPTConfig, autocast, build_units
 from paci.partition import choose_split, parse_bytes, split_spec
 from paci.report import render_png, write_chrome_trace
 from paci.runtime.executor import Executor, gather_trace, run_local
@@ -77,7 +77,7 @@ def make_plan(config: RunConfig) -> Plan:
     eval_batches = min(config.train.eval_batches, data.num_val_batches(config.data.batch_size, seq_len))
     budget = parse_bytes(pipe.memory_per_stage) if pipe.memory_per_stage is not None else None
     split = choose_split(pipe.split, model, pipe.stages, pipe.schedule, pipe.microbatches, pipe.accum,
-                         config.data.batch_size, seq_len, default_device(), budget)
+                         config.data.batch_size, seq_len, default_device(), budget, config.train.precision)
     opt = config.optim
     warmup = opt.warmup_steps if opt.warmup_steps is not None else max(1, base.num_steps // 20)
     optimizer = OptimizerSpec(lr=opt.lr, weight_decay=opt.weight_decay, betas=(opt.beta1, 0.95), warmup_steps=warmup,
@@ -107,7 +107,7 @@ def build_stage(plan: Plan, index: int, device: torch.device) -> Stage:
                  train_batch=lambda mb: plan.data.batch(seed, mb, batch_size, seq_len),
                  val_batch=lambda i: plan.data.val_batch(i % plan.eval_batches, batch_size, seq_len),
                  device=device, recompute=plan.config.pipeline.recompute,
-                 updates_ahead=updates_ahead(plan.schedule, index))
+                 updates_ahead=updates_ahead(plan.schedule, index), precision=plan.config.train.precision)
 
 
 def default_device() -> torch.device:
@@ -198,7 +198,7 @@ def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
 def message_spec(plan: Plan) -> Callable[[Message], tuple[tuple[int, ...], torch.dtype]]:
     """Shape and dtype of every inter-stage tensor, found once by running the stages on the meta device."""
     outputs = []
-    with torch.device("meta"):
+    with torch.device("meta"), autocast(plan.config.train.precision, "cpu"):
         x = torch.zeros(plan.batch_size, plan.seq_len, dtype=torch.long)
         for start, stop in plan.split:
             for unit in build_units(plan.model, 0, start, stop):

@@ -26,11 +26,11 @@ def optimizer_spec(schedule: Schedule, lr: float = 1e-2) -> OptimizerSpec:
 
 
 def make_stages(schedule: Schedule, config: GPTConfig = TINY, seed: int = SEED,
-                spec: OptimizerSpec | None = None, recompute: bool = False) -> list[Stage]:
+                spec: OptimizerSpec | None = None, recompute: bool = False, precision: str = "fp32") -> list[Stage]:
     spec = spec or optimizer_spec(schedule)
     return [Stage(s, schedule.num_stages, build_units(config, seed, start, stop), policy=schedule.weight_policy,
                   optim=spec.for_stage(stage_delay(schedule, s)), loss_scale=1.0 / schedule.accumulation, train_batch=feed, val_batch=feed,
-                  recompute=recompute, updates_ahead=updates_ahead(schedule, s))
+                  recompute=recompute, updates_ahead=updates_ahead(schedule, s), precision=precision)
             for s, (start, stop) in enumerate(uniform_split(num_units(config), schedule.num_stages))]
 
 

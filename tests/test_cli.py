@@ -131,6 +131,7 @@ TINY = ["--preset", "tiny", "--steps", "4", "--stages", "2", "--microbatches", "
     (["--schedule", "2bw", "--compensate", "predict"], "--compensate predict moves live weights; 2bw stashes"),
     (["--optimizer", "nadamw", "--compensate", "predict"], "predicts AdamW's steps; use it with --optimizer adamw"),
     (["--beta1", "1"], "--beta1 must be in [0, 1)"),
+    (["--precision", "fp16"], "unknown --precision 'fp16'; choose one of: fp32, bf16"),
     (["--warmup=-1"], "warmup_steps must be >= 0"),
     (["--nproc", "3"], "--nproc 3 must equal --stages 2"),
 ])

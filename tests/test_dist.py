@@ -26,7 +26,7 @@ pytestmark = pytest.mark.dist
 # every schedule, and PACI with recompute and compensations: (label, schedule, options)
 RUNS = [(name, name, {}) for name in REGISTRY] + [
     ("paci-recompute-nesterov", "paci", {"recompute": True, "compensate": "nesterov"}),
-    ("paci-predict", "paci", {"compensate": "predict"})]
+    ("paci-predict-bf16", "paci", {"compensate": "predict", "precision": "bf16"})]
 
 
 def _config(name: str, stages: int, out, nproc: int, options: dict | None = None):
@@ -36,7 +36,8 @@ def _config(name: str, stages: int, out, nproc: int, options: dict | None = None
         "pipeline": {"schedule": name, "stages": stages, "microbatches": 4, "nproc": nproc, "timeout_s": 30.0,
                      "split": "uniform", "recompute": options.get("recompute", False)},
         "optim": {"lr": 1e-2, "compensate": options.get("compensate", "none")},
-        "train": {"steps": 3, "eval_every": 2, "eval_batches": 2, "out": str(out), "threads": 1}})
+        "train": {"steps": 3, "eval_every": 2, "eval_batches": 2, "out": str(out), "threads": 1,
+                  "precision": options.get("precision", "fp32")}})
 
 
 def _losses(run_dir) -> list[float]:

@@ -3,6 +3,7 @@
 Start here when a runtime number looks wrong: these tests pin what F, B, I, W and U compute.
 """
 
+import copy
 import gc
 
 import numpy as np
@@ -158,6 +159,72 @@ def test_live_recompute_reads_updated_weights_everywhere():
     assert copies == 0
     _, input_grad, _, stale, _, _ = _update_between_forward_and_backward(WeightPolicy.STASHED, True)
     torch.testing.assert_close(input_grad, stale, rtol=1e-5, atol=1e-6)
+
+
+def _bf16_stage(modules, policy=WeightPolicy.LIVE) -> Stage:
+    return Stage(1, 3, modules, policy=policy, optim=OptimizerSpec(lr=0.1, weight_decay=0.0, total_steps=4),
+                 loss_scale=1.0, train_batch=feed, val_batch=feed, precision="bf16")
+
+
+def _input_grad(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = module(x)
+    output.backward(grad)
+    return x.grad
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_bf16_linear_reads_forward_time_weights_layernorm_live_ones():
+    """Under bf16 autocast a Linear's backward reads the bf16 copy of its weight made at forward
+    time, so after an update between F and B the input gradient is the forward-time one, and the
+    stage holds that copy (half a weight copy per in-flight micro-batch): bf16 PACI is not
+    stash-free. LayerNorm runs in fp32 on the live weight, so it reads the updated one."""
+    torch.manual_seed(0)
+    stage = _bf16_stage([nn.LayerNorm(4), nn.Linear(4, 3)])
+    with torch.no_grad():
+        stage.module[0].weight.uniform_(0.5, 1.5)
+    old_state = {k: v.numpy().copy() for k, v in stage.module.state_dict().items()}  # numpy: invisible to the probe
+    x0 = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+    g0 = torch.randn(2, 3, generator=torch.Generator().manual_seed(2))
+    saved = []
+    stage.saved_tensors_hooks = (lambda t: saved.append((t.dtype, tuple(t.shape))) or t, lambda t: t)
+    stage.forward(0, x0.clone())
+    stage.saved_tensors_hooks = None
+    stage.forward(1, torch.randn(2, 4))
+    stage.backward(1, torch.ones(2, 3))
+    stage.step()
+    input_grad = stage.backward(0, g0)
+    old = copy.deepcopy(stage.module)
+    old.load_state_dict({k: torch.from_numpy(v) for k, v in old_state.items()})
+    mixed = copy.deepcopy(old)  # what bf16 PACI computes: LayerNorm's weights live, the Linear's forward-time
+    mixed[0].load_state_dict(stage.module[0].state_dict())
+    assert torch.equal(input_grad, _input_grad(mixed, x0, g0))
+    assert not torch.equal(input_grad, _input_grad(stage.module, x0, g0))  # all live
+    assert not torch.equal(input_grad, _input_grad(old, x0, g0))  # all forward-time
+    assert (torch.bfloat16, (4, 3)) in saved  # micro-batch 0's bf16 copy of the Linear weight (as W^T), held until B
+    assert (torch.float32, (4,)) in saved  # LayerNorm's weight: the parameter itself, read when B runs
+
+
+@pytest.mark.parametrize("name", ["1f1b", "paci"])
+def test_bf16_peak_bytes_equal_the_simulators(name):
+    """The bf16 copies that in-flight forwards hold are activations to the meter and to a profile
+    taken under autocast, so the measured peak still equals the prediction to the byte (as in fp32,
+    stage 0 keeps its (batch, T+1) token tensor alive)."""
+    schedule = build(name, 3, 4, 3)
+    profiles = profile_units(TINY, BATCH, TINY.block_size, "cpu", "bf16", repeats=1, warmup=0, cache=False)
+    fp32 = profile_units(TINY, BATCH, TINY.block_size, "cpu", repeats=1, warmup=0, cache=False)
+    assert sum(p.activation_bytes for p in profiles) > sum(p.activation_bytes for p in fp32) * 0.5
+    predicted = simulate(schedule, stage_costs(profiles, uniform_split(num_units(TINY), 3)))
+    pipeline = make_stages(schedule, precision="bf16")
+    meters = [StageMemory(stage) for stage in pipeline]
+    samples = [[] for _ in pipeline]
+    run_local(pipeline, schedule, LocalTransport(), lambda stage, _: samples[stage.index].append(
+        meters[stage.index].sample()))
+    measured = [max(s.weights + s.gradients + s.optimizer for s in taken) + max(s.activations + s.stash for s in taken)
+                for taken in samples]
+    token_column = predicted.metrics.per_stage[0].peak_inflight * BATCH * 8
+    assert measured == [predicted.peak_bytes[0] + token_column, *predicted.peak_bytes[1:]]
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))

@@ -44,6 +44,8 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--out", help="run directory (default runs/<schedule>-<time>); must not exist or be empty")
     p.add_argument("--split", help='stage split: "profile" (default: measure the units, then the exact DP), '
                                    '"uniform", or unit ranges like 0:3,3:6,6:10 (see paci partition)')
+    p.add_argument("--precision", help="fp32 (default) or bf16: autocast over fp32 weights; a Linear's backward "
+                                       "then reads the bf16 weight copy its forward made (docs/design.md)")
     p.add_argument("--recompute", action="store_true", default=None,
                    help="keep only each stage's input per in-flight micro-batch; backward re-runs the forward "
                         "with the weights of that moment (costs one more forward)")
@@ -66,7 +68,8 @@ _TRAIN_FLAGS = {"model": {"preset": "preset", "vocab_size": "vocab_size"},
                              "recompute": "recompute"},
                 "optim": {"lr": "lr", "warmup_steps": "warmup_steps", "optimizer": "optimizer", "beta1": "beta1",
                           "compensate": "compensate"}, "train": {"steps": "steps", "seed": "seed", "eval_every": "eval_every",
-                                                 "eval_batches": "eval_batches", "threads": "threads", "out": "out"}}
+                                                 "eval_batches": "eval_batches", "threads": "threads", "out": "out",
+                                                 "precision": "precision"}}
 
 
 def train_command(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.func import functional_call
 
 from paci.ir import WeightPolicy
-from paci.model import lm_loss
+from paci.model import autocast, lm_loss
 
 Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # index -> (inputs, targets)
 
@@ -141,9 +141,11 @@ class Stage:
     def __init__(self, index: int, num_stages: int, modules: Sequence[nn.Module], *, policy: WeightPolicy,
                  optim: OptimizerSpec, loss_scale: float, train_batch: Batch, val_batch: Batch,
                  device: torch.device | str = "cpu", recompute: bool = False,
-                 updates_ahead: Callable[[int], int] | None = None) -> None:
+                 updates_ahead: Callable[[int], int] | None = None, precision: str = "fp32") -> None:
         self.index, self.num_stages = index, num_stages
         self.recompute = recompute
+        self.precision = precision
+        autocast(precision, device)  # checks it
         self.spec = optim
         # mb -> updates between F(mb) and its backward, from the schedule (ir.updates_ahead); "predict" needs it
         self.updates_ahead = updates_ahead
@@ -222,7 +224,8 @@ class Stage:
     def _graph(self, mb: int, x: torch.Tensor, weights: dict[str, torch.Tensor] | None, record: bool) -> torch.Tensor:
         """The stage's forward of x; on the last stage the loss scaled by 1/K (recorded if `record`)."""
         hooks = self.saved_tensors_hooks
-        with torch.autograd.graph.saved_tensors_hooks(*hooks) if hooks else contextlib.nullcontext():
+        with torch.autograd.graph.saved_tensors_hooks(*hooks) if hooks else contextlib.nullcontext(), \
+                autocast(self.precision, self.device):
             output = self._run(x, weights)
             if self.is_last:
                 loss = lm_loss(output, self.train_batch(mb)[1].to(self.device))
@@ -247,7 +250,7 @@ class Stage:
     def evaluate(self, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
         """E(index): forward-only pass over held-out batch `index` with the current weights."""
         inputs, targets = self.val_batch(index) if (self.is_first or self.is_last) else (None, None)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.precision, self.device):
             output = self.module(inputs.to(self.device) if self.is_first else received)
             if self.is_last:
                 self.eval_losses[index] = lm_loss(output, targets.to(self.device)).item()

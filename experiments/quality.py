@@ -66,10 +66,13 @@ PACI = Variant("PACI", "paci")
 NESTEROV = Variant("PACI + nesterov (NAdamW 0.99 on delayed stages)", "paci", (("compensate", "nesterov"),))
 PREDICT = Variant("PACI + predict (overtaken forwards on predicted weights)", "paci", (("compensate", "predict"),))
 RECOMPUTE = Variant("PACI + recompute (each stage's Jacobian at the live weights)", "paci", (("recompute", True),))
-VARIANTS = [FLUSH, PACI, PREDICT, NESTEROV, RECOMPUTE,
-            Variant("1F1B-flush, NAdamW 0.99 (control)", "1f1b", NADAMW),
-            Variant("PACI, NAdamW 0.99 on every stage", "paci", NADAMW)]
-COMPENSATED = [PREDICT, NESTEROV, RECOMPUTE, VARIANTS[-1]]
+NESTEROV_ALL = Variant("PACI, NAdamW 0.99 on every stage", "paci", NADAMW)
+COMPENSATED = [PREDICT, NESTEROV, RECOMPUTE, NESTEROV_ALL]
+# the controls: the same optimizer without delay, and bf16 autocast (its Linear backward reads forward-time weights)
+CONTROLS = [Variant("1F1B-flush, NAdamW 0.99 (control)", "1f1b", NADAMW),
+            Variant("PACI, bf16 autocast", "paci", (("precision", "bf16"),)),
+            Variant("1F1B-flush, bf16 autocast", "1f1b", (("precision", "bf16"),))]
+VARIANTS = [FLUSH, PACI, *COMPENSATED, *CONTROLS]
 # PipeMare where it acts: K = 2 at P = 8 gives Δ up to 4
 PIPEMARE_K = 2
 PIPEMARE = [Variant(f"PACI K={PIPEMARE_K}", "paci", (("accum", PIPEMARE_K),)),
@@ -104,8 +107,13 @@ class Study:
     def lrs(self) -> tuple[float, ...]:
         return tuple(sorted(set(sweep(self.setting)) | set(self.setting.lrs)))
 
-    def best_compensated(self) -> Variant:
-        return min(COMPENSATED, key=lambda v: self.final(v, self.best_lr(v) or 0.0))
+    def swept(self, variant: Variant) -> bool:
+        return all(self.get(variant.cell(self.setting, lr)) for lr in sweep(self.setting))
+
+    def best_compensated(self) -> Variant | None:
+        """The compensation with the lowest final loss at its best rate, among those fully swept."""
+        swept = [v for v in COMPENSATED if self.swept(v)]
+        return min(swept, key=lambda v: self.final(v, self.best_lr(v))) if swept else None
 
     def seeds(self, variant: Variant, lr: float, **more) -> list[float]:
         return [c["final_val_loss"] for s in self.setting.seeds
@@ -116,14 +124,17 @@ def planned_cells(setting: Setting, done: dict[str, dict]) -> list[Cell]:
     """What the study still needs, most important first; later phases use the best rates found."""
     study = Study(setting, done)
     lrs = sweep(setting)
-    cells = [v.cell(setting, lr) for v in VARIANTS for lr in lrs]
-    cells += [v.cell(setting, lr) for v in PIPEMARE for lr in lrs[:2]]
-    if all(c.name in done for c in cells):
-        best = {v: study.best_lr(v) for v in (FLUSH, PACI, study.best_compensated())}
+    cells = [v.cell(setting, lr) for v in (FLUSH, PACI, *COMPENSATED) for lr in lrs]
+    best_comp = study.best_compensated() if all(study.swept(v) for v in (FLUSH, PACI, *COMPENSATED)) else None
+    if best_comp is not None:  # the best rates again: 3 seeds and a longer warm-up
+        best = {v: study.best_lr(v) for v in (FLUSH, PACI, best_comp)}
         warmup = max(1, round(LONG_WARMUP * setting.steps))
-        cells += [v.cell(setting, lr, warmup=warmup) for v, lr in best.items()]
-        cells += [v.cell(setting, lr, stages=4) for v in (PACI, study.best_compensated()) for lr in lrs[:3]]
         cells += [v.cell(setting, lr, seed=s) for v, lr in best.items() for s in setting.seeds]
+        cells += [v.cell(setting, lr, warmup=warmup) for v, lr in best.items()]
+    cells += [v.cell(setting, lr) for v in CONTROLS for lr in lrs]
+    if best_comp is not None:  # P = 4, PipeMare where it acts, and a 4x longer run
+        cells += [v.cell(setting, lr, stages=4) for v in (PACI, best_comp) for lr in lrs[:3]]
+        cells += [v.cell(setting, lr) for v in PIPEMARE for lr in lrs[:2]]
         cells += [v.cell(setting, lr, steps=HORIZON * setting.steps) for v, lr in best.items()]
     return [c for c in dict.fromkeys(cells) if c.name not in done]
 

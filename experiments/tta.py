@@ -105,6 +105,7 @@ class Cell:
     compensate: str = "none"  # experiments/quality.py: stash-free corrections for delayed gradients
     warmup: int | None = None  # None: 5% of the steps
     recompute: bool = False
+    precision: str = "fp32"
 
     @property
     def name(self) -> str:
@@ -114,6 +115,7 @@ class Cell:
         extra += f"-{self.compensate}" if self.compensate != "none" else ""
         extra += f"-wu{self.warmup}" if self.warmup is not None else ""
         extra += "-recompute" if self.recompute else ""
+        extra += f"-{self.precision}" if self.precision != "fp32" else ""
         return f"{self.schedule}-m{self.m}-lr{self.lr:g}-s{self.seed}{extra}"
 
     def flags(self) -> list[str]:
@@ -121,6 +123,7 @@ class Cell:
         flags = ["--accum", str(self.accum)] if self.accum else []
         flags += ["--optimizer", self.optimizer, "--beta1", str(self.beta1), "--compensate", self.compensate]
         flags += ["--recompute"] if self.recompute else []
+        flags += ["--precision", self.precision]
         return flags + (["--warmup", str(self.warmup)] if self.warmup is not None else [])
 
 

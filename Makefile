@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/sim_speed.py
 	$(PY) benchmarks/runtime_synthetic.py
+	$(PY) benchmarks/predict_overhead.py
 	MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 $(PY) benchmarks/partition_split.py
 
 # The paper's claims (docs/results.md). Every experiment caches its cells, so an interrupted run

@@ -201,6 +201,8 @@ def plot(study: Study, path: Path) -> None:
         if points:
             left.plot(*zip(*points), "o-", label=v.label)
     left.set_xscale("log")
+    left.set_xticks(study.lrs, [f"{lr:g}" for lr in study.lrs])
+    left.minorticks_off()
     left.set_xlabel("peak learning rate")
     left.set_ylabel(f"final validation loss ({st.steps} steps)")
     left.set_title("Each variant across the learning rate")

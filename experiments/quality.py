@@ -121,7 +121,9 @@ class Study:
 
 
 def planned_cells(setting: Setting, done: dict[str, dict]) -> list[Cell]:
-    """What the study still needs, most important first; later phases use the best rates found."""
+    """What the study still needs, most important first: every compensation swept; then, at the
+    best rates, 3 seeds, a longer warm-up and a 4x longer run; then the controls, P = 4 and
+    PipeMare where it acts."""
     study = Study(setting, done)
     lrs = sweep(setting)
     cells = [v.cell(setting, lr) for v in (FLUSH, PACI, *COMPENSATED) for lr in lrs]
@@ -131,11 +133,11 @@ def planned_cells(setting: Setting, done: dict[str, dict]) -> list[Cell]:
         warmup = max(1, round(LONG_WARMUP * setting.steps))
         cells += [v.cell(setting, lr, seed=s) for v, lr in best.items() for s in setting.seeds]
         cells += [v.cell(setting, lr, warmup=warmup) for v, lr in best.items()]
+        cells += [v.cell(setting, lr, steps=HORIZON * setting.steps) for v, lr in best.items()]
     cells += [v.cell(setting, lr) for v in CONTROLS for lr in lrs]
-    if best_comp is not None:  # P = 4, PipeMare where it acts, and a 4x longer run
+    if best_comp is not None:  # P = 4, and PipeMare where it acts
         cells += [v.cell(setting, lr, stages=4) for v in (PACI, best_comp) for lr in lrs[:3]]
         cells += [v.cell(setting, lr) for v in PIPEMARE for lr in lrs[:2]]
-        cells += [v.cell(setting, lr, steps=HORIZON * setting.steps) for v, lr in best.items()]
     return [c for c in dict.fromkeys(cells) if c.name not in done]
 
 

@@ -42,3 +42,11 @@ def test_time_to_accuracy_drift_and_quality_quick_modes(tmp_path):
     again = _run("tta.py", cache)
     assert "cells to run" not in again
     assert sorted(p.name for p in (cache / "cells").glob("*.json")) == before
+
+
+def test_stability_model_matches_its_closed_form():
+    """stability.py checks its grid against the closed form for Adam (it asserts), and prints the table."""
+    done = subprocess.run([sys.executable, str(EXPERIMENTS / "stability.py")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| Adam (EMA momentum) | 0.9 | 38.1 | 10.0 | 4.0 | 2.3 | 1.0 |" in done.stdout, done.stdout

@@ -83,7 +83,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
     optimizer: str = "adamw"  # "adamw" or "nadamw" (Adam with Nesterov momentum, decoupled weight decay)
     beta1: float = 0.9  # first-moment decay
-    compensate: str = "none"  # stash-free correction for delayed gradients: none, pipemare, nesterov, predict
+    compensate: str | None = None  # stash-free correction for delayed gradients: none, pipemare, nesterov,
+    # predict; default: predict for paci (docs/experiments.md), none for every other schedule
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -94,7 +95,7 @@ class OptimConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.beta1 < 1:
             raise ValueError(f"--beta1 must be in [0, 1), got {self.beta1}")
-        OptimizerSpec(name=self.optimizer, compensate=self.compensate)  # checks the choices
+        OptimizerSpec(name=self.optimizer, compensate=self.compensate or "none")  # checks the choices
 
 
 @dataclass
@@ -123,6 +124,12 @@ class RunConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.optim.compensate is None:  # the recommended PACI; the paper's plain variant is --compensate none
+            self.optim.compensate = "predict" if self.pipeline.schedule == "paci" else "none"
+            if self.optim.optimizer != "adamw":
+                self.optim.compensate = "none"
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -30,9 +30,10 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--warmup", type=int, dest="warmup_steps", help="LR warm-up steps (default 5%% of --steps)")
     p.add_argument("--optimizer", help="adamw (default) or nadamw (Adam with Nesterov momentum)")
     p.add_argument("--beta1", type=float, help="the optimizer's first-moment decay (default 0.9)")
-    p.add_argument("--compensate", help="stash-free correction for delayed gradients: none (default), pipemare "
-                                        "(lr / delay^p, annealed), nesterov (NAdamW, beta1 0.99, on delayed stages), "
-                                        "predict (forwards that an update will overtake run on predicted weights)")
+    p.add_argument("--compensate", help="stash-free correction for delayed gradients: predict (the default for "
+                                        "paci with adamw: forwards that an update will overtake run on predicted weights), none "
+                                        "(the default elsewhere; the paper's plain PACI), pipemare (lr / delay^p, "
+                                        "annealed), nesterov (NAdamW, beta1 0.99, on delayed stages)")
     p.add_argument("--seed", type=int, help="seed for init and data order (default 0)")
     p.add_argument("--data", help="text file, folder of .txt, or folder with train.bin/val.bin (default: embedded)")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 8)")
@@ -148,9 +149,9 @@ class _Progress:
         self.every = max(1, self.total // 10)
         if self.quiet:
             return
-        log.info("%s | P=%d, M=%d, K=%d | %s | %s | run dir %s", plan.schedule.name, plan.num_stages,
-                 plan.config.pipeline.microbatches, plan.schedule.accumulation, plan.config.model.preset,
-                 plan.data.source, plan.run_dir)
+        log.info("%s | P=%d, M=%d, K=%d | compensate %s | %s | %s | run dir %s", plan.schedule.name,
+                 plan.num_stages, plan.config.pipeline.microbatches, plan.schedule.accumulation,
+                 plan.config.optim.compensate, plan.config.model.preset, plan.data.source, plan.run_dir)
         if sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=self.total, unit="step", dynamic_ncols=True)

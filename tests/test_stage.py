@@ -216,13 +216,7 @@ def test_bf16_peak_bytes_equal_the_simulators(name):
     fp32 = profile_units(TINY, BATCH, TINY.block_size, "cpu", repeats=1, warmup=0, cache=False)
     assert sum(p.activation_bytes for p in profiles) > sum(p.activation_bytes for p in fp32) * 0.5
     predicted = simulate(schedule, stage_costs(profiles, uniform_split(num_units(TINY), 3)))
-    pipeline = make_stages(schedule, precision="bf16")
-    meters = [StageMemory(stage) for stage in pipeline]
-    samples = [[] for _ in pipeline]
-    run_local(pipeline, schedule, LocalTransport(), lambda stage, _: samples[stage.index].append(
-        meters[stage.index].sample()))
-    measured = [max(s.weights + s.gradients + s.optimizer for s in taken) + max(s.activations + s.stash for s in taken)
-                for taken in samples]
+    measured = _measured_peaks(_run_measured(schedule, precision="bf16")[2])
     token_column = predicted.metrics.per_stage[0].peak_inflight * BATCH * 8
     assert measured == [predicted.peak_bytes[0] + token_column, *predicted.peak_bytes[1:]]
 
@@ -247,14 +241,20 @@ def test_recompute_changes_no_bit_unless_weights_are_live_and_move(name):
 # memory accounting: the stage's own bytes against the simulator's prediction
 
 
-def _run_measured(schedule):
-    """Run `schedule` with a StageMemory per stage, sampled after every action."""
-    pipeline = make_stages(schedule)
+def _run_measured(schedule, **options):
+    """Run `schedule` (stages built with `options`) with a StageMemory per stage, sampled after every action."""
+    pipeline = make_stages(schedule, **options)
     meters = [StageMemory(stage) for stage in pipeline]
     samples = [[] for _ in pipeline]
     run_local(pipeline, schedule, LocalTransport(), lambda stage, _: samples[stage.index].append(
         meters[stage.index].sample()))
     return pipeline, meters, samples
+
+
+def _measured_peaks(samples) -> list[int]:
+    """Per stage: the largest static bytes plus the peak of saved activations + weight copies."""
+    return [max(s.weights + s.gradients + s.optimizer for s in taken) + max(s.activations + s.stash for s in taken)
+            for taken in samples]
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
@@ -283,13 +283,7 @@ def test_recompute_peak_bytes_equal_the_simulators(name):
     costs = stage_costs(profiles, uniform_split(num_units(TINY), 3), message_bytes=message).recomputed(
         BATCH * (TINY.block_size + 1) * 8)
     predicted = simulate(schedule, costs)
-    pipeline = make_stages(schedule, recompute=True)
-    meters = [StageMemory(stage) for stage in pipeline]
-    samples = [[] for _ in pipeline]
-    run_local(pipeline, schedule, LocalTransport(), lambda stage, _: samples[stage.index].append(
-        meters[stage.index].sample()))
-    measured = [max(s.weights + s.gradients + s.optimizer for s in taken) + max(s.activations + s.stash for s in taken)
-                for taken in samples]
+    measured = _measured_peaks(_run_measured(schedule, recompute=True)[2])
     assert measured == list(predicted.peak_bytes)
     plain = simulate(schedule, stage_costs(profiles, uniform_split(num_units(TINY), 3)))
     assert all(r < p for r, p in zip(predicted.peak_bytes, plain.peak_bytes))
@@ -304,8 +298,6 @@ def test_measured_peak_bytes_equal_the_simulators(name):
     profiles = profile_units(TINY, BATCH, TINY.block_size, "cpu", repeats=1, warmup=0, cache=False)
     costs = stage_costs(profiles, uniform_split(num_units(TINY), 3))
     predicted = simulate(schedule, costs)
-    _, _, samples = _run_measured(schedule)
-    measured = [max(s.weights + s.gradients + s.optimizer for s in taken) + max(s.activations + s.stash for s in taken)
-                for taken in samples]
+    measured = _measured_peaks(_run_measured(schedule)[2])
     token_column = predicted.metrics.per_stage[0].peak_inflight * BATCH * 8  # int64 ids
     assert measured == [predicted.peak_bytes[0] + token_column, *predicted.peak_bytes[1:]]

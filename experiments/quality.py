@@ -138,6 +138,8 @@ def planned_cells(setting: Setting, done: dict[str, dict]) -> list[Cell]:
     if best_comp is not None:  # P = 4, and PipeMare where it acts
         cells += [v.cell(setting, lr, stages=4) for v in (PACI, best_comp) for lr in lrs[:3]]
         cells += [v.cell(setting, lr) for v in PIPEMARE for lr in lrs[:2]]
+    if study.swept(NESTEROV_ALL) and study.swept(CONTROLS[0]):  # does NAdamW catch up over a longer run?
+        cells += [v.cell(setting, study.best_lr(v), steps=HORIZON * setting.steps) for v in (NESTEROV_ALL, CONTROLS[0])]
     return [c for c in dict.fromkeys(cells) if c.name not in done]
 
 

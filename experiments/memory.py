@@ -43,7 +43,7 @@ from paci.runtime.transport import LocalTransport
 from paci.sim import CostModel, simulate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Cells, cpu_seconds, machine  # noqa: E402
+from common import Cells, cpu_seconds, machine, save_figure  # noqa: E402
 
 SCHEDULES = ("gpipe", "1f1b", "zb-h1", "async-1f1b", "pipedream", "2bw", "paci")
 VOCAB = 1024
@@ -179,7 +179,6 @@ def plot(results: list[tuple[Setting, dict, dict | None]], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from paci.files import atomic_write
 
     fig = Figure(figsize=(5.5 * len(results), 4.2), dpi=100)
     FigureCanvasAgg(fig)
@@ -197,7 +196,7 @@ def plot(results: list[tuple[Setting, dict, dict | None]], path: Path) -> None:
         ax.set_title(f"{setting.preset}, P = {setting.stages}, m = K = {setting.microbatches}")
         ax.grid(alpha=0.3)
         ax.legend(frameon=False, fontsize=7)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ from paci.runtime.launch import spawn
 from paci.sim import CostModel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Cells, cpu_seconds, machine  # noqa: E402
+from common import Cells, cpu_seconds, machine, save_figure  # noqa: E402
 
 SCHEDULES = ("paci", "1f1b", "gpipe", "zb-h1")
 FLUSHED = ("1f1b", "gpipe")  # the schedules the bubble model m/(m+P-1) describes
@@ -145,7 +145,6 @@ def plot(setup: Setup, table: list[dict], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from paci.files import atomic_write
 
     fig = Figure(figsize=(11, 4.2), dpi=100)
     FigureCanvasAgg(fig)
@@ -171,7 +170,7 @@ def plot(setup: Setup, table: list[dict], path: Path) -> None:
         ax.legend(frameon=False, fontsize=7)
     right.set_ylim(0, 1.1)
     fig.suptitle(f"{setup.preset} GPT, P = {setup.stages}, synthetic stages with profiled costs, gloo")
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    save_figure(fig, path)
 
 
 def main() -> None:

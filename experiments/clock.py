@@ -157,7 +157,7 @@ def check(preset: str, vocab_size: int, microbatches: int, batch_size: int, step
                    "--vocab-size", str(vocab_size), "--schedule", name, "--microbatches", str(microbatches),
                    "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--steps", str(steps),
                    "--eval-every", str(steps), "--eval-batches", "1", "--split", split_spec(ranges),
-                   "--out", str(Path(tmp) / "run"), "--json"]
+                   "--out", str(Path(tmp) / "run"), "--json", "--checkpoint-every", "0"]  # as simulated: no drains
             summary = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
         measured = summary["measured_makespan_s"]
         rows.append({"schedule": name, "measured_s": measured, "predicted_s": predicted.metrics.makespan,

@@ -141,7 +141,8 @@ def run_cell(setting: Setting, cell: Cell, cache: Path, threads: int) -> dict:
                "--microbatches", str(cell.m), "--batch-size", str(b), "--seq-len", str(setting.seq_len),
                "--steps", str(steps), "--lr", str(cell.lr), "--seed", str(cell.seed), "--split", setting.splits[stages],
                "--eval-every", str(setting.eval_every), "--eval-batches", str(setting.eval_sequences // b),
-               "--threads", str(threads), "--out", str(Path(tmp) / "run"), "--json", *cell.flags()]
+               "--threads", str(threads), "--out", str(Path(tmp) / "run"), "--json", "--checkpoint-every", "0",
+               *cell.flags()]  # the paper's schedule, with no drain points
         started = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:

@@ -8,6 +8,8 @@ run directory as config.json.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +63,9 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.recompute, bool):
             raise ValueError(f"recompute must be true or false, got {self.recompute!r}")
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or \
+                not 0 < self.timeout_s <= 86400:
+            raise ValueError(f"--timeout must be seconds in (0, 86400], got {self.timeout_s!r}")
         if self.port is not None and not 1024 <= self.port <= 65535:
             raise ValueError(f"--port must be in 1024..65535, got {self.port}")
         if self.schedule not in REGISTRY:
@@ -87,6 +90,10 @@ class OptimConfig:
     # predict; default: predict for paci (docs/experiments.md), none for every other schedule
 
     def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay", "min_lr_ratio", "beta1"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"[optim] {name} must be a finite number, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.weight_decay < 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -107,12 +114,17 @@ class TrainConfig:
     out: str | None = None  # run directory; default runs/<schedule>-<time>
     threads: int | None = None  # torch threads per process; default: the cores, split across processes
     precision: str = "fp32"  # "fp32", or "bf16": autocast over fp32 weights (model.autocast)
+    checkpoint_every: int | None = None  # optimizer steps between checkpoints (drain points); 0: only at the
+    # end; default: the fewest for which the drains cost under 1% (train.checkpoint_interval)
 
     def __post_init__(self) -> None:
         _positive("train", steps=self.steps, eval_every=self.eval_every, eval_batches=self.eval_batches,
                   threads=self.threads)
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown --precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int) or
+                                                  isinstance(self.checkpoint_every, bool) or self.checkpoint_every < 0):
+            raise ValueError(f"--checkpoint-every must be an integer >= 0, got {self.checkpoint_every!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"--seed must be an integer >= 0, got {self.seed!r}")
 
@@ -167,3 +179,28 @@ def _merge(merged: dict[str, dict[str, Any]], document: dict[str, Any], origin: 
             if key not in known:
                 raise ValueError(f"{origin}: unknown key {key!r} in [{section}]; known keys: {', '.join(sorted(known))}")
         merged[section].update(values)
+
+
+def load_run_config(run_dir: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    """The settings of an existing run (its config.json, with the split it resolved), for a resume;
+    `overrides` are applied on top, and a checkpoint refuses any that change the computation."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise ValueError(f"--resume {run_dir}: no config.json there; give a paci run directory")
+    try:
+        saved = json.loads(path.read_text())
+        resolved = saved.pop("resolved")
+        saved["pipeline"]["split"] = resolved["split"]
+        saved["train"]["out"] = str(run_dir)
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"--resume {run_dir}: config.json is damaged ({type(exc).__name__}: {exc})") from None
+    classes = _section_classes()
+    if set(saved) != set(classes) or not all(isinstance(v, dict) for v in saved.values()):
+        raise ValueError(f"--resume {run_dir}: config.json has sections {sorted(saved)}, expected {sorted(classes)}")
+    for section, values in (overrides or {}).items():
+        saved[section].update({k: v for k, v in values.items() if v is not None})
+    try:
+        return RunConfig(**{name: classes[name](**values) for name, values in saved.items()})
+    except TypeError as exc:
+        raise ValueError(f"--resume {run_dir}: config.json does not match this paci ({exc})") from None

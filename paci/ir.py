@@ -207,6 +207,64 @@ def with_evaluation(schedule: Schedule, every: int, num_batches: int) -> Schedul
                     schedule.weight_policy, stream, schedule.params + (("eval_every", every),))
 
 
+def with_drains(build: Callable[[int], Schedule], num_steps: int, every: int) -> Schedule:
+    """`build(steps)`'s schedule over `num_steps` steps, run as segments of `every` steps that each fill
+    and drain the pipeline: the drain points where a checkpoint holds no micro-batch in flight.
+
+    A flush schedule drains after every step anyway, so its stream is unchanged; an asynchronous
+    one pays one fill and drain per segment. The points are fixed here, before anything runs, so a
+    run that stops at one and resumes computes what a run that never stopped computes.
+    """
+    whole, rest = divmod(num_steps, every)
+    full = build(min(every, num_steps))
+    tail = build(rest) if rest and whole else None
+    whole = max(whole, 1)
+    span = full.num_microbatches
+
+    def stream(stage: int) -> Iterator[Action]:
+        for j in range(whole):
+            yield from _shifted(full.actions(stage), j * span)
+        if tail is not None:
+            yield from _shifted(tail.actions(stage), whole * span)
+
+    total = whole * span + (tail.num_microbatches if tail is not None else 0)
+    params = tuple((k, num_steps if k == "steps" else v) for k, v in full.params) + (("drain_every", every),)
+    return Schedule(full.name, full.num_stages, total, full.accumulation, full.weight_policy, stream, params)
+
+
+def _shifted(actions: Iterable[Action], offset: int) -> Iterator[Action]:
+    for action in actions:
+        yield action if action.microbatch is None or not offset else action._replace(microbatch=action.microbatch + offset)
+
+
+def from_step(schedule: Schedule, step: int) -> Schedule:
+    """What is left of `schedule` after optimizer step `step` (see `after_step`): a resumed run's part."""
+    if not step:
+        return schedule
+    return Schedule(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.accumulation,
+                    schedule.weight_policy, lambda s: after_step(schedule.actions(s), step),
+                    schedule.params + (("from_step", step),))
+
+
+def after_step(actions: Iterable[Action], step: int) -> Iterator[Action]:
+    """A stage's actions from where it left off after its `step`-th U and the evaluation round
+    that follows it: where a run resumed from a checkpoint at `step` picks up."""
+    actions = iter(actions)
+    pending: Action | None = None
+    if step:
+        seen = 0
+        for action in actions:
+            seen += action.op is Op.U
+            if seen == step:
+                break
+        pending = next(actions, None)
+        while pending is not None and pending.op is Op.E:
+            pending = next(actions, None)
+    if pending is not None:
+        yield pending
+    yield from actions
+
+
 def stage_versions(schedule: Schedule, stage: int) -> Iterator[tuple[int, int, int]]:
     """(mb, v_f, v_b) at each backward (B or I) of `stage`, in its order: the versions its F and its
     backward see, fixed by the order alone (v = U actions so far). Lazy, like the schedule."""
@@ -232,10 +290,11 @@ def updates_ahead(schedule: Schedule, stage: int) -> Callable[[int], int]:
     versions = stage_versions(schedule, stage)
     known: dict[int, int] = {}
 
-    def ahead(mb: int) -> int:
+    def ahead(mb: int) -> int:  # forwards ask in increasing order: earlier micro-batches are not kept
         while mb not in known:
             other, v_f, v_b = next(versions)
-            known[other] = v_b - v_f
+            if other >= mb:
+                known[other] = v_b - v_f
         return known.pop(mb)
 
     return ahead

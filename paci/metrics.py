@@ -17,10 +17,26 @@ from typing import NamedTuple
 
 import numpy as np
 
+from paci.files import write_text
 from paci.ir import Action, Op, Schedule, stage_versions
 
 Record = dict[str, object]
 STEP, VALIDATION = 0, 1
+
+
+def to_json(value: object, **kwargs) -> str:
+    """json.dumps, with every non-finite float written as null: bare NaN or Infinity is not JSON."""
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class StatsEvent(NamedTuple):
@@ -54,19 +70,30 @@ class Recorder:
     """Writes one JSON object per step to metrics.jsonl (validation merged into its step's record)."""
 
     def __init__(self, run_dir: Path, schedule: Schedule, *, tokens_per_microbatch: int, eval_rounds: list[int],
-                 lr_at: Callable[[int], float], on_record: Callable[[Record], None] | None = None) -> None:
+                 lr_at: Callable[[int], float], on_record: Callable[[Record], None] | None = None,
+                 resume_step: int = 0) -> None:
         self.accumulation, self.tokens_per_microbatch = schedule.accumulation, tokens_per_microbatch
         self.eval_rounds, self.lr_at = eval_rounds, lr_at
         # Δ of every (stage, micro-batch) as the schedule fixes it, read lazily as steps complete;
         # the runtime's own records are checked against the same prediction at the end of the run
         self._versions = [stage_versions(schedule, s) for s in range(schedule.num_stages)]
         self._drift: list[dict[int, int]] = [{} for _ in range(schedule.num_stages)]
+        self._floor = 0  # micro-batches below this were recorded already
         self.on_record = on_record
         self.records: list[Record] = []
         self.start = time.perf_counter()
         self._pending: Record | None = None
         self._max_drift = 0
-        self._file = open(run_dir / "metrics.jsonl", "a")
+        path = run_dir / "metrics.jsonl"
+        if resume_step:  # keep the records up to the checkpoint, drop those a crash left after it
+            kept = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("step", 0) <= resume_step
+                    and not r.get("final")]
+            write_text(path, "".join(to_json(r) + "\n" for r in kept))
+            self.records = kept
+            self._max_drift = max((r.get("max_drift", 0) for r in kept), default=0)
+            self.start -= max((r.get("wall_s", 0.0) for r in kept), default=0.0)
+            self._floor = resume_step * self.accumulation
+        self._file = open(path, "a")
 
     def consume(self, event: StatsEvent) -> None:
         if event.kind == STEP:
@@ -85,6 +112,7 @@ class Recorder:
 
     def _step_record(self, step: int, loss: float) -> Record:
         k = self.accumulation
+        self._floor = (step - 1) * k
         drift = Counter(self._predicted_drift(stage, mb) for stage in range(len(self._versions))
                         for mb in range((step - 1) * k, step * k))
         self._max_drift = max(self._max_drift, max(drift))
@@ -98,7 +126,8 @@ class Recorder:
         known = self._drift[stage]
         while mb not in known:
             got, v_f, v_b = next(self._versions[stage])
-            known[got] = v_b - v_f
+            if got >= self._floor:
+                known[got] = v_b - v_f
         return known.pop(mb)
 
     def _flush(self) -> None:
@@ -108,7 +137,7 @@ class Recorder:
 
     def _emit(self, record: Record) -> None:
         self.records.append(record)
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(to_json(record) + "\n")
         self._file.flush()
         if self.on_record is not None:
             self.on_record(record)
@@ -116,7 +145,7 @@ class Recorder:
     def append_final(self, record: Record) -> None:
         """The run's closing line (utilisation, bubble, memory), marked "final": true."""
         self._flush()
-        self._file.write(json.dumps({"final": True, **record}) + "\n")
+        self._file.write(to_json({"final": True, **record}) + "\n")
 
     def close(self) -> None:
         self._flush()

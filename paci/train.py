@@ -9,7 +9,9 @@ one stage per rank, producing the same numbers.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import os
 import resource
 import time
@@ -20,13 +22,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from paci import schedules
+from paci import checkpoint, schedules
 from paci.config import RunConfig
 from paci.data import TokenData, load_data
-from paci.files import atomic_write, write_text
-from paci.ir import (Action, Message, Op, Schedule, WeightPolicy, evaluation_rounds, stage_delay, stage_versions,
+from paci.files import write_text
+from paci.ir import (Action, Message, Op, Schedule, WeightPolicy, after_step, evaluation_rounds, from_step,
+                     stage_delay, stage_versions,
                      updates_ahead, with_evaluation)
-from paci.metrics import Record, Recorder, StatsEvent, StepStats
+from paci.metrics import Record, Recorder, StatsEvent, StepStats, to_json
 from paci.model import PRESETS, GPTConfig, autocast, build_units
 from paci.partition import choose_split, parse_bytes, split_spec
 from paci.report import render_png, write_chrome_trace
@@ -51,7 +54,9 @@ class Plan:
     seq_len: int
     batch_size: int
     eval_batches: int
+    checkpoint_every: int  # optimizer steps between drain points (0: only the end of the run)
     run_dir: Path = Path()
+    resume: dict | None = None  # the manifest of the checkpoint this run continues from
 
     @property
     def num_stages(self) -> int:
@@ -61,12 +66,38 @@ class Plan:
     def tokens_per_microbatch(self) -> int:
         return self.batch_size * self.seq_len
 
+    @property
+    def start_step(self) -> int:
+        """The optimizer step this run starts after: 0, or the resumed checkpoint's."""
+        return self.resume["step"] if self.resume else 0
 
-def make_plan(config: RunConfig) -> Plan:
-    """Resolve and check everything, cheapest checks first; profiles the units for a "profile" split."""
-    run_dir = _run_dir(config)
+    def is_drain(self, step: int) -> bool:
+        """Is a checkpoint taken after optimizer step `step`?"""
+        last = self.schedule.num_steps
+        return step == last or (self.checkpoint_every > 0 and step % self.checkpoint_every == 0 and 0 < step < last)
+
+    def identity(self) -> dict:
+        """What fixes the computation: a checkpoint resumes only a run that agrees on all of it."""
+        c = self.config
+        fields = {"schedule": c.pipeline.schedule, "stages": self.num_stages, "microbatches": c.pipeline.microbatches,
+                  "accum": self.schedule.accumulation, "split": split_spec(self.split),
+                  "model": dataclasses.asdict(self.model), "precision": c.train.precision, "steps": c.train.steps,
+                  "seed": c.train.seed, "data": self.data.source, "batch_size": self.batch_size,
+                  "seq_len": self.seq_len, "recompute": c.pipeline.recompute, "checkpoint_every": self.checkpoint_every,
+                  "optimizer": dataclasses.asdict(self.optimizer)}
+        return json.loads(json.dumps(fields))  # as the manifest stores it (tuples become lists)
+
+
+def make_plan(config: RunConfig, resume: bool = False) -> Plan:
+    """Resolve and check everything, cheapest checks first; profiles the units for a "profile" split.
+    With `resume`, --out is an existing run directory and the plan continues its newest checkpoint."""
+    run_dir = Path(config.train.out) if resume else _run_dir(config)
+    manifest = checkpoint.latest(run_dir) if resume else None
     pipe = config.pipeline
     base = schedules.build(pipe.schedule, pipe.stages, pipe.microbatches, config.train.steps, pipe.accum)
+    every = schedules.drain_interval(base, pipe.microbatches, config.train.checkpoint_every)
+    if every and every < base.num_steps:  # drain points: the schedule fills and drains around each checkpoint
+        base = schedules.build(pipe.schedule, pipe.stages, pipe.microbatches, config.train.steps, pipe.accum, every)
     if config.optim.compensate == "predict" and base.weight_policy is WeightPolicy.STASHED:
         raise ValueError(f"--compensate predict moves live weights; {pipe.schedule} stashes them instead")
     data = load_data(config.data.path, config.model.vocab_size)
@@ -84,8 +115,11 @@ def make_plan(config: RunConfig) -> Plan:
                               total_steps=base.num_steps, min_lr_ratio=opt.min_lr_ratio, name=opt.optimizer,
                               compensate=opt.compensate)
     schedule = with_evaluation(base, config.train.eval_every, eval_batches)
-    return Plan(config, data, model, split, schedule, optimizer, seq_len, config.data.batch_size, eval_batches,
-                run_dir)
+    plan = Plan(config, data, model, split, schedule, optimizer, seq_len, config.data.batch_size, eval_batches,
+                every, run_dir, manifest)
+    if manifest is not None:
+        checkpoint.check_identity(manifest["identity"], plan.identity())
+    return plan
 
 
 def _run_dir(config: RunConfig) -> Path:
@@ -115,44 +149,73 @@ def default_device() -> torch.device:
 
 
 def verify_versions(plan: Plan, versions: dict[int, dict[int, tuple[int, int]]]) -> None:
-    """Every recorded (v_f, v_b) must equal the schedule's prediction; a mismatch is a runtime bug."""
+    """Every recorded (v_f, v_b) must equal the schedule's prediction; a mismatch is a runtime bug.
+    A resumed run checks the micro-batches it ran."""
+    first = plan.start_step * plan.schedule.accumulation
     for index, recorded in versions.items():
-        if len(recorded) != plan.schedule.num_microbatches:
+        if len(recorded) != plan.schedule.num_microbatches - first:
             raise RuntimeError(f"stage {index} recorded {len(recorded)} backwards, expected "
-                               f"{plan.schedule.num_microbatches}")
+                               f"{plan.schedule.num_microbatches - first}")
         for mb, v_f, v_b in stage_versions(plan.schedule, index):
-            if recorded[mb] != (v_f, v_b):
+            if mb >= first and recorded[mb] != (v_f, v_b):
                 raise RuntimeError(f"stage {index}, micro-batch {mb}: recorded (v_f, v_b) = {recorded[mb]}, "
                                    f"the schedule predicts {(v_f, v_b)}")
 
 
-def save_checkpoint(plan: Plan, stage: Stage) -> Path:
-    """run_dir/checkpoints/stage-<s>.pt: the stage's weights, optimizer, LR schedule, version and split."""
-    folder = plan.run_dir / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"stage-{stage.index}.pt"
-    payload = {**stage.state_dict(), "stage": stage.index, "units": plan.split[stage.index], "split": plan.split,
-               "model": dataclasses.asdict(plan.model), "schedule": plan.schedule.name}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
-    return path
+def save_stage(plan: Plan, stage: Stage) -> dict:
+    """This stage's file of the checkpoint at its current step; returns the manifest entry."""
+    payload = {**stage.state_dict(), "stage": stage.index, "units": list(plan.split[stage.index])}
+    return checkpoint.save_stage(plan.run_dir, stage.version, stage.index, payload)
+
+
+def finish_checkpoint(plan: Plan, step: int, entries: list[dict]) -> None:
+    """Every stage file is written: the manifest makes the checkpoint complete."""
+    checkpoint.write_manifest(plan.run_dir, step, plan.identity(), entries,
+                              {"next_microbatch": step * plan.schedule.accumulation})
+
+
+def resume_stage(plan: Plan, stage: Stage) -> None:
+    if plan.resume is not None:
+        stage.load_state_dict(checkpoint.load_stage(plan.resume, stage.index, stage.device))
 
 
 def make_recorder(plan: Plan, on_record: Callable[[Record], None] | None) -> Recorder:
     return Recorder(plan.run_dir, plan.schedule, tokens_per_microbatch=plan.tokens_per_microbatch,
                     eval_rounds=evaluation_rounds(plan.schedule.num_steps, plan.config.train.eval_every),
-                    lr_at=plan.optimizer.lr_at, on_record=on_record)
+                    lr_at=plan.optimizer.lr_at, on_record=on_record, resume_step=plan.start_step)
 
 
 # ----------------------------------------------------------------------------------------------
 
 
+def claim_run_dir(plan: Plan) -> None:
+    """Make the run directory this run's alone: creating its metrics.jsonl exclusively decides it.
+    Two runs started in the same second under the default name get <name> and <name>-2."""
+    for n in itertools.count(1):
+        path = plan.run_dir if n == 1 else plan.run_dir.with_name(f"{plan.run_dir.name}-{n}")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())) and plan.config.train.out is None:
+            continue
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            (path / "metrics.jsonl").open("x").close()
+        except FileExistsError:
+            if plan.config.train.out is not None:
+                raise ValueError(f"--out {path} is already used by another run; choose a new run directory") from None
+            continue
+        plan.run_dir = path
+        return
+
+
 def write_header(plan: Plan) -> None:
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    """config.json: the run's settings and everything resolved from them (kept as is by a resume)."""
+    if plan.resume is not None:
+        return
     resolved = {**plan.config.as_dict(), "resolved": {
         "model": dataclasses.asdict(plan.model), "split": split_spec(plan.split), "seq_len": plan.seq_len,
         "num_microbatches": plan.schedule.num_microbatches, "accumulation": plan.schedule.accumulation,
         "num_steps": plan.schedule.num_steps, "warmup_steps": plan.optimizer.warmup_steps,
-        "weight_policy": plan.schedule.weight_policy.value, "data": repr(plan.data)}}
+        "weight_policy": plan.schedule.weight_policy.value, "data": repr(plan.data),
+        "checkpoint_every": plan.checkpoint_every}}
     write_text(plan.run_dir / "config.json", json.dumps(resolved, indent=1) + "\n")
 
 
@@ -160,17 +223,22 @@ def write_summary(plan: Plan, recorder: Recorder, extra: Record) -> Record:
     """summary.json: the recorder's final numbers plus `extra`; called once every version was verified."""
     summary = {**recorder.summary(), **extra, "schedule": plan.schedule.name, "num_stages": plan.num_stages,
                "run_dir": str(plan.run_dir), "versions_verified": True}
-    write_text(plan.run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    write_text(plan.run_dir / "summary.json", to_json(summary, indent=1) + "\n")
     return summary
 
 
 def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
-          on_plan: Callable[[Plan], None] | None = None) -> tuple[Record, Trace]:
-    """Train with every stage in this process. Returns the summary and the measured trace."""
+          on_plan: Callable[[Plan], None] | None = None, resume: bool = False) -> tuple[Record, Trace]:
+    """Train with every stage in this process. Returns the summary and the measured trace. With
+    `resume`, continue the run in `config.train.out` from its newest complete checkpoint."""
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)  # before profiling the split
-    plan = make_plan(config)
+    plan = make_plan(config, resume=resume)
     device = default_device()
     stages = [build_stage(plan, s, device) for s in range(plan.num_stages)]
+    for stage in stages:
+        resume_stage(plan, stage)
+    if not resume:
+        claim_run_dir(plan)
     write_header(plan)
     if on_plan is not None:
         on_plan(plan)
@@ -181,11 +249,18 @@ def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
         for event in stats(stage, action):
             recorder.consume(event)
 
+    saved: dict[int, list[dict]] = {}
+
+    def on_drain(stage: Stage) -> None:  # the last stage to reach a drain point completes the checkpoint
+        entries = saved.setdefault(stage.version, [])
+        entries.append(save_stage(plan, stage))
+        if len(entries) == plan.num_stages:
+            finish_checkpoint(plan, stage.version, saved.pop(stage.version))
+
     try:
-        trace = run_local(stages, plan.schedule, LocalTransport(), listener)
+        trace = run_local(stages, plan.schedule, LocalTransport(), listener, plan.start_step, plan.is_drain,
+                          on_drain)
         verify_versions(plan, {stage.index: stage.versions for stage in stages})
-        for stage in stages:
-            save_checkpoint(plan, stage)
     finally:
         recorder.close()
     return write_summary(plan, recorder, {}), trace
@@ -208,7 +283,7 @@ def message_spec(plan: Plan) -> Callable[[Message], tuple[tuple[int, ...], torch
 
 
 def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = None,
-               on_plan: Callable[[Plan], None] | None = None) -> Record | None:
+               on_plan: Callable[[Plan], None] | None = None, resume: bool = False) -> Record | None:
     """This rank's part of a multi-process run. Rank 0 writes the run directory and returns the summary."""
     info = env_rank()
     device = rank_device(info)
@@ -222,25 +297,28 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
     if config.pipeline.split == "profile":  # measured once on rank 0 (the others wait up to the timeout)
         config = dataclasses.replace(config, pipeline=dataclasses.replace(
             config.pipeline, split=_broadcast(split_spec(make_plan(config).split) if info.rank == 0 else "")))
-    plan = make_plan(config)
-    plan.run_dir = Path(_broadcast(str(plan.run_dir)))
+    plan = make_plan(config, resume=resume)
     last = info.world_size - 1
     stats_group = dist.new_group([0, last])
+    checkpoint_group = dist.new_group(list(range(info.world_size)))  # apart from the P2P traffic
     stage = build_stage(plan, info.rank, device)
+    resume_stage(plan, stage)
     transport = DistTransport(plan.schedule, info.rank, message_spec(plan), device, config.pipeline.timeout_s)
-    rounds = evaluation_rounds(plan.schedule.num_steps, config.train.eval_every)
-    channel = StatsChannel(stats_group, info.rank, last, 0, plan.schedule.num_steps + len(rounds), device,
+    messages = sum(1 for _ in _stats_order(plan))
+    channel = StatsChannel(stats_group, info.rank, last, 0, messages, device,
                            config.pipeline.timeout_s) if info.rank in (0, last) else None
     dist.barrier()  # everyone has checked the plan before rank 0 writes anything
     recorder = None
     if info.rank == 0:
+        if not resume:
+            claim_run_dir(plan)
         write_header(plan)
         if on_plan is not None:
             on_plan(plan)
         recorder = make_recorder(plan, on_record)
+    plan.run_dir = Path(_broadcast(str(plan.run_dir)))
     try:
-        trace = _run_rank(plan, stage, transport, channel, recorder)
-        save_checkpoint(plan, stage)
+        trace = _run_rank(plan, stage, transport, channel, recorder, checkpoint_group)
         return _gather(plan, stage, trace, recorder)
     finally:
         if recorder is not None:
@@ -248,37 +326,53 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
 
 
 def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: StatsChannel | None,
-              recorder: Recorder | None) -> Trace:
+              recorder: Recorder | None, checkpoint_group) -> Trace:
     trace = Trace(plan.schedule.name, plan.num_stages, plan.schedule.num_microbatches,
                   plan.schedule.weight_policy, kind="measured")
-    executor = Executor(stage, plan.schedule.actions(stage.index), transport, trace.stages[stage.index])
     stats = StepStats(plan.schedule.accumulation, plan.eval_batches)
     due = _stats_order(plan)  # on rank 0: the step after which each stats message is sent
     next_due = next(due, None)
-    while not executor.done:
-        action = executor.run_next()
+
+    def record_until(step: float) -> None:
+        nonlocal next_due
+        while recorder is not None and next_due is not None and next_due <= step:
+            recorder.consume(StatsEvent(*_as_event(channel.receive())))
+            next_due = next(due, None)
+
+    def on_drain(stage: Stage) -> None:
+        """Each rank writes its stage file; rank 0, having recorded every step up to here, writes the
+        manifest once all files are on disk (a gather, at a point where the pipeline is empty anyway)."""
+        record_until(stage.version)
+        entries = [None] * plan.num_stages if stage.index == 0 else None
+        dist.gather_object(save_stage(plan, stage), entries, dst=0, group=checkpoint_group)
+        if entries is not None:
+            finish_checkpoint(plan, stage.version, entries)
+
+    def listener(stage: Stage, action: Action) -> None:
         if stage.is_last:
             for event in stats(stage, action):
                 channel.send(event)
-        if recorder is not None and action.op is Op.U:
-            # when stage 0 finishes step v, the last rank has long sent everything of step v-1
-            while next_due is not None and next_due <= stage.version - 1:
-                recorder.consume(StatsEvent(*_as_event(channel.receive())))
-                next_due = next(due, None)
+        if action.op is Op.U:  # when stage 0 finishes step v, the last rank has long sent everything of step v-1
+            record_until(stage.version - 1)
+
+    executor = Executor(stage, after_step(plan.schedule.actions(stage.index), plan.start_step), transport,
+                        trace.stages[stage.index], listener=listener, is_drain=plan.is_drain, on_drain=on_drain)
+    while not executor.done:
+        executor.run_next()
     transport.flush()
     if stage.is_last:
         channel.flush()
-    while recorder is not None and next_due is not None:
-        recorder.consume(StatsEvent(*_as_event(channel.receive())))
-        next_due = next(due, None)
+    record_until(math.inf)
     return trace
 
 
 def _stats_order(plan: Plan) -> Iterator[int]:
-    """The last rank's stats messages in send order, each as the step after which it is sent."""
+    """The last rank's stats messages in send order, each as the step after which it is sent (from
+    the start of this run, which a resume puts after its checkpoint's step and evaluation round)."""
     rounds = set(evaluation_rounds(plan.schedule.num_steps, plan.config.train.eval_every))
-    yield 0  # validation before training
-    for step in range(1, plan.schedule.num_steps + 1):
+    if not plan.start_step:
+        yield 0  # validation before training
+    for step in range(plan.start_step + 1, plan.schedule.num_steps + 1):
         yield step
         if step in rounds:
             yield step
@@ -315,7 +409,7 @@ def _gather(plan: Plan, stage: Stage, trace: Trace, recorder: Recorder | None) -
 def run_report(plan: Plan, trace: Trace, peak_memory: list[int]) -> Record:
     """Measured utilisation and bubble, the simulator's prediction from the measured op means, files."""
     metrics = trace.metrics()
-    predicted = simulate(plan.schedule, CostModel.from_trace(trace))
+    predicted = simulate(from_step(plan.schedule, plan.start_step), CostModel.from_trace(trace))
     write_chrome_trace([trace, predicted.trace], plan.run_dir / "trace.json")
     shown = 8 * plan.num_stages * plan.schedule.accumulation  # the first few steps, readable
     render_png(trace, plan.run_dir / "timeline.png", title=f"{plan.schedule.name}: measured", max_actions=shown)

@@ -177,7 +177,8 @@ def test_train_end_to_end_reduces_the_loss(tmp_path):
     summary = json.loads(done.stdout)
     assert summary["final_val_loss"] < summary["initial_val_loss"] - 0.3
     assert summary["steps"] == 30 and summary["max_drift"] == 1
-    for name in ("config.json", "metrics.jsonl", "summary.json", "loss.png", "checkpoints/stage-2.pt"):
+    for name in ("config.json", "metrics.jsonl", "summary.json", "loss.png", "checkpoints/step-000030/stage-2.pt",
+                 "checkpoints/step-000030/manifest.json"):
         assert (out_dir / name).exists(), name
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(31))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from dist_helpers import train_each
 
+from paci.checkpoint import latest, load_stage
 from paci.config import load_config
 from paci.runtime.launch import free_port, spawn
 from paci.schedules import REGISTRY
@@ -46,7 +47,8 @@ def _losses(run_dir) -> list[float]:
 
 
 def _weights(run_dir, stages: int) -> list[dict]:
-    return [torch.load(run_dir / "checkpoints" / f"stage-{s}.pt", weights_only=False)["module"] for s in range(stages)]
+    manifest = latest(run_dir)
+    return [load_stage(manifest, s, torch.device("cpu"))["module"] for s in range(stages)]
 
 
 @pytest.mark.timeout(240)

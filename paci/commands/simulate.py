@@ -34,6 +34,8 @@ def add_simulate_parser(subparsers) -> None:
     p.add_argument("--accum", type=int, default=None,
                    help="K, backwards per optimizer step for paci/2bw (default: M)")
     p.add_argument("--steps", type=int, default=4, help="mini-batches to run; M*steps micro-batches in all (default 4)")
+    p.add_argument("--checkpoint-every", type=int, default=0, dest="checkpoint_every",
+                   help="add paci train's drain points every N optimizer steps and report what they cost")
     p.add_argument("--costs", default="1,2", help="F,B[,W] op times, same on every stage (default 1,2; W = B/2)")
     p.add_argument("--csv", type=Path, help="simulate a torch.distributed.pipelining compute-only CSV instead")
     p.add_argument("--compare", action="store_true", help="one table across all registered schedules")
@@ -49,18 +51,34 @@ def simulate_command(args: argparse.Namespace) -> int:
     if args.csv is not None:
         schedule = ir.from_csv(_read_text(args.csv), name=args.csv.stem)
     else:
-        schedule = schedules.build(args.schedule, args.stages, args.microbatches, args.steps, args.accum)
+        schedule = schedules.build(args.schedule, args.stages, args.microbatches, args.steps, args.accum,
+                                   args.checkpoint_every)
     costs = parse_costs(args.costs, schedule.num_stages)
     result = simulate(schedule, costs)
+    drains = _drain_cost(args, result, costs) if args.checkpoint_every else None
     if args.timeline is not None:
         _write_timeline(result, args.timeline)
     if args.trace is not None:
         write_chrome_trace(result.trace, args.trace)
     if args.json:
-        print(json.dumps(_summary(schedule, result), indent=1))
+        print(json.dumps({**_summary(schedule, result), **(drains or {})}, indent=1))
     else:
         _print_simulation(schedule, result)
+        if drains is not None:
+            print(f"drain points every {args.checkpoint_every} steps ({drains['drains']} in the run): makespan "
+                  f"+{drains['drain_cost_fraction']:.2%} over the schedule without them")
     return 0
+
+
+def _drain_cost(args: argparse.Namespace, drained: Simulation, costs) -> dict:
+    """What `paci train --checkpoint-every` costs this schedule: the makespan with drain points
+    against the same schedule without them (each costs one fill and drain of the pipeline)."""
+    if args.csv is not None:
+        raise ValueError("--checkpoint-every needs a registered --schedule, not a --csv")
+    schedule = schedules.build(args.schedule, args.stages, args.microbatches, args.steps, args.accum)
+    plain = simulate(schedule, costs)
+    return {"drains": (schedule.num_steps - 1) // args.checkpoint_every,
+            "drain_cost_fraction": drained.metrics.makespan / plain.metrics.makespan - 1}
 
 
 def _read_text(path: Path) -> str:

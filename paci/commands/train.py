@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from paci import schedules
+from paci.metrics import to_json
 from paci.report import plot_curves
 
 log = logging.getLogger("paci")
@@ -57,6 +58,12 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--port", type=int, help="rendezvous port for --nproc (default: a free one)")
     p.add_argument("--timeout", type=float, dest="timeout_s",
                    help="seconds a rank waits for a peer before giving up (default 45)")
+    p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every",
+                   help="optimizer steps between checkpoints, taken where the schedule drains (0: only at the end; "
+                        "default: the fewest whose drains cost under 1%%)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue RUN_DIR from its newest complete checkpoint, with its own settings; the result "
+                        "equals the run that never stopped, bit for bit")
     p.add_argument("--json", action="store_true", help="print the final summary as one JSON object")
     p.set_defaults(func=train_command)
 
@@ -70,25 +77,33 @@ _TRAIN_FLAGS = {"model": {"preset": "preset", "vocab_size": "vocab_size"},
                 "optim": {"lr": "lr", "warmup_steps": "warmup_steps", "optimizer": "optimizer", "beta1": "beta1",
                           "compensate": "compensate"}, "train": {"steps": "steps", "seed": "seed", "eval_every": "eval_every",
                                                  "eval_batches": "eval_batches", "threads": "threads", "out": "out",
-                                                 "precision": "precision"}}
+                                                 "precision": "precision", "checkpoint_every": "checkpoint_every"}}
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from paci.config import load_config
+    from paci.config import load_config, load_run_config
     from paci.runtime.launch import env_rank, run_rank, spawn
 
     overrides = {section: {key: getattr(args, flag) for flag, key in flags.items()}
                  for section, flags in _TRAIN_FLAGS.items()}
+    resume = args.resume is not None
+    if resume and (args.config is not None or args.out is not None):
+        raise ValueError("--resume continues the run in RUN_DIR with its own config.json; drop --config and --out")
     info = env_rank()
     if info is not None:  # under torchrun: this process is one rank; --stages defaults to the world size
         overrides["pipeline"]["stages"] = overrides["pipeline"]["stages"] or info.world_size
-        return run_rank(_train_rank, (load_config(args.config, overrides), args.json))
-    config = load_config(args.config, overrides)
+    config = load_run_config(args.resume, overrides) if resume else load_config(args.config, overrides)
+    if info is not None:
+        return run_rank(_train_rank, (config, args.json, resume))
     if config.pipeline.nproc == 1:
         from paci.train import train
 
         progress = _Progress(quiet=args.json)
-        summary, _ = train(config, on_record=progress.record, on_plan=progress.start)
+        try:
+            summary, _ = train(config, on_record=progress.record, on_plan=progress.start, resume=resume)
+        except KeyboardInterrupt:
+            progress.interrupted()
+            raise
         progress.close()
         _finish(summary, args.json)
         return 0
@@ -102,19 +117,23 @@ def train_command(args: argparse.Namespace) -> int:
         check_port(config.pipeline.port)
 
     torch.set_num_threads(config.train.threads or threads_per_rank(config.pipeline.nproc))  # profile as a rank runs
-    plan = make_plan(config)  # check everything (and warm the data cache, profile the split) before any rank starts
-    config.train.out, config.pipeline.split = str(plan.run_dir), split_spec(plan.split)
-    return spawn(_train_rank, (config, args.json), config.pipeline.nproc, port=config.pipeline.port,
-                 threads=config.train.threads)
+    plan = make_plan(config, resume)  # check everything (warm the data cache, profile the split) before any rank starts
+    config.pipeline.split = split_spec(plan.split)  # rank 0 names and claims the run directory
+    try:
+        return spawn(_train_rank, (config, args.json, resume), config.pipeline.nproc, port=config.pipeline.port,
+                     threads=config.train.threads)
+    except KeyboardInterrupt:
+        _Progress(quiet=False).interrupted(config.train.out)
+        raise
 
 
 def _train_rank(payload) -> int:
     """One rank of a multi-process run (spawned, or started by torchrun)."""
     from paci.train import train_rank
 
-    config, as_json = payload
+    config, as_json, resume = payload
     progress = _Progress(quiet=as_json)
-    summary = train_rank(config, on_record=progress.record, on_plan=progress.start)
+    summary = train_rank(config, on_record=progress.record, on_plan=progress.start, resume=resume)
     progress.close()
     if summary is not None:
         _finish(summary, as_json)
@@ -124,7 +143,7 @@ def _train_rank(payload) -> int:
 def _finish(summary: dict, as_json: bool) -> None:
     _plot_run(Path(summary["run_dir"]))
     if as_json:
-        print(json.dumps(summary, indent=1))
+        print(to_json(summary, indent=1))
         return
     line = (f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.0f} s | "
             f"val loss {summary['initial_val_loss']:.3f} -> {summary['final_val_loss']:.3f} "
@@ -145,6 +164,7 @@ class _Progress:
         self.last_val = None
 
     def start(self, plan) -> None:
+        self.run_dir = plan.run_dir
         self.total = plan.schedule.num_steps  # optimizer steps: M*steps/K
         self.every = max(1, self.total // 10)
         if self.quiet:
@@ -152,6 +172,9 @@ class _Progress:
         log.info("%s | P=%d, M=%d, K=%d | compensate %s | %s | %s | run dir %s", plan.schedule.name,
                  plan.num_stages, plan.config.pipeline.microbatches, plan.schedule.accumulation,
                  plan.config.optim.compensate, plan.config.model.preset, plan.data.source, plan.run_dir)
+        every = f"every {plan.checkpoint_every} steps and " if plan.checkpoint_every else ""
+        log.info("checkpoints %sat the end (drain points of the schedule)%s", every,
+                 f"; resuming after step {plan.start_step}" if plan.resume else "")
         if sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=self.total, unit="step", dynamic_ncols=True)
@@ -173,6 +196,21 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+    def interrupted(self, run_dir: str | Path | None = None) -> None:
+        """Ctrl-C or SIGTERM: say where the run can be resumed from (the newest complete checkpoint)."""
+        from paci.checkpoint import CheckpointError, latest
+
+        self.close()
+        run_dir = run_dir or getattr(self, "run_dir", None)
+        if run_dir is None:
+            return
+        try:
+            step = latest(Path(run_dir))["step"]
+        except CheckpointError:
+            log.error("paci: no checkpoint was complete yet in %s", run_dir)
+            return
+        log.error("paci: the newest checkpoint is after step %d; continue with: paci train --resume %s", step, run_dir)
 
 
 def _plot_run(run_dir: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from paci.ir import Action, Op, Schedule, ScheduleError, needs, render_grid, sends
+from paci.ir import Action, Op, Schedule, ScheduleError, after_step, needs, render_grid, sends
 from paci.runtime.stage import Stage
 from paci.runtime.transport import Transport
 from paci.trace import StageTrace, Trace
@@ -29,7 +29,8 @@ class StageFailure(RuntimeError):
 
 class Executor:
     def __init__(self, stage: Stage, actions: Iterable[Action], transport: Transport, record: StageTrace,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, listener: Listener | None = None,
+                 is_drain: Callable[[int], bool] | None = None, on_drain: Callable[[Stage], None] | None = None) -> None:
         self.stage = stage
         self.transport = transport
         self.record = record
@@ -37,6 +38,10 @@ class Executor:
         self._actions: Iterator[Action] = iter(actions)
         self._head: Action | None = next(self._actions, None)
         self._position = 0
+        self.listener = listener  # listener(stage, action) after every action
+        # checkpoints: on_drain(stage) after the U of each step where is_drain(step) and the evaluation
+        # round that follows it, i.e. where the schedule has nothing in flight (ir.with_drains)
+        self.is_drain, self.on_drain = is_drain, on_drain
         self._dispatch = {Op.F: stage.forward, Op.E: stage.evaluate, Op.B: stage.backward,
                           Op.I: stage.backward_input, Op.W: lambda mb, _: stage.backward_weight(mb),
                           Op.U: lambda mb, _: stage.step()}
@@ -76,23 +81,29 @@ class Executor:
         self.record.wait.append(waited)
         self._head = next(self._actions, None)
         self._position += 1
+        if self.listener is not None:
+            self.listener(self.stage, action)
+        if self.on_drain is not None and action.op in (Op.U, Op.E) and self.is_drain(self.stage.version) and \
+                (self._head is None or self._head.op is not Op.E):
+            self.on_drain(self.stage)
         return action
 
 
 def run_local(stages: list[Stage], schedule: Schedule, transport: Transport,
-              listener: Listener | None = None) -> Trace:
-    """Run all stages in this process; returns the measured trace (times are sequential here)."""
+              listener: Listener | None = None, start_step: int = 0, is_drain: Callable[[int], bool] | None = None,
+              on_drain: Callable[[Stage], None] | None = None) -> Trace:
+    """Run all stages in this process, from after step `start_step` (a resume); returns the measured
+    trace (times are sequential here). `on_drain(stage)` runs at each of the stage's drain points."""
     trace = Trace(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.weight_policy,
                   kind="measured")
-    executors = [Executor(stage, schedule.actions(s), transport, trace.stages[s]) for s, stage in enumerate(stages)]
+    executors = [Executor(stage, after_step(schedule.actions(s), start_step), transport, trace.stages[s],
+                          listener=listener, is_drain=is_drain, on_drain=on_drain) for s, stage in enumerate(stages)]
     while not all(ex.done for ex in executors):
         progressed = False
         for ex in executors:
             while ex.ready():
-                action = ex.run_next()
+                ex.run_next()
                 progressed = True
-                if listener is not None:
-                    listener(ex.stage, action)
         if not progressed:
             marks = {s: len(trace.stages[s]) for s, ex in enumerate(executors) if not ex.done}
             detail = ", ".join(f"stage {s} waits at {executors[s].head}" for s in marks)

@@ -7,12 +7,15 @@ rendezvous (MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE), which torchrun sets 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing as mp
 import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -134,8 +137,28 @@ def _child(entry: Callable[[Any], int], payload: Any, rank: int, world_size: int
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the ranks
+    _die_with_parent()
     torch.set_num_threads(threads)
     sys.exit(run_rank(entry, payload))
+
+
+def _die_with_parent() -> None:
+    """A rank must not outlive its launcher, even one killed with SIGKILL: Linux sends this process
+    SIGKILL when the parent dies (PR_SET_PDEATHSIG); elsewhere a thread watches the parent's pid."""
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.prctl(1, signal.SIGKILL) != 0:  # PR_SET_PDEATHSIG = 1
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
 
 
 def run_rank(entry: Callable[[Any], int], payload: Any) -> int:

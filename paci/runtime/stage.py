@@ -349,5 +349,23 @@ class Stage:
         return [t for copy in self._stash.tensors.values() for t in copy.values()]
 
     def state_dict(self) -> dict:
-        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "version": self.version}
+        """Everything a resume needs, taken at a drain point (nothing in flight): tensors and plain values."""
+        if self._inflight or self._stash.tensors:
+            raise RuntimeError(f"stage {self.index}: a checkpoint needs an empty pipeline, but micro-batches "
+                               f"{sorted(self._inflight)} are in flight")
+        state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "version": self.version, "rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`'s output: the weights in place (the shadows share them), the
+        optimizer's moments, the LR schedule's position, the version and the RNG."""
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.version = int(state["version"])
+        torch.set_rng_state(state["rng"].cpu())
+        if "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)

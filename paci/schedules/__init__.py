@@ -9,10 +9,11 @@ before its optimizer step (flush schedules: M; paci and 2bw: default M; async-1f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
-from paci.ir import Schedule
+from paci.ir import Schedule, WeightPolicy, with_drains
 from paci.schedules.asynchronous import async_1f1b, paci, pipedream, two_bw
 from paci.schedules.flush import gpipe, one_f_one_b_flush, zb_h1
 
@@ -34,11 +35,40 @@ REGISTRY: dict[str, Entry] = {
 
 
 def build(name: str, num_stages: int, num_microbatches: int, num_steps: int = 1,
-          accumulation: int | None = None) -> Schedule:
-    """Build a registered schedule; ValueError with the valid names for an unknown one."""
+          accumulation: int | None = None, drain_every: int = 0) -> Schedule:
+    """Build a registered schedule; ValueError with the valid names for an unknown one.
+
+    `drain_every` > 0 adds drain points (`ir.with_drains`) after every that many optimizer steps:
+    the checkpoints of `paci train`. It must cover whole mini-batches (see `drain_interval`).
+    """
     if name not in REGISTRY:
         raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(REGISTRY)}")
-    return REGISTRY[name].builder(num_stages, num_microbatches, num_steps, accumulation)
+    builder = REGISTRY[name].builder
+    schedule = builder(num_stages, num_microbatches, num_steps, accumulation)
+    if drain_every and drain_every < schedule.num_steps:
+        drain_interval(schedule, num_microbatches, drain_every)  # checks it
+        segment = drain_every * schedule.accumulation // num_microbatches  # in mini-batches
+        schedule = with_drains(lambda n: builder(num_stages, num_microbatches, n, accumulation), num_steps, segment)
+    return schedule
 
 
-__all__ = ["REGISTRY", "build"]
+def drain_interval(schedule: Schedule, num_microbatches: int, every: int | None = None) -> int:
+    """Optimizer steps between drain points: `every` checked, or by default the fewest for which one
+    fill and drain, about (P-1) micro-batch times, costs under 1% of the K x interval micro-batch
+    times between two (tests/test_checkpoint.py checks it with the simulator). A flush schedule
+    drains every step anyway, so its interval costs nothing; 100 steps. Whole mini-batches always."""
+    per_minibatch = num_microbatches // math.gcd(num_microbatches, schedule.accumulation)
+    if every is None:
+        if schedule.weight_policy is WeightPolicy.NONE:
+            every = 100
+        else:
+            every = math.ceil(100 * (schedule.num_stages - 1) / schedule.accumulation)
+        return math.ceil(every / per_minibatch) * per_minibatch
+    if not isinstance(every, int) or every < 0 or every % per_minibatch:
+        raise ValueError(f"--checkpoint-every {every} must be a multiple of {per_minibatch}: a drain point falls "
+                         f"between whole mini-batches of {num_microbatches} micro-batches "
+                         f"(K = {schedule.accumulation})")
+    return every
+
+
+__all__ = ["REGISTRY", "build", "drain_interval"]

@@ -1,0 +1,210 @@
+"""Checkpoints at drain points: a run stopped and resumed equals, bit for bit, the run that never stopped."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from paci import schedules
+from paci.checkpoint import CheckpointError, latest, load_stage
+from paci.config import load_config, load_run_config
+from paci.ir import Op, after_step, stage_versions, validate, with_drains
+from paci.train import claim_run_dir, make_plan, train
+
+
+def _segments(name: str, stages: int, m: int, steps: int, every: int):
+    return with_drains(lambda n: schedules.build(name, stages, m, n), steps, every)
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "zb-h1"])
+def test_a_flush_schedule_is_unchanged_by_drain_points(name):
+    """A flush schedule drains after every step: segmenting it changes no action."""
+    assert _segments(name, 3, 4, 7, 3).rows() == schedules.build(name, 3, 4, 7).rows()
+
+
+@pytest.mark.parametrize("name", ["paci", "2bw", "pipedream", "async-1f1b"])
+def test_drain_points_empty_an_asynchronous_pipeline(name):
+    """Segments of 2 steps (and a last one of 1): valid, every micro-batch's forward and backward in
+    the same segment, so nothing is in flight at a drain point; between them the stream is unchanged."""
+    stages, m, steps, every = 3, 4, 5, 2
+    schedule = _segments(name, stages, m, steps, every)
+    validate(schedule)
+    assert schedule.num_microbatches == m * steps
+    span = every * m
+    for s in range(stages):
+        for mb, v_f, v_b in stage_versions(schedule, s):
+            segment_start_version = (mb // span) * span // schedule.accumulation
+            assert v_f >= segment_start_version and v_b <= segment_start_version + span // schedule.accumulation
+        whole = schedules.build(name, stages, m, every).rows()[s]
+        assert schedule.rows()[s][:len(whole)] == whole
+
+
+def test_after_step_skips_the_step_and_its_evaluation_round():
+    actions = list(after_step(schedules.build("1f1b", 2, 2, 3).actions(0), 2))
+    assert actions == list(schedules.build("1f1b", 2, 2, 3).actions(0))[-5:]
+    assert actions[0].op is Op.F and actions[0].microbatch == 4
+
+
+def test_default_interval_keeps_the_drains_under_one_percent():
+    """The default interval against the simulator: one fill and drain per interval costs < 1% of the
+    time of the run without drains (P = 8, K = m = 8, F = 1, B = 2)."""
+    from paci.sim import CostModel, simulate
+
+    stages, m = 8, 8
+    every = schedules.drain_interval(schedules.build("paci", stages, m, 1), m)
+    steps = 4 * every
+    costs = CostModel.per_stage(stages, forward=1.0, backward=2.0)
+    plain = simulate(schedules.build("paci", stages, m, steps), costs).metrics.makespan
+    drained = simulate(_segments("paci", stages, m, steps, every), costs).metrics.makespan
+    assert 0 < drained / plain - 1 < 0.01
+    shorter = simulate(_segments("paci", stages, m, steps, every // 2), costs).metrics.makespan
+    assert shorter / plain - 1 >= 0.01  # the default is not needlessly long: half of it costs more than 1%
+
+
+def _config(tmp_path, name: str, schedule: str = "paci", steps: int = 7, every: int = 3, **train):
+    return load_config(None, {
+        "model": {"preset": "tiny"}, "data": {"batch_size": 2, "seq_len": 16},
+        "pipeline": {"schedule": schedule, "stages": 2, "microbatches": 4, "split": "uniform"},
+        "optim": {"lr": 1e-2},
+        "train": {"steps": steps, "eval_every": 2, "eval_batches": 2, "out": str(tmp_path / name), "threads": 1,
+                  "checkpoint_every": every, **train}})
+
+
+def _records(run_dir) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("wall_s", "tok_per_s")} for r in lines if not r.get("final")]
+
+
+def _state(run_dir) -> list[dict]:
+    manifest = latest(run_dir)
+    return [load_stage(manifest, s, torch.device("cpu")) for s in range(len(manifest["stages"]))]
+
+
+def _assert_same_run(a, b) -> None:
+    assert _records(a) == _records(b)
+    for x, y in zip(_state(a), _state(b)):
+        assert x["version"] == y["version"]
+        assert all(torch.equal(x["module"][k], y["module"][k]) for k in x["module"])
+        for i, state in x["optimizer"]["state"].items():
+            assert all(torch.equal(state[k], y["optimizer"]["state"][i][k]) for k in state)
+
+
+class _Stop(KeyboardInterrupt):
+    pass
+
+
+@pytest.mark.parametrize("schedule", ["paci", "1f1b"])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, schedule):
+    """Stopped by Ctrl-C in the middle of a segment, then resumed from the checkpoint before: the
+    per-step losses, validation losses, weights and optimizer moments equal the uninterrupted run's."""
+    whole = _config(tmp_path, "whole", schedule)
+    train(whole)
+
+    def stop_at_step_5(record):
+        if record.get("step") == 5:
+            raise _Stop
+
+    stopped = _config(tmp_path, "stopped", schedule)
+    with pytest.raises(_Stop):
+        train(stopped, on_record=stop_at_step_5)
+    assert latest(tmp_path / "stopped")["step"] == 3
+    summary, _ = train(load_run_config(tmp_path / "stopped"), resume=True)
+    assert summary["steps"] == 7 and summary["versions_verified"]
+    _assert_same_run(tmp_path / "whole", tmp_path / "stopped")
+    if schedule == "1f1b":  # a flush schedule drains every step: checkpoints change nothing
+        train(_config(tmp_path, "never", schedule, every=0))
+        _assert_same_run(tmp_path / "whole", tmp_path / "never")
+
+
+def test_a_corrupt_stage_file_falls_back_to_the_checkpoint_before(tmp_path, caplog):
+    train(_config(tmp_path, "whole"))
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "whole", run)
+    newest = run / "checkpoints" / "step-000007" / "stage-1.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a full disk
+    assert latest(run)["step"] == 6
+    assert "fails its checksum" in caplog.text
+    train(load_run_config(run), resume=True)
+    _assert_same_run(tmp_path / "whole", run)
+
+
+def test_only_the_two_newest_complete_checkpoints_are_kept(tmp_path):
+    train(_config(tmp_path, "run", steps=9, every=2))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000008", "step-000009"]
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    """A stage file whose pickle calls os.system (with a checksum that matches) is not loaded."""
+    monkeypatch.chdir(tmp_path)
+    train(_config(tmp_path, "run"))
+    folder = tmp_path / "run" / "checkpoints" / "step-000007"
+    path = folder / "stage-0.pt"
+    torch.save({"module": _Exploit()}, path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    import hashlib
+    manifest["stages"][0]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_stage(latest(tmp_path / "run"), 0, torch.device("cpu"))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_resume_refuses_other_settings_naming_the_field(tmp_path):
+    train(_config(tmp_path, "run"))
+    with pytest.raises(CheckpointError, match=r"optimizer\.lr = 0\.01, this run has optimizer\.lr = 0\.02"):
+        make_plan(load_run_config(tmp_path / "run", {"optim": {"lr": 2e-2}}), resume=True)
+    with pytest.raises(CheckpointError, match="precision"):
+        make_plan(load_run_config(tmp_path / "run", {"train": {"precision": "bf16"}}), resume=True)
+
+
+def test_two_runs_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = _config(tmp_path, "x")
+    config.train.out = None
+    first, second = make_plan(config), make_plan(config)
+    assert first.run_dir == second.run_dir  # same name: same schedule, same second
+    claim_run_dir(first)
+    claim_run_dir(second)
+    assert first.run_dir != second.run_dir and second.run_dir.name == first.run_dir.name + "-2"
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(240)
+def test_sigterm_then_resume_multiprocess_equals_uninterrupted(tmp_path):
+    """`paci train --nproc 2` stopped by SIGTERM mid-run exits non-zero with the resume command and
+    no orphan; `--resume` finishes it; losses and weights equal an uninterrupted run's bit for bit."""
+    flags = ["--preset", "tiny", "--stages", "2", "--nproc", "2", "--microbatches", "4", "--batch-size", "2",
+             "--seq-len", "16", "--steps", "400", "--checkpoint-every", "10", "--eval-every", "50", "--split",
+             "uniform", "--threads", "1", "--lr", "1e-2"]
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "paci", "train", *flags, "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (run / "checkpoints" / "step-000020" / "manifest.json").exists():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and "--resume" in stderr, stderr
+    assert "Traceback" not in stderr
+    stopped_at = latest(run)["step"]
+    assert 20 <= stopped_at < 400
+    done = subprocess.run([sys.executable, "-m", "paci", "train", "--resume", str(run), "--nproc", "2"],
+                          capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming after step {stopped_at}" in done.stderr
+    whole = subprocess.run([sys.executable, "-m", "paci", "train", *flags, "--out", str(tmp_path / "whole")],
+                           capture_output=True, text=True, timeout=200)
+    assert whole.returncode == 0, whole.stderr
+    _assert_same_run(tmp_path / "whole", run)

@@ -132,6 +132,23 @@ def test_failed_rank_stops_every_rank(tmp_path, fault):
     assert not any(_alive(pid) for pid in ranks)
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_ranks_die_with_their_launcher(tmp_path, how):
+    """Killing `paci train --nproc 3` itself leaves no rank running; SIGTERM is a clean stop (exit 130,
+    one line naming the checkpoint to resume from, no traceback)."""
+    proc, ranks = _start_run(tmp_path)
+    proc.send_signal(how)
+    _, stderr = proc.communicate(timeout=30)
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in ranks)
+    if how == signal.SIGTERM:
+        assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+        assert "no checkpoint was complete yet" in stderr or "--resume" in stderr, stderr
+
+
 def _torchrun(*args: str) -> list[str]:
     return [str(Path(sys.executable).parent / "torchrun"), *args]
 

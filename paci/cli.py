@@ -3,7 +3,8 @@
 Each subcommand lives in `paci.commands.<name>` with an `add_<name>_parser(subparsers)` and a
 `<name>_command(args) -> int`.
 Bad input anywhere below raises ValueError/OSError; `main` turns it into one line on stderr and
-exit code 2, never a traceback (set PACI_DEBUG=1 to see the traceback).
+exit code 2, never a traceback (set PACI_DEBUG=1 to see the traceback). A run that fails
+(RuntimeError: a stage's action, a lost peer, too many non-finite values) is one line and exit 1.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("paci: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:  # a run that failed (a stage's action, too many non-finite values, a peer)
+        if os.environ.get("PACI_DEBUG"):
+            raise
+        print(f"paci: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

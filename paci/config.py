@@ -114,6 +114,8 @@ class TrainConfig:
     out: str | None = None  # run directory; default runs/<schedule>-<time>
     threads: int | None = None  # torch threads per process; default: the cores, split across processes
     precision: str = "fp32"  # "fp32", or "bf16": autocast over fp32 weights (model.autocast)
+    nonfinite_limit: int = 20  # micro-batches dropped plus updates skipped for non-finite values, per stage,
+    # before the run stops
     checkpoint_every: int | None = None  # optimizer steps between checkpoints (drain points); 0: only at the
     # end; default: the fewest for which the drains cost under 1% (train.checkpoint_interval)
 
@@ -122,6 +124,9 @@ class TrainConfig:
                   threads=self.threads)
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown --precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if isinstance(self.nonfinite_limit, bool) or not isinstance(self.nonfinite_limit, int) or \
+                self.nonfinite_limit < 0:
+            raise ValueError(f"--nonfinite-limit must be an integer >= 0, got {self.nonfinite_limit!r}")
         if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int) or
                                                   isinstance(self.checkpoint_every, bool) or self.checkpoint_every < 0):
             raise ValueError(f"--checkpoint-every must be an integer >= 0, got {self.checkpoint_every!r}")

@@ -2,7 +2,7 @@
 
 The two halves are apart because in a multi-process run they live on different ranks: the last
 stage holds the losses, rank 0 writes metrics.jsonl and draws the progress bar. Events are plain
-(kind, index, value) triples of numbers, so they travel as one small tensor.
+(kind, index, value, dropped) tuples of numbers, so they travel as one small tensor.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class StatsEvent(NamedTuple):
     kind: int  # STEP: index = the step just completed (1-based), value = mean train loss
     index: int  # VALIDATION: index = the evaluation round, value = mean validation loss
     value: float
+    dropped: int = 0  # STEP: micro-batches of the step whose loss was not finite (left out of the mean and the update)
 
 
 class StepStats:
@@ -57,7 +58,9 @@ class StepStats:
         if action.op is Op.U:
             step, k = stage.version, self.accumulation
             losses = [float(stage.losses.pop(mb)) for mb in range((step - 1) * k, step * k)]
-            return [StatsEvent(STEP, step, float(np.mean(losses)))]
+            finite = [loss for loss in losses if math.isfinite(loss)]
+            mean = float(np.mean(finite)) if finite else math.nan
+            return [StatsEvent(STEP, step, mean, len(losses) - len(finite))]
         if action.op is Op.E and (action.microbatch + 1) % self.eval_batches == 0:
             index = action.microbatch // self.eval_batches
             first = index * self.eval_batches
@@ -99,6 +102,8 @@ class Recorder:
         if event.kind == STEP:
             self._flush()
             self._pending = self._step_record(event.index, event.value)
+            if event.dropped:
+                self._pending["nonfinite_microbatches"] = event.dropped
             if event.index not in self.eval_rounds:
                 self._flush()
             return
@@ -155,7 +160,7 @@ class Recorder:
         steps = [r for r in self.records if "loss" in r]
         vals = [r for r in self.records if "val_loss" in r]
         last = steps[-1] if steps else {}
-        return {"final_train_loss": last.get("loss"),
+        return {"nonfinite_microbatches": sum(r.get("nonfinite_microbatches", 0) for r in steps),"final_train_loss": last.get("loss"),
                 "final_val_loss": vals[-1]["val_loss"] if vals else None,
                 "final_val_ppl": vals[-1]["val_ppl"] if vals else None,
                 "initial_val_loss": vals[0]["val_loss"] if vals else None,

@@ -141,7 +141,19 @@ def build_stage(plan: Plan, index: int, device: torch.device) -> Stage:
                  train_batch=lambda mb: plan.data.batch(seed, mb, batch_size, seq_len),
                  val_batch=lambda i: plan.data.val_batch(i % plan.eval_batches, batch_size, seq_len),
                  device=device, recompute=plan.config.pipeline.recompute,
-                 updates_ahead=updates_ahead(plan.schedule, index), precision=plan.config.train.precision)
+                 updates_ahead=updates_ahead(plan.schedule, index), precision=plan.config.train.precision,
+                 nonfinite_limit=plan.config.train.nonfinite_limit, poison=injected_nan(index))
+
+
+def injected_nan(stage: int) -> list[int]:
+    """Fault injection for tests and drills: PACI_INJECT_NAN="s:mb,..." turns stage s's output of
+    micro-batch mb into NaN, the way an overflow would."""
+    spec = os.environ.get("PACI_INJECT_NAN", "")
+    try:
+        pairs = [tuple(map(int, item.split(":"))) for item in spec.split(",") if item.strip()]
+        return [mb for s, mb in pairs if s == stage]
+    except ValueError:
+        raise ValueError(f"PACI_INJECT_NAN={spec!r}: expected stage:microbatch pairs like 0:5,1:9") from None
 
 
 def default_device() -> torch.device:
@@ -263,7 +275,7 @@ def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
         verify_versions(plan, {stage.index: stage.versions for stage in stages})
     finally:
         recorder.close()
-    return write_summary(plan, recorder, {}), trace
+    return write_summary(plan, recorder, {"skipped_updates": [stage.skipped for stage in stages]}), trace
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,8 +390,8 @@ def _stats_order(plan: Plan) -> Iterator[int]:
             yield step
 
 
-def _as_event(values: tuple[float, float, float]) -> tuple[int, int, float]:
-    return int(values[0]), int(values[1]), values[2]
+def _as_event(values: tuple[float, ...]) -> tuple[int, int, float, int]:
+    return int(values[0]), int(values[1]), values[2], int(values[3])
 
 
 def _broadcast(value: str) -> str:
@@ -396,14 +408,14 @@ def _peak_memory(device: torch.device) -> int:
 
 def _gather(plan: Plan, stage: Stage, trace: Trace, recorder: Recorder | None) -> Record | None:
     """Collect every rank's trace, versions and memory on rank 0; write the trace files and summary."""
-    gathered = gather_trace(trace, stage.index, (stage.versions, _peak_memory(stage.device)))
+    gathered = gather_trace(trace, stage.index, (stage.versions, _peak_memory(stage.device), stage.skipped))
     if gathered is None:
         return None
     trace, extras = gathered
-    verify_versions(plan, {index: versions for index, (versions, _) in enumerate(extras)})
-    report = run_report(plan, trace, [memory for _, memory in extras])
+    verify_versions(plan, {index: versions for index, (versions, _, _) in enumerate(extras)})
+    report = run_report(plan, trace, [memory for _, memory, _ in extras])
     recorder.append_final(report)
-    return write_summary(plan, recorder, report)
+    return write_summary(plan, recorder, {**report, "skipped_updates": [skipped for _, _, skipped in extras]})
 
 
 def run_report(plan: Plan, trace: Trace, peak_memory: list[int]) -> Record:

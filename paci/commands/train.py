@@ -61,6 +61,9 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every",
                    help="optimizer steps between checkpoints, taken where the schedule drains (0: only at the end; "
                         "default: the fewest whose drains cost under 1%%)")
+    p.add_argument("--nonfinite-limit", type=int, dest="nonfinite_limit",
+                   help="micro-batches a stage may drop, plus updates it may skip, for a non-finite loss or gradient "
+                        "before the run stops (default 20)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue RUN_DIR from its newest complete checkpoint, with its own settings; the result "
                         "equals the run that never stopped, bit for bit")
@@ -77,7 +80,8 @@ _TRAIN_FLAGS = {"model": {"preset": "preset", "vocab_size": "vocab_size"},
                 "optim": {"lr": "lr", "warmup_steps": "warmup_steps", "optimizer": "optimizer", "beta1": "beta1",
                           "compensate": "compensate"}, "train": {"steps": "steps", "seed": "seed", "eval_every": "eval_every",
                                                  "eval_batches": "eval_batches", "threads": "threads", "out": "out",
-                                                 "precision": "precision", "checkpoint_every": "checkpoint_every"}}
+                                                 "precision": "precision", "checkpoint_every": "checkpoint_every",
+                                                 "nonfinite_limit": "nonfinite_limit"}}
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -145,6 +149,10 @@ def _finish(summary: dict, as_json: bool) -> None:
     if as_json:
         print(to_json(summary, indent=1))
         return
+    dropped, skipped = summary["nonfinite_microbatches"], sum(map(len, summary["skipped_updates"]))
+    if dropped or skipped:
+        log.warning("paci: %d micro-batches had a non-finite loss and were left out; %d stage updates were skipped "
+                    "for a non-finite gradient (metrics.jsonl, summary.json)", dropped, skipped)
     line = (f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.0f} s | "
             f"val loss {summary['initial_val_loss']:.3f} -> {summary['final_val_loss']:.3f} "
             f"(ppl {summary['final_val_ppl']:.1f}) | max Δ {summary['max_drift']}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -119,6 +120,10 @@ class OptimizerSpec:
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_at(step) / self.lr)
 
 
+class NonFiniteError(RuntimeError):
+    """A stage dropped more micro-batches or updates for non-finite values than its limit allows."""
+
+
 @dataclass
 class _InFlight:
     inputs: torch.Tensor | None  # the received activation (a leaf that collects its grad); on stage 0 the
@@ -127,6 +132,7 @@ class _InFlight:
     # recompute re-runs the forward
     version: int
     grad: torch.Tensor | None = None  # kept from I for W (split backward)
+    dropped: bool = False  # I found it non-finite: W adds nothing
 
 
 @dataclass
@@ -141,8 +147,16 @@ class Stage:
     def __init__(self, index: int, num_stages: int, modules: Sequence[nn.Module], *, policy: WeightPolicy,
                  optim: OptimizerSpec, loss_scale: float, train_batch: Batch, val_batch: Batch,
                  device: torch.device | str = "cpu", recompute: bool = False,
-                 updates_ahead: Callable[[int], int] | None = None, precision: str = "fp32") -> None:
+                 updates_ahead: Callable[[int], int] | None = None, precision: str = "fp32",
+                 nonfinite_limit: int = 20, poison: Sequence[int] = ()) -> None:
         self.index, self.num_stages = index, num_stages
+        # non-finite values never reach the weights (docs/design.md §4): micro-batches dropped here,
+        # versions whose update was skipped, the most of both together before the run stops, and
+        # micro-batches whose output this stage turns into NaN (fault injection for tests)
+        self.dropped: list[int] = []
+        self.skipped: list[int] = []
+        self.nonfinite_limit = nonfinite_limit
+        self.poison = frozenset(poison)
         self.recompute = recompute
         self.precision = precision
         autocast(precision, device)  # checks it
@@ -227,6 +241,8 @@ class Stage:
         with torch.autograd.graph.saved_tensors_hooks(*hooks) if hooks else contextlib.nullcontext(), \
                 autocast(self.precision, self.device):
             output = self._run(x, weights)
+            if mb in self.poison:
+                output = output * math.nan
             if self.is_last:
                 loss = lm_loss(output, self.train_batch(mb)[1].to(self.device))
                 if record:
@@ -267,6 +283,9 @@ class Stage:
         """B(mb): backward through the saved graph, add into the grads, return the input grad."""
         state = self._inflight.pop(mb)
         self._record_backward(mb, state)
+        if not self._finite(mb, grad):
+            self._finish(state)
+            return self._drop(mb, state)
         self._rebuild(mb, state)
         state.output.backward(None if self.is_last else grad)
         self._finish(state)
@@ -276,6 +295,9 @@ class Stage:
         """I(mb): only the input gradient; the graph is kept for W."""
         state = self._inflight[mb]
         self._record_backward(mb, state)
+        if not self._finite(mb, grad):
+            state.dropped = True
+            return self._drop(mb, state)
         self._rebuild(mb, state)
         state.grad = grad
         if self.is_first:
@@ -287,9 +309,30 @@ class Stage:
     def backward_weight(self, mb: int) -> None:
         """W(mb): the weight gradients of a micro-batch whose I already ran."""
         state = self._inflight.pop(mb)
-        weights = self._stash.tensors[state.version] if self.policy is WeightPolicy.STASHED else self._params
-        state.output.backward(state.grad, inputs=list(weights.values()))
+        if not state.dropped:
+            weights = self._stash.tensors[state.version] if self.policy is WeightPolicy.STASHED else self._params
+            state.output.backward(state.grad, inputs=list(weights.values()))
         self._finish(state)
+
+    def _finite(self, mb: int, grad: torch.Tensor | None) -> bool:
+        """Is micro-batch mb's backward safe to add? Not when its loss (last stage) or the gradient
+        it brings from downstream is not finite: a dropped micro-batch sends NaN upstream, so every
+        stage drops it, and the flag needs no message of its own."""
+        if self.is_last:
+            return bool(torch.isfinite(self.losses[mb]))
+        return bool(torch.isfinite(grad).all())
+
+    def _drop(self, mb: int, state: _InFlight) -> torch.Tensor | None:
+        """Leave micro-batch mb out of this stage's gradient; pass the flag upstream as a NaN gradient."""
+        self.dropped.append(mb)
+        self._check_limit(f"micro-batch {mb} has a non-finite loss or gradient")
+        return None if self.is_first else torch.full_like(state.inputs, math.nan)
+
+    def _check_limit(self, what: str) -> None:
+        if len(self.dropped) + len(self.skipped) > self.nonfinite_limit:
+            raise NonFiniteError(f"{what}: stage {self.index} has now dropped {len(self.dropped)} micro-batches and "
+                                 f"skipped {len(self.skipped)} updates for non-finite values (limit "
+                                 f"{self.nonfinite_limit}); lower --lr or check the data")
 
     def _record_backward(self, mb: int, state: _InFlight) -> None:
         self.versions[mb] = (state.version, self.version)
@@ -302,15 +345,28 @@ class Stage:
     # update
 
     def step(self) -> None:
-        """U: optimizer step + LR-scheduler step + zero the grads; the version goes up by one."""
+        """U: optimizer step + LR-scheduler step + zero the grads; the version goes up by one.
+        If a gradient is not finite (made inside this stage from finite inputs), the optimizer does
+        not step, but the LR schedule and the version do: every later version stays where the
+        schedule puts it."""
+        grads = [p.grad for p in self._params.values() if p.grad is not None]
+        finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         for name, p in self._params.items():
             self._shadows[name].grad = p.grad
-        self.optimizer.step()
-        self.scheduler.step()
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            self.skipped.append(self.version + 1)
+            with warnings.catch_warnings():  # torch warns about a scheduler step with no optimizer step: intended
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
         for name, p in self._params.items():
             p.grad = None
             self._shadows[name].grad = None
         self.version += 1
+        if not finite:
+            self._check_limit(f"step {self.version} has a non-finite gradient")
 
     @property
     def lr(self) -> float:

@@ -153,8 +153,11 @@ def _tag(msg: Message) -> int:
     return msg.microbatch * len(_KINDS) + _KINDS[msg.kind]
 
 
+STATS_WIDTH = 4  # the fields of a metrics.StatsEvent
+
+
 class StatsChannel:
-    """Small float64 triples from the last rank to rank 0 (step losses, validation losses).
+    """Small float64 tuples (`StatsEvent`s) from the last rank to rank 0 (step losses, validation losses).
 
     Off the critical path: the last rank sends without waiting, and rank 0 collects only what the
     schedule guarantees has been sent already (see `receive`), so neither ever stalls the other.
@@ -174,18 +177,18 @@ class StatsChannel:
 
     def _post(self) -> None:
         while self._unposted and len(self._posted) < self._depth:
-            buffer = torch.empty(3, dtype=torch.float64, device=self.device)
+            buffer = torch.empty(STATS_WIDTH, dtype=torch.float64, device=self.device)
             self._posted.append((dist.irecv(buffer, src=self.src, group=self.group), buffer))
             self._unposted -= 1
 
-    def send(self, values: tuple[float, float, float]) -> None:
+    def send(self, values: tuple[float, ...]) -> None:
         payload = torch.tensor(values, dtype=torch.float64, device=self.device)
         self._sending.append((dist.isend(payload, dst=self.dst, group=self.group), payload))
         if len(self._sending) > 2 * self._depth:  # bounded: the receiver posts `depth` ahead
             self._sending.pop(0)[0].wait(self.timeout)
 
-    def receive(self) -> tuple[float, float, float]:
-        """The next triple, in send order (blocking)."""
+    def receive(self) -> tuple[float, ...]:
+        """The next tuple, in send order (blocking)."""
         if not self._posted:
             raise PeerFailure(f"rank {self.rank}: more stats requested than rank {self.src} sends")
         work, buffer = self._posted.pop(0)

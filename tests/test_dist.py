@@ -118,17 +118,17 @@ def _start_run(tmp_path) -> tuple[subprocess.Popen, list[int]]:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["dies", "hangs"])
 def test_failed_rank_stops_every_rank(tmp_path, fault):
-    """A rank that dies or hangs mid-run: every rank exits within 60 s, non-zero, the failed rank named,
-    no orphan processes left behind."""
+    """A rank that dies or hangs mid-run: every rank exits within 60 s (a frozen one is found by its silent
+    heartbeat), non-zero, the launcher's last line names the failed rank, no orphan processes left behind."""
     proc, ranks = _start_run(tmp_path)
     victim = ranks[2] if fault == signal.SIGKILL else ranks[1]
     os.kill(victim, fault)
     start = time.monotonic()
     _, stderr = proc.communicate(timeout=60)
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < (60 if fault == signal.SIGKILL else 30)  # a frozen rank: the heartbeat, ~10 s
     assert proc.returncode != 0
-    named = "rank 2" if fault == signal.SIGKILL else "rank 1"
-    assert named in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert ("rank 2 was killed" if fault == signal.SIGKILL else "rank 1 stopped responding") in last, stderr
     assert not any(_alive(pid) for pid in ranks)
 
 

@@ -77,12 +77,18 @@ def threads_per_rank(nproc: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+HEARTBEAT_S = 10.0  # a rank whose heartbeat thread has been silent this long is frozen (stopped, or hung holding the GIL)
+
+
 def spawn(entry: Callable[[Any], int], payload: Any, nproc: int, port: int | None = None,
-          threads: int | None = None, grace_s: float = 10.0) -> int:
+          threads: int | None = None, grace_s: float = 10.0, heartbeat_s: float = HEARTBEAT_S) -> int:
     """Run `entry(payload)` on `nproc` fresh ranks (spawn start method); return 0 if all succeed.
 
     Every rank prints its own errors (prefixed with its rank). If one rank fails, the others get
     `grace_s` to notice through their P2P timeouts, then are terminated: no orphans are left.
+    Every rank also beats a heartbeat from a thread of its own (a rank waiting for a peer still
+    beats); one silent for `heartbeat_s` is named as frozen and the run is stopped at once, long
+    before its neighbours' receives would time out and blame themselves.
     """
     if port is None:
         port = free_port()
@@ -90,25 +96,34 @@ def spawn(entry: Callable[[Any], int], payload: Any, nproc: int, port: int | Non
         check_port(port)
     ctx = mp.get_context("spawn")
     threads = threads or threads_per_rank(nproc)
-    procs = [ctx.Process(target=_child, args=(entry, payload, rank, nproc, port, threads), name=f"paci-rank{rank}")
-             for rank in range(nproc)]
+    beats = [ctx.Value("d", 0.0, lock=False) for _ in range(nproc)]  # 0: not started yet
+    procs = [ctx.Process(target=_child, args=(entry, payload, rank, nproc, port, threads, beats[rank]),
+                         name=f"paci-rank{rank}") for rank in range(nproc)]
     for proc in procs:
         proc.start()
     try:
-        return _supervise(procs, grace_s)
+        return _supervise(procs, grace_s, beats, heartbeat_s)
     except KeyboardInterrupt:
         _stop(procs)
         raise
 
 
-def _supervise(procs: list, grace_s: float) -> int:
+def _supervise(procs: list, grace_s: float, beats: list, heartbeat_s: float) -> int:
     first_failure: tuple[int, int] | None = None
     deadline = float("inf")
     while any(proc.exitcode is None for proc in procs):
         for rank, proc in enumerate(procs):
             if proc.exitcode not in (None, 0) and first_failure is None:
                 first_failure, deadline = (rank, proc.exitcode), time.monotonic() + grace_s
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        frozen = [rank for rank, (proc, beat) in enumerate(zip(procs, beats))
+                  if proc.exitcode is None and beat.value and now - beat.value > heartbeat_s]
+        if frozen and first_failure is None:
+            _stop(procs)
+            log.error("paci: rank %d stopped responding (no heartbeat for %.0f s: frozen, stopped or hung); the "
+                      "run stopped", frozen[0], heartbeat_s)
+            return 1
+        if now > deadline:
             _stop(procs)
             break
         time.sleep(0.05)
@@ -133,13 +148,25 @@ def _stop(procs: list) -> None:
             proc.join()
 
 
-def _child(entry: Callable[[Any], int], payload: Any, rank: int, world_size: int, port: int, threads: int) -> None:
+def _child(entry: Callable[[Any], int], payload: Any, rank: int, world_size: int, port: int, threads: int,
+           beat=None) -> None:
+    if beat is not None:
+        _start_heartbeat(beat)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the ranks
     _die_with_parent()
     torch.set_num_threads(threads)
     sys.exit(run_rank(entry, payload))
+
+
+def _start_heartbeat(beat, every_s: float = 1.0) -> None:
+    def run() -> None:
+        while True:
+            beat.value = time.monotonic()
+            time.sleep(every_s)
+
+    threading.Thread(target=run, name="paci-heartbeat", daemon=True).start()
 
 
 def _die_with_parent() -> None:

@@ -371,8 +371,10 @@ def choose_split(spec: str, config: GPTConfig, num_stages: int, schedule_name: s
     profiles = profile_units(config, batch_size, seq_len, device, precision)
     split = partition(profiles, num_stages, inflight, copies, budget)
     uniform = evaluate_split(profiles, uniform_split(n, num_stages), inflight, copies, budget)
-    logger.info("profiled split %s: slowest stage %d at %.2f ms fwd+bwd per micro-batch (uniform %s: %.2f ms)",
-                split.spec, split.bottleneck, 1e3 * split.max_time, uniform.spec, 1e3 * uniform.max_time)
+    logger.info("profiled split %s: slowest stage %d at %.2f ms fwd+bwd per micro-batch (uniform %s: %.2f ms); "
+                "it rests on this machine's timings, so pin it for reproducible runs: --split %s, or --split RUN_DIR "
+                "to reuse a run's", split.spec, split.bottleneck, 1e3 * split.max_time, uniform.spec,
+                1e3 * uniform.max_time, split.spec)
     return list(split.ranges)
 
 

@@ -107,7 +107,7 @@ def make_plan(config: RunConfig, resume: bool = False) -> Plan:
     data.check_fits(config.data.batch_size, seq_len)
     eval_batches = min(config.train.eval_batches, data.num_val_batches(config.data.batch_size, seq_len))
     budget = parse_bytes(pipe.memory_per_stage) if pipe.memory_per_stage is not None else None
-    split = choose_split(pipe.split, model, pipe.stages, pipe.schedule, pipe.microbatches, pipe.accum,
+    split = choose_split(pinned_split(pipe.split), model, pipe.stages, pipe.schedule, pipe.microbatches, pipe.accum,
                          config.data.batch_size, seq_len, default_device(), budget, config.train.precision)
     opt = config.optim
     warmup = opt.warmup_steps if opt.warmup_steps is not None else max(1, base.num_steps // 20)
@@ -120,6 +120,19 @@ def make_plan(config: RunConfig, resume: bool = False) -> Plan:
     if manifest is not None:
         checkpoint.check_identity(manifest["identity"], plan.identity())
     return plan
+
+
+def pinned_split(spec: str) -> str:
+    """--split RUN_DIR: the split that run resolved (its config.json), so a profiled split, which
+    depends on the machine's timings, can be reused exactly; any other spec is returned as is."""
+    if "/" not in spec and not Path(spec).is_dir():
+        return spec
+    path = Path(spec) / "config.json"
+    try:
+        return json.loads(path.read_text())["resolved"]["split"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"--split {spec}: expected a paci run directory with a config.json that records its "
+                         "split, or a split like 0:3,3:6") from None
 
 
 def _run_dir(config: RunConfig) -> Path:

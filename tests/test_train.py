@@ -25,3 +25,23 @@ def test_flush_trajectory_is_independent_of_the_microbatch_count(tmp_path):
     assert len(coarse) == len(fine) == 7
     for a, b in zip(coarse, fine):
         assert math.isclose(a, b, rel_tol=1e-4), (coarse, fine)
+
+
+def test_a_split_is_pinned_from_a_previous_run(tmp_path):
+    """--split RUN_DIR reuses the split that run resolved (a profiled one depends on the machine's
+    timings); a folder that is not a run is refused with the fix."""
+    import json
+
+    import pytest
+
+    from paci.train import make_plan
+
+    def config(split: str, name: str):
+        return load_config(overrides={"model": {"preset": "tiny"}, "pipeline": {"stages": 2, "split": split},
+                                      "train": {"steps": 1, "out": str(tmp_path / name), "threads": 1}})
+
+    first, _ = train(config("0:2,2:6", "first"))
+    assert json.loads((tmp_path / "first" / "config.json").read_text())["resolved"]["split"] == "0:2,2:6"
+    assert make_plan(config(str(tmp_path / "first"), "second")).split == [(0, 2), (2, 6)]
+    with pytest.raises(ValueError, match="expected a paci run directory"):
+        make_plan(config(str(tmp_path), "third"))

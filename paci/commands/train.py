@@ -44,8 +44,9 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, help="torch threads per process (default: the cores, split across "
                                                "processes)")
     p.add_argument("--out", help="run directory (default runs/<schedule>-<time>); must not exist or be empty")
-    p.add_argument("--split", help='stage split: "profile" (default: measure the units, then the exact DP), '
-                                   '"uniform", or unit ranges like 0:3,3:6,6:10 (see paci partition)')
+    p.add_argument("--split", help='stage split: "profile" (default: measure the units, then the exact DP; '
+                                   'timing-dependent), "uniform", unit ranges like 0:3,3:6,6:10 (see paci '
+                                   'partition), or a run directory whose split to reuse')
     p.add_argument("--precision", help="fp32 (default) or bf16: autocast over fp32 weights; a Linear's backward "
                                        "then reads the bf16 weight copy its forward made (docs/design.md)")
     p.add_argument("--recompute", action="store_true", default=None,

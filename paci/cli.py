@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops a run the way Ctrl-C does
+    """SIGTERM stops a run the way Ctrl-C does; a second SIGTERM kills at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from paci import checkpoint, schedules
 from paci.config import RunConfig
 from paci.data import TokenData, load_data
 from paci.files import write_text
-from paci.ir import (Action, Message, Op, Schedule, WeightPolicy, after_step, evaluation_rounds, from_step,
+from paci.ir import (Action, Message, Op, Schedule, WeightPolicy, evaluation_rounds, from_step,
                      stage_delay, stage_versions,
                      updates_ahead, with_evaluation)
 from paci.metrics import Record, Recorder, StatsEvent, StepStats, to_json
@@ -72,9 +72,10 @@ class Plan:
         return self.resume["step"] if self.resume else 0
 
     def is_drain(self, step: int) -> bool:
-        """Is a checkpoint taken after optimizer step `step`?"""
+        """Is a checkpoint taken after optimizer step `step`? Also at step 0 (after the first
+        validation), so that a run restarted before its first interval resumes rather than fails."""
         last = self.schedule.num_steps
-        return step == last or (self.checkpoint_every > 0 and step % self.checkpoint_every == 0 and 0 < step < last)
+        return step in (0, last) or (self.checkpoint_every > 0 and step % self.checkpoint_every == 0)
 
     def identity(self) -> dict:
         """What fixes the computation: a checkpoint resumes only a run that agrees on all of it."""
@@ -119,6 +120,8 @@ def make_plan(config: RunConfig, resume: bool = False) -> Plan:
                 every, run_dir, manifest)
     if manifest is not None:
         checkpoint.check_identity(manifest["identity"], plan.identity())
+        if manifest["step"] >= schedule.num_steps:
+            raise ValueError(f"--resume {run_dir}: the run finished all {schedule.num_steps} steps; nothing to resume")
     return plan
 
 
@@ -328,7 +331,9 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
     checkpoint_group = dist.new_group(list(range(info.world_size)))  # apart from the P2P traffic
     stage = build_stage(plan, info.rank, device)
     resume_stage(plan, stage)
-    transport = DistTransport(plan.schedule, info.rank, message_spec(plan), device, config.pipeline.timeout_s)
+    # a resumed run's messages start after its checkpoint: receives are posted ahead from there
+    transport = DistTransport(from_step(plan.schedule, plan.start_step), info.rank, message_spec(plan), device,
+                              config.pipeline.timeout_s)
     messages = sum(1 for _ in _stats_order(plan))
     channel = StatsChannel(stats_group, info.rank, last, 0, messages, device,
                            config.pipeline.timeout_s) if info.rank in (0, last) else None
@@ -380,7 +385,7 @@ def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: Stats
         if action.op is Op.U:  # when stage 0 finishes step v, the last rank has long sent everything of step v-1
             record_until(stage.version - 1)
 
-    executor = Executor(stage, after_step(plan.schedule.actions(stage.index), plan.start_step), transport,
+    executor = Executor(stage, from_step(plan.schedule, plan.start_step).actions(stage.index), transport,
                         trace.stages[stage.index], listener=listener, is_drain=plan.is_drain, on_drain=on_drain)
     while not executor.done:
         executor.run_next()

@@ -175,6 +175,53 @@ def test_torchrun_one_node_and_two_nodes_match(tmp_path):
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["versions_verified"]
 
 
+@pytest.mark.timeout(300)
+def test_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path):
+    """Under `torchrun --max-restarts 1`, a rank killed mid-run makes torchrun restart the workers,
+    which resume --out from its newest checkpoint; the result equals an uninterrupted run bit for bit."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train = ["-m", "paci", "train", "--preset", "tiny", "--steps", "600", "--microbatches", "4", "--batch-size", "2",
+             "--seq-len", "16", "--eval-every", "200", "--split", "uniform", "--checkpoint-every", "10"]
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1", *train,
+                                      "--out", str(run)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (run / "checkpoints" / "step-000020" / "manifest.json").exists():
+        if proc.poll() is not None:
+            pytest.fail("the first attempt ended early:\n" + proc.communicate()[1][-4000:])
+        time.sleep(0.1)
+    workers = [pid for pid in _descendants(proc.pid) if b"paci\x00train" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(workers) == 2
+    os.kill(max(workers), signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=200)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "restarted by torchrun; resuming" in stderr
+    whole = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", *train, "--out", str(tmp_path / "whole")),
+                           capture_output=True, text=True, timeout=200, env=env)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert _losses(run) == _losses(tmp_path / "whole")
+    for a, b in zip(_weights(run, 2), _weights(tmp_path / "whole", 2)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _descendants(pid: int) -> list[int]:
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def test_world_size_must_match_stages(tmp_path):
     """Under torchrun, a --stages that disagrees with the world size: each rank prints one actionable line and
     exits with code 2, no traceback from paci (torchrun then reports the failure and exits 1 itself)."""

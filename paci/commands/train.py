@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -97,6 +98,11 @@ def train_command(args: argparse.Namespace) -> int:
     info = env_rank()
     if info is not None:  # under torchrun: this process is one rank; --stages defaults to the world size
         overrides["pipeline"]["stages"] = overrides["pipeline"]["stages"] or info.world_size
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and args.out and not resume:
+            # torchrun --max-restarts restarted the workers: continue --out from its newest checkpoint
+            resume, args.resume = True, Path(args.out)
+            overrides["train"]["out"] = None
+            log.warning("paci: restarted by torchrun; resuming %s", args.out)
     config = load_run_config(args.resume, overrides) if resume else load_config(args.config, overrides)
     if info is not None:
         return run_rank(_train_rank, (config, args.json, resume))

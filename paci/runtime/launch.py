@@ -52,8 +52,17 @@ def rank_device(info: RankInfo) -> torch.device:
 def init_distributed(device: torch.device, timeout_s: float) -> None:
     """Join the process group (env:// rendezvous); gives up after `timeout_s` if a rank never arrives."""
     backend = "nccl" if device.type == "cuda" else "gloo"
+    store = {}
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun --max-restarts keeps its agent's store across restarts, so a restarted rank could
+        # read a dead rank's gloo address left by the attempt before: give each attempt its own keys
+        client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                               int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timedelta(seconds=timeout_s))
+        store = {"store": dist.PrefixStore(f"paci/attempt-{attempt}", client), "rank": int(os.environ["RANK"]),
+                 "world_size": int(os.environ["WORLD_SIZE"])}
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                            device_id=device if device.type == "cuda" else None)
+                            device_id=device if device.type == "cuda" else None, **store)
 
 
 def free_port() -> int:

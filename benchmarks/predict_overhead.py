@@ -12,19 +12,19 @@ schedule: (P-1-s)/K at K = m = 8) to the simulator for PACI's step time with and
 
 import argparse
 import dataclasses
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from common import machine
 
-from paci.data import load_data
-from paci.ir import WeightPolicy, stage_versions
-from paci.model import PRESETS, build_units, num_units
-from paci.partition import parse_split
-from paci.runtime.stage import OptimizerSpec, Stage
-from paci.schedules import build
-from paci.sim import CostModel, simulate
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from clock import predicted_forwards  # noqa: E402
+
+from paci.model import PRESETS, num_units  # noqa: E402
+from paci.partition import parse_split  # noqa: E402
+from paci.schedules import build  # noqa: E402
+from paci.sim import CostModel, simulate  # noqa: E402
 
 SPLIT = "0:3,3:5,5:7,7:10,10:12,12:14,14:16,16:18"  # experiments/tta.py's pinned split at P = 8
 P, M, BATCH, SEQ = 8, 8, 8, 64
@@ -35,38 +35,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    data = load_data(None, 1024)
-    config = dataclasses.replace(PRESETS["deep"], vocab_size=data.vocab_size)
+    config = dataclasses.replace(PRESETS["deep"], vocab_size=1024)
     ranges = parse_split(SPLIT, num_units(config), P)
     schedule = build("paci", P, M, 40)  # long enough that the fill and drain barely change the shares
-    spec = OptimizerSpec(lr=1e-3, warmup_steps=1, total_steps=100, compensate="predict")
-    batch = lambda mb: data.batch(0, mb, BATCH, SEQ)  # noqa: E731
-    ahead = {"now": 0}
-    plain_f, predicted_f, backward, share = [], [], [], []
-    hidden = torch.randn(BATCH, SEQ, config.n_embd)
-    for s, (start, stop) in enumerate(ranges):
-        stage = Stage(s, P, build_units(config, 0, start, stop), policy=WeightPolicy.LIVE, optim=spec,
-                      loss_scale=1 / M, train_batch=batch, val_batch=batch, updates_ahead=lambda mb: ahead["now"])
-        received = None if s == 0 else hidden
-        grad = None if s == P - 1 else torch.randn(BATCH, SEQ, config.n_embd)
-        times = {0: [], 1: [], "b": []}
-        for i in range(args.repeats + 3):  # the first rounds warm up (and the first U creates AdamW's state)
-            for now in (0, 1):
-                ahead["now"] = now
-                t0 = time.perf_counter()
-                stage.forward(i * 2 + now, None if received is None else received.clone())
-                t1 = time.perf_counter()
-                stage.backward(i * 2 + now, grad)
-                t2 = time.perf_counter()
-                if i >= 3:
-                    times[now].append(t1 - t0)
-                    times["b"].append(t2 - t1)
-            stage.step()
-        plain_f.append(statistics.median(times[0]))
-        predicted_f.append(statistics.median(times[1]))
-        backward.append(statistics.median(times["b"]))
-        late = [v_b > v_f for _, v_f, v_b in stage_versions(schedule, s)]
-        share.append(sum(late) / len(late))
+    measured = predicted_forwards(config, ranges, BATCH, SEQ, schedule, args.repeats)
+    plain_f, predicted_f, backward, share = (measured[k] for k in ("plain_s", "predicted_s", "backward_s", "share"))
     print(f"machine: {machine()}")
     print(f"deep GPT (vocab {config.vocab_size}), P = {P}, split {SPLIT}, micro-batch {BATCH}x{SEQ}, "
           f"1 thread, median of {args.repeats}\n")

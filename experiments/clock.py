@@ -84,6 +84,60 @@ def clock_costs(config: GPTConfig, ranges: list[tuple[int, int]], batch_size: in
     return dataclasses.replace(costs, **times)
 
 
+def predicted_forwards(config: GPTConfig, ranges: list[tuple[int, int]], batch_size: int, seq_len: int,
+                       schedule: Schedule, repeats: int = 30) -> dict[str, list[float]]:
+    """What `--compensate predict` adds to a forward, per stage, with one thread: median seconds of a
+    plain forward, of a predicted one (AdamW's next step written into the weights, restored after)
+    and of a backward, side by side on the same stage and input; and the share of the stage's
+    forwards that `schedule` predicts (those an update overtakes)."""
+    from paci.data import load_data
+    from paci.ir import WeightPolicy, stage_versions
+    from paci.model import build_units
+    from paci.runtime.stage import OptimizerSpec, Stage
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    data = load_data(None, config.vocab_size)
+    spec = OptimizerSpec(lr=1e-3, warmup_steps=1, total_steps=100, compensate="predict")
+    batch = lambda mb: data.batch(0, mb, batch_size, seq_len)  # noqa: E731
+    ahead = {"now": 0}
+    out: dict[str, list[float]] = {"plain_s": [], "predicted_s": [], "backward_s": [], "share": []}
+    hidden = torch.randn(batch_size, seq_len, config.n_embd)
+    try:
+        for s, (start, stop) in enumerate(ranges):
+            stage = Stage(s, len(ranges), build_units(config, 0, start, stop), policy=WeightPolicy.LIVE, optim=spec,
+                          loss_scale=1.0, train_batch=batch, val_batch=batch, updates_ahead=lambda mb: ahead["now"])
+            received = None if s == 0 else hidden
+            grad = None if s == len(ranges) - 1 else torch.randn(batch_size, seq_len, config.n_embd)
+            times: dict[object, list[float]] = {0: [], 1: [], "b": []}
+            for i in range(repeats + 3):  # the first rounds warm up (and the first U creates AdamW's state)
+                for now in (0, 1):
+                    ahead["now"] = now
+                    t0 = time.perf_counter()
+                    stage.forward(i * 2 + now, None if received is None else received.clone())
+                    t1 = time.perf_counter()
+                    stage.backward(i * 2 + now, grad)
+                    t2 = time.perf_counter()
+                    if i >= 3:
+                        times[now].append(t1 - t0)
+                        times["b"].append(t2 - t1)
+                stage.step()
+            late = [v_b > v_f for _, v_f, v_b in stage_versions(schedule, s)]
+            for key, values in (("plain_s", times[0]), ("predicted_s", times[1]), ("backward_s", times["b"])):
+                out[key].append(float(np.median(values)))
+            out["share"].append(sum(late) / len(late))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def with_predicted_forwards(costs: CostModel, predicted: dict[str, list[float]], scale: float = 1.0) -> CostModel:
+    """`costs` with each stage's forward made longer by its predicted share of the measured extra."""
+    forward = tuple(f + scale * share * max(0.0, p - q) for f, share, p, q in
+                    zip(costs.forward, predicted["share"], predicted["predicted_s"], predicted["plain_s"]))
+    return dataclasses.replace(costs, forward=forward)
+
+
 def step_end_times(schedule: Schedule, costs: CostModel) -> list[float]:
     """Seconds from the start until every stage has finished optimizer step k, for k = 1 .. steps."""
     trace = simulate(schedule, costs).trace

@@ -192,6 +192,14 @@ def planned_cells(setting: Setting, done: dict[str, dict], clock: dict | None) -
             run = [lr for lr in setting.lrs if Cell("paci", k, lr).name in done]
             best = min(run, key=lambda lr: final_loss(done, Cell("paci", k, lr))) if run else best
             cells += [Cell("paci", k, lr) for lr in setting.lrs if best / 2 <= lr <= 2 * best]
+        # PACI's default, --compensate predict, at every m: the rates within a factor 2 of its best at m
+        predict = [Cell("paci", m, lr, compensate="predict") for lr in setting.lrs]
+        cells += predict
+        if all(c.name in done for c in predict):
+            best = best_lr(setting, done, "paci", m, "predict")
+            cells += [Cell("paci", m, best, seed=s, compensate="predict") for s in setting.seeds]
+            cells += [Cell("paci", k, lr, compensate="predict") for k in setting.microbatches if k != m
+                      for lr in setting.lrs if best / 2 <= lr <= 2 * best]
     return [c for c in dict.fromkeys(cells) if c.name not in done]
 
 
@@ -201,8 +209,8 @@ def final_loss(done: dict[str, dict], cell: Cell, seeds: tuple[int, ...] = (0,))
     return sum(values) / len(values) if values else math.inf
 
 
-def best_lr(setting: Setting, done: dict[str, dict], schedule: str, m: int) -> float:
-    return min(setting.lrs, key=lambda lr: final_loss(done, Cell(schedule, m, lr)))
+def best_lr(setting: Setting, done: dict[str, dict], schedule: str, m: int, compensate: str = "none") -> float:
+    return min(setting.lrs, key=lambda lr: final_loss(done, Cell(schedule, m, lr, compensate=compensate)))
 
 
 def equal_budget_steps(setting: Setting, clock: dict, paci_m: int) -> int:
@@ -248,6 +256,44 @@ def make_clock(setting: Setting, cache: Path) -> dict:
     return clock
 
 
+def add_predicted(setting: Setting, cache: Path, clock: dict) -> dict:
+    """PACI with --compensate predict on the clock: each stage's forward longer by its predicted share
+    of the measured extra (experiments/clock.py predicted_forwards), at every m; added to clock.json
+    once, next to the entries it already holds."""
+    if all(f"paci-predict-m{m}" in clock["step_end_s"] for m in setting.microbatches):
+        return clock
+    from clock import model_config, predicted_forwards, step_end_times, with_predicted_forwards
+    from paci import schedules
+    from paci.model import num_units
+    from paci.partition import parse_split, uniform_split
+    from paci.sim import CostModel
+
+    config = model_config(setting.preset, setting.vocab_size)
+    n = num_units(config)
+    ranges = uniform_split(n, setting.stages) if setting.split == "uniform" else \
+        parse_split(setting.split, n, setting.stages)
+    clock.setdefault("predict", {})
+    for m in setting.microbatches:
+        schedule = schedules.build("paci", setting.stages, m, setting.steps)
+        # the clock's own costs, as stored (a fresh profile would be taken on a differently busy machine)
+        stored = clock["costs"][str(m)]
+        activation = setting.batch_size(m) * setting.seq_len * config.n_embd * 4
+        costs = CostModel(tuple(stored["forward_s"]), tuple(stored["backward_s"]), tuple(stored["weight_s"]),
+                          tuple(stored["update_s"]), clock["link"]["latency_s"], clock["link"]["bandwidth_Bps"],
+                          tuple([activation] * (setting.stages - 1) + [0]), (0.0,) * setting.stages,
+                          (0.0,) * setting.stages, (0.0,) * setting.stages, time_unit="s")
+        plain = [round(t, 6) for t in step_end_times(schedule, costs)]
+        if plain != clock["step_end_s"][f"paci-m{m}"]:
+            raise RuntimeError(f"m={m}: the stored costs do not reproduce the clock's PACI times")
+        measured = predicted_forwards(config, ranges, setting.batch_size(m), setting.seq_len, schedule,
+                                      repeats=5 if setting is QUICK else 30)
+        clock["predict"][str(m)] = measured
+        costs = with_predicted_forwards(costs, measured, clock["scale"])
+        clock["step_end_s"][f"paci-predict-m{m}"] = [round(t, 6) for t in step_end_times(schedule, costs)]
+    (cache / "clock.json").write_text(json.dumps(clock) + "\n")
+    return clock
+
+
 def step_time(clock: dict, schedule: str, m: int, step: float) -> float:
     """Seconds until every stage has finished step `step` (fractional steps interpolate; beyond the
     simulated run, the steady period of its second half extends it)."""
@@ -288,8 +334,9 @@ class Study:
     clock: dict
     done: dict[str, dict]
 
-    def cell(self, schedule: str, m: int, lr: float, seed: int = 0, steps: int | None = None) -> dict | None:
-        return self.done.get(Cell(schedule, m, lr, seed, steps).name)
+    def cell(self, schedule: str, m: int, lr: float, seed: int = 0, steps: int | None = None,
+             compensate: str = "none") -> dict | None:
+        return self.done.get(Cell(schedule, m, lr, seed, steps, compensate=compensate).name)
 
     def flush_lr(self) -> float:
         return best_lr(self.setting, self.done, "1f1b", self.setting.flush_m)
@@ -302,9 +349,11 @@ class Study:
         reached = [o for o in options if o[0] is not None]
         return min(reached) if reached else (None, "-")
 
-    def paci_time(self, m: int, lr: float, target: float, seed: int = 0, steps: int | None = None) -> float | None:
-        cell = self.cell("paci", m, lr, seed, steps)
-        return None if cell is None else time_to(self.clock, "paci", m, cell, target)
+    def paci_time(self, m: int, lr: float, target: float, seed: int = 0, steps: int | None = None,
+                  compensate: str = "none") -> float | None:
+        cell = self.cell("paci", m, lr, seed, steps, compensate)
+        clock = "paci" if compensate == "none" else f"paci-{compensate}"
+        return None if cell is None else time_to(self.clock, clock, m, cell, target)
 
     def targets(self) -> list[float]:
         """The best final loss flush reaches (mean over seeds), and looser ones below the initial loss."""
@@ -336,37 +385,46 @@ def report(study: Study) -> list[str]:
         lines += ["The clock against real runs at P = 2 (one thread per rank, 40 steps, m = "
                   f"{st.flush_m}); the factor is 1F1B's measured / predicted, the other rows test it:", "",
                   *check_table(clock["check"]), ""]
-    lines += ["Calibrated time per step (steady state, s) and the bubble ceiling:", "",
-              "| m | micro-batch | " + " | ".join(SYNC) + " | paci | paci / fastest sync at this m | (m+P-1)/m |",
-              "|---|---|" + "---|" * (len(SYNC) + 3)]
+    lines += ["Calibrated time per step (steady state, s) and the bubble ceiling; paci+predict charges each "
+              "predicted forward its measured extra:", "",
+              "| m | micro-batch | " + " | ".join(SYNC) + " | paci | paci+predict | paci / fastest sync at this m | "
+              "paci+predict / fastest sync | (m+P-1)/m |", "|---|---|" + "---|" * (len(SYNC) + 5)]
     for m in st.microbatches:
-        period = {s: step_time(clock, s, m, st.steps) / st.steps for s in (*SYNC, "paci")}
+        period = {s: step_time(clock, s, m, st.steps) / st.steps for s in (*SYNC, "paci", "paci-predict")}
         sync = min(period[s] for s in SYNC)
         lines.append(f"| {m} | {st.batch_size(m)} x {st.seq_len} | " +
                      " | ".join(f"{period[s]:.3f}" for s in SYNC) +
-                     f" | {period['paci']:.3f} | {sync / period['paci']:.2f}x | {(m + st.stages - 1) / m:.2f} |")
+                     f" | {period['paci']:.3f} | {period['paci-predict']:.3f} | {sync / period['paci']:.2f}x | "
+                     f"{sync / period['paci-predict']:.2f}x | {(m + st.stages - 1) / m:.2f} |")
     lines += ["", "Final validation loss after the full run, seed 0 (the learning-rate sweep):", "",
               "| run | " + " | ".join(f"lr {lr:g}" for lr in st.lrs) + " |", "|---|" + "---|" * len(st.lrs)]
-    rows = [("1f1b", st.flush_m, "flush (any sync schedule, any m)")] + \
-           [("paci", m, f"paci K=m={m} (max Δ {max_drift(study, m)})") for m in st.microbatches] + \
-           [("2bw", st.flush_m, f"2bw K=m={st.flush_m} (PACI's drift, stashed weights)")]
-    for schedule, m, label in rows:
+    rows = [("1f1b", st.flush_m, "flush (any sync schedule, any m)", "none")] + \
+           [("paci", m, f"paci K=m={m} (max Δ {max_drift(study, m)})", "none") for m in st.microbatches] + \
+           [("paci", m, f"paci+predict K=m={m}", "predict") for m in st.microbatches] + \
+           [("2bw", st.flush_m, f"2bw K=m={st.flush_m} (PACI's drift, stashed weights)", "none")]
+    for schedule, m, label, compensate in rows:
         lines.append(f"| {label} | " + " | ".join(
-            f"{c['final_val_loss']:.3f}" if (c := study.cell(schedule, m, lr)) else "-" for lr in st.lrs) + " |")
-    lines += ["", f"Time to target validation loss, each run at its own best lr (flush {flush_lr:g}); the fastest "
-                  "sync setting is named; Speedup_best = fastest sync / fastest PACI, Speedup_match = 1F1B-flush / "
-                  "PACI at the same m; seed 0:", "",
-              "| target | fastest sync | " + " | ".join(f"paci m={m}" for m in st.microbatches) +
-              f" | Speedup_best | Speedup_match (m={st.flush_m}) |", "|---|---|" + "---|" * (len(st.microbatches) + 2)]
-    for target in study.targets():
-        sync_t, sync_name = study.fastest_sync(target, flush_lr)
-        paci = {m: study.paci_time(m, best_lr(st, study.done, "paci", m), target) for m in st.microbatches}
-        fastest_paci = min((t for t in paci.values() if t is not None), default=None)
-        match_sync = time_to(clock, "1f1b", st.flush_m, study.cell("1f1b", st.flush_m, flush_lr) or {"eval": []},
-                             target)
-        lines.append(f"| {target:.3f} | {_fmt(sync_t)} ({sync_name}) | " +
-                     " | ".join(_fmt(paci[m]) for m in st.microbatches) +
-                     f" | {_ratio(sync_t, fastest_paci)} | {_ratio(match_sync, paci[st.flush_m])} |")
+            f"{c['final_val_loss']:.3f}" if (c := study.cell(schedule, m, lr, compensate=compensate)) else "-"
+            for lr in st.lrs) + " |")
+    for compensate, name in (("none", "paci"), ("predict", "paci+predict")):
+        lines += ["", f"Time to target validation loss, {name}: each run at its own best lr (flush {flush_lr:g}); "
+                      "the fastest sync setting is named; Speedup_best = fastest sync / fastest PACI, Speedup_match = "
+                      "1F1B-flush / PACI at the same m; seed 0:", "",
+                  "| target | fastest sync | " + " | ".join(f"{name} m={m}" for m in st.microbatches) +
+                  f" | Speedup_best | Speedup_match (m={st.flush_m}) |",
+                  "|---|---|" + "---|" * (len(st.microbatches) + 2)]
+        for target in study.targets():
+            sync_t, sync_name = study.fastest_sync(target, flush_lr)
+            paci = {m: study.paci_time(m, best_lr(st, study.done, "paci", m, compensate), target,
+                                       compensate=compensate) for m in st.microbatches}
+            fastest_paci = min((t for t in paci.values() if t is not None), default=None)
+            match_sync = time_to(clock, "1f1b", st.flush_m,
+                                 study.cell("1f1b", st.flush_m, flush_lr) or {"eval": []}, target)
+            ran = {m: study.cell("paci", m, best_lr(st, study.done, "paci", m, compensate),
+                                 compensate=compensate) is not None for m in st.microbatches}
+            lines.append(f"| {target:.3f} | {_fmt(sync_t)} ({sync_name}) | " +
+                         " | ".join(_fmt(paci[m]) if ran[m] else "-" for m in st.microbatches) +
+                         f" | {_ratio(sync_t, fastest_paci)} | {_ratio(match_sync, paci[st.flush_m])} |")
     lines += headline(study, flush_lr, paci_m, paci_lr)
     return lines
 
@@ -383,11 +441,13 @@ def headline(study: Study, flush_lr: float, paci_m: int, paci_lr: float) -> list
     lines = ["", f"Headline cells over seeds {list(st.seeds)} (final validation loss, mean ± std):", "",
              "| run | seeds | final val loss | gap to flush |", "|---|---|---|---|"]
     flush = _seed_stats(study, "1f1b", st.flush_m, flush_lr)
-    for label, schedule, m, lr, steps in [(f"flush m={st.flush_m}, lr {flush_lr:g}", "1f1b", st.flush_m, flush_lr, None),
-                                          (f"paci m={paci_m}, lr {paci_lr:g} (its best)", "paci", paci_m, paci_lr, None),
-                                          (f"paci m={paci_m}, lr {flush_lr:g} (flush's best)", "paci", paci_m, flush_lr,
-                                           None)]:
-        stats = _seed_stats(study, schedule, m, lr, steps)
+    predict_lr = best_lr(st, study.done, "paci", paci_m, "predict")
+    for label, schedule, m, lr, compensate in [
+            (f"flush m={st.flush_m}, lr {flush_lr:g}", "1f1b", st.flush_m, flush_lr, "none"),
+            (f"paci m={paci_m}, lr {paci_lr:g} (its best)", "paci", paci_m, paci_lr, "none"),
+            (f"paci m={paci_m}, lr {flush_lr:g} (flush's best)", "paci", paci_m, flush_lr, "none"),
+            (f"paci+predict m={paci_m}, lr {predict_lr:g} (its best)", "paci", paci_m, predict_lr, "predict")]:
+        stats = _seed_stats(study, schedule, m, lr, compensate=compensate)
         if stats is None:
             continue
         gap = "-" if flush is None or schedule == "1f1b" else f"{stats[0] - flush[0]:+.3f}"
@@ -406,9 +466,10 @@ def headline(study: Study, flush_lr: float, paci_m: int, paci_lr: float) -> list
     return lines
 
 
-def _seed_stats(study: Study, schedule: str, m: int, lr: float,
-                steps: int | None = None) -> tuple[float, float, int] | None:
-    values = [c["final_val_loss"] for s in study.setting.seeds if (c := study.cell(schedule, m, lr, s, steps))]
+def _seed_stats(study: Study, schedule: str, m: int, lr: float, steps: int | None = None,
+                compensate: str = "none") -> tuple[float, float, int] | None:
+    values = [c["final_val_loss"] for s in study.setting.seeds
+              if (c := study.cell(schedule, m, lr, s, steps, compensate))]
     if not values:
         return None
     mean = sum(values) / len(values)
@@ -436,8 +497,14 @@ def plot(study: Study, path: Path) -> None:
         if (c := study.cell("paci", m, lr)):
             ax.plot([step_time(clock, "paci", m, s) for s, _ in c["eval"]], [l for _, l in c["eval"]],
                     label=f"paci K=m={m} (lr {lr:g})")
+    for m in st.microbatches:
+        lr = best_lr(st, study.done, "paci", m, "predict")
+        if (c := study.cell("paci", m, lr, compensate="predict")):
+            ax.plot([step_time(clock, "paci-predict", m, s) for s, _ in c["eval"]], [l for _, l in c["eval"]], ":",
+                    lw=2, label=f"paci+predict K=m={m} (lr {lr:g})")
+    budget = equal_budget_steps(st, clock, st.flush_m)
     for c in study.done.values():
-        if c["schedule"] == "paci" and c["steps"] != st.steps and c["stages"] == st.stages:
+        if c["name"] in {Cell("paci", st.flush_m, lr, 0, budget).name for lr in st.lrs} and budget != st.steps:
             ax.plot([step_time(clock, "paci", c["m"], s) for s, _ in c["eval"]], [l for _, l in c["eval"]], "--",
                     label=f"paci m={c['m']} lr {c['lr']:g}, equal budget ({c['steps']} steps)")
     ax.set_xlabel(f"calibrated wall-clock (s): P = {st.stages}, one core of this machine per stage")
@@ -463,7 +530,7 @@ def main() -> None:
     setting = QUICK if args.quick else FULL
     cache = args.cache or HERE / "results" / ("tta-quick" if args.quick else "tta")
     clock_file = cache / "clock.json"
-    clock = make_clock(setting, cache) if args.command in ("all", "clock") else \
+    clock = add_predicted(setting, cache, make_clock(setting, cache)) if args.command in ("all", "clock") else \
         json.loads(clock_file.read_text()) if clock_file.is_file() else None
     if args.command in ("all", "cells"):  # without a clock yet, all but the equal-budget cells
         run_study(setting, cache, clock, args.workers)

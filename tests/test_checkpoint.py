@@ -1,6 +1,7 @@
 """Checkpoints at drain points: a run stopped and resumed equals, bit for bit, the run that never stopped."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -51,20 +52,23 @@ def test_after_step_skips_the_step_and_its_evaluation_round():
     assert actions[0].op is Op.F and actions[0].microbatch == 4
 
 
-def test_default_interval_keeps_the_drains_under_one_percent():
+@pytest.mark.parametrize("stages, m, k", [(8, 8, 8), (8, 4, 2), (16, 8, 4)])
+def test_default_interval_keeps_the_drains_under_one_percent(stages, m, k):
     """The default interval against the simulator: one fill and drain per interval costs < 1% of the
-    time of the run without drains (P = 8, K = m = 8, F = 1, B = 2)."""
+    time of the run without drains (F = 1, B = 2), and where the interval is set by that rule
+    (more than 100 steps), half of it would cost more."""
     from paci.sim import CostModel, simulate
 
-    stages, m = 8, 8
-    every = schedules.drain_interval(schedules.build("paci", stages, m, 1), m)
-    steps = 4 * every
+    every = schedules.drain_interval(schedules.build("paci", stages, m, 1, k), m)
+    steps = 4 * every * k // m
     costs = CostModel.per_stage(stages, forward=1.0, backward=2.0)
-    plain = simulate(schedules.build("paci", stages, m, steps), costs).metrics.makespan
-    drained = simulate(_segments("paci", stages, m, steps, every), costs).metrics.makespan
+    plain = simulate(schedules.build("paci", stages, m, steps, k), costs).metrics.makespan
+    drained = simulate(schedules.build("paci", stages, m, steps, k, every), costs).metrics.makespan
     assert 0 < drained / plain - 1 < 0.01
-    shorter = simulate(_segments("paci", stages, m, steps, every // 2), costs).metrics.makespan
-    assert shorter / plain - 1 >= 0.01  # the default is not needlessly long: half of it costs more than 1%
+    if every > 100:
+        per = m // math.gcd(m, k)  # optimizer steps per whole mini-batch
+        half = schedules.build("paci", stages, m, steps, k, every // 2 // per * per)
+        assert simulate(half, costs).metrics.makespan / plain - 1 >= 0.01
 
 
 def _config(tmp_path, name: str, schedule: str = "paci", steps: int = 7, every: int = 3, **train):

@@ -53,16 +53,16 @@ def build(name: str, num_stages: int, num_microbatches: int, num_steps: int = 1,
 
 
 def drain_interval(schedule: Schedule, num_microbatches: int, every: int | None = None) -> int:
-    """Optimizer steps between drain points: `every` checked, or by default the fewest for which one
-    fill and drain, about (P-1) micro-batch times, costs under 1% of the K x interval micro-batch
-    times between two (tests/test_checkpoint.py checks it with the simulator). A flush schedule
-    drains every step anyway, so its interval costs nothing; 100 steps. Whole mini-batches always."""
+    """Optimizer steps between drain points: `every` checked, or by default 100 steps, or more where
+    that is needed for one fill and drain, about (P-1) micro-batch times, to cost under 1% of the
+    K x interval micro-batch times between two (tests/test_checkpoint.py checks it with the
+    simulator). A flush schedule drains every step anyway: its drains cost nothing, only the
+    writing does. Whole mini-batches always."""
     per_minibatch = num_microbatches // math.gcd(num_microbatches, schedule.accumulation)
     if every is None:
-        if schedule.weight_policy is WeightPolicy.NONE:
-            every = 100
-        else:
-            every = math.ceil(100 * (schedule.num_stages - 1) / schedule.accumulation)
+        every = 100
+        if schedule.weight_policy is not WeightPolicy.NONE:
+            every = max(every, math.ceil(100 * (schedule.num_stages - 1) / schedule.accumulation))
         return math.ceil(every / per_minibatch) * per_minibatch
     if not isinstance(every, int) or every < 0 or every % per_minibatch:
         raise ValueError(f"--checkpoint-every {every} must be a multiple of {per_minibatch}: a drain point falls "

@@ -204,16 +204,18 @@ def _stage_metrics(trace: Trace, stage: int, makespan: float) -> StageMetrics:
 
 
 def _peak_stash(st: StageTrace, v_f: np.ndarray) -> int:
-    """Peak number of distinct forward-time versions held by in-flight micro-batches."""
+    """Peak number of weight copies under copy-on-update: distinct forward-time versions held by
+    in-flight micro-batches that an update has since replaced (the live version needs none)."""
     refs: Counter[int] = Counter()
     peak = 0
     for code, mb, version in zip(st.op, st.microbatch, st.version):
         if code == _F:
             refs[version] += 1
-            peak = max(peak, len(refs))
         elif code == _B or code == _W:
             v = int(v_f[mb])
             refs[v] -= 1
             if not refs[v]:
                 del refs[v]
+        elif code == _U:
+            peak = max(peak, sum(v <= version for v in refs))  # after U the live version is version + 1
     return peak

@@ -165,16 +165,16 @@ def test_partition_rejects_bad_input(kwargs, message):
 
 @pytest.mark.parametrize("P", [2, 3, 4, 5])
 def test_stage_memory_model_matches_closed_forms(P):
-    """1F1B/PACI hold P−j (1F1B: at most m), GPipe m, PipeDream P−j copies, 2BW at most two copies."""
+    """1F1B/PACI hold P−j (1F1B: at most m), GPipe m, PipeDream P−1−j copies, 2BW at most one."""
     closed = [P - j for j in range(P)]
     for m in (P, 2 * P):
         assert stage_memory_model("paci", P, m) == (closed, [0] * P)
         assert stage_memory_model("async-1f1b", P, m) == (closed, [0] * P)
         assert stage_memory_model("1f1b", P, m) == (closed, [0] * P)
         assert stage_memory_model("gpipe", P, m) == ([m] * P, [0] * P)
-        assert stage_memory_model("pipedream", P, m) == (closed, closed)
+        assert stage_memory_model("pipedream", P, m) == (closed, [c - 1 for c in closed])
         inflight, copies = stage_memory_model("2bw", P, m)
-        assert inflight == closed and max(copies) <= 2 and copies[-1] == 1
+        assert inflight == closed and max(copies) == 1 and copies[-1] == 0
     assert stage_memory_model("1f1b", P, 1)[0] == [1] * P  # one micro-batch per flush: never more
 
 
@@ -345,21 +345,6 @@ def test_cli_partition_json_is_one_valid_object(capsys):
     assert len(profiled["ranges"]) == 2 and profiled["ranges"][-1][1] == 6 and uniform["split"] == "0:3,3:6"
     assert profiled["max_stage_time_s"] <= uniform["max_stage_time_s"] and out["speedup_vs_uniform"] >= 1.0
     assert 0 < profiled["predicted_efficiency"] <= 1 and profiled["feasible"]
-
-
-@pytest.mark.parametrize("argv", [
-    ["--stages", "7"],
-    ["--memory-per-stage", "0"],
-    ["--memory-per-stage=-1GiB"],
-    ["--memory-per-stage", "lots"],
-    ["--schedule", "nope"],
-    ["--preset", "huge"],
-])
-def test_cli_partition_bad_input_exits_2(argv, capsys):
-    """Bad input is one `paci: error:` line on stderr and exit code 2, before any profiling."""
-    assert main(["partition", "--preset", "tiny", *argv]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("paci: error:") and "\n" not in err
 
 
 def test_cli_partition_infeasible_budget_still_reports(capsys):

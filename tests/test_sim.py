@@ -72,17 +72,18 @@ def test_flush_schedules_never_drift(name):
 
 
 @pytest.mark.parametrize("stages", [2, 4, 8])
-def test_pipedream_holds_p_minus_s_weight_versions(stages):
-    """PipeDream stashes one weight version per in-flight micro-batch: P-s at stage s."""
+def test_pipedream_holds_p_minus_1_minus_s_weight_copies(stages):
+    """PipeDream holds one weight version per in-flight micro-batch, P-s at stage s; copied on
+    update, all but the live one are copies: P-1-s."""
     result = _run("pipedream", stages, 4, steps=2 * stages)
-    assert [s.weight_copies for s in result.metrics.per_stage] == [stages - s for s in range(stages)]
+    assert [s.weight_copies for s in result.metrics.per_stage] == [stages - 1 - s for s in range(stages)]
 
 
 @pytest.mark.parametrize("stages, accum", [(2, 1), (4, 3), (4, 8), (8, 7), (8, 16)])
 def test_2bw_holds_at_most_two_versions(stages, accum):
-    """2BW with K >= P-1 never needs more than two weight versions at any stage."""
+    """2BW with K >= P-1 never needs more than two weight versions at any stage: one copy."""
     result = _run("2bw", stages, accum, steps=4)
-    assert max(s.weight_copies for s in result.metrics.per_stage) <= 2
+    assert max(s.weight_copies for s in result.metrics.per_stage) == 1
     assert result.metrics.max_drift <= 1
 
 
@@ -96,10 +97,11 @@ def test_paci_peak_bytes_equal_1f1b(stages, microbatches):
 
 
 def test_stashing_costs_memory():
-    """PipeDream's peak bytes exceed PACI's by one weight copy per in-flight micro-batch."""
+    """PipeDream's peak bytes exceed PACI's by one weight copy per in-flight micro-batch whose version
+    an update has replaced: P-1-s."""
     paci = _run("paci", 4, 1, steps=8, accum=1)
     pipedream = _run("pipedream", 4, 1, steps=8)
-    assert [b - a for a, b in zip(paci.peak_bytes, pipedream.peak_bytes)] == [4.0, 3.0, 2.0, 1.0]
+    assert [b - a for a, b in zip(paci.peak_bytes, pipedream.peak_bytes)] == [3.0, 2.0, 1.0, 0.0]
 
 
 def test_link_latency_adds_two_crossings_per_stage_boundary():

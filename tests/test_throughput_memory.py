@@ -37,10 +37,11 @@ def test_throughput_quick_runs_and_resumes(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_memory_quick_measures_paci_equal_to_1f1b(tmp_path):
-    """Measured at P = 2: PACI's per-stage bytes equal 1F1B-flush's, PipeDream's exceed them; a rerun resumes."""
+    """Measured at P = 2: PACI's per-stage bytes equal 1F1B-flush's; PipeDream's exceed them by its weight
+    copy on stage 0 and equal them on the last stage, which needs none; a rerun resumes."""
     first = _run("memory.py", tmp_path)
     assert "Predicted against measured" in first and (tmp_path / "memory.png").stat().st_size > 0
     paci, flush, pipedream = (_cell(tmp_path, f"measured-tiny-p2-{name}") for name in ("paci", "1f1b", "pipedream"))
     assert [s["measured"] for s in paci] == [s["measured"] for s in flush]
-    assert all(p["measured"] > f["measured"] for p, f in zip(pipedream, paci))
+    assert pipedream[0]["measured"] > paci[0]["measured"] and pipedream[-1]["measured"] == paci[-1]["measured"]
     assert _run("memory.py", tmp_path).count("measured/predicted") == 1

@@ -8,8 +8,11 @@ Live weights on stock PyTorch (DESIGN.md §2). The optimizer owns *shadow* param
 version counter. `U` hands them the accumulated gradients and steps them in place, so a backward
 whose forward ran before the step reads the updated weights without autograd's "modified by an
 inplace operation" error, and without any copy of the forward-time weights. Forward and backward
-code stay untouched. Stashed weights (PipeDream, 2BW) instead run the forward on a copy of the
-weights taken at forward time, one copy per distinct version still in flight.
+code stay untouched. Stashed weights (PipeDream, 2BW) instead run the forward on an alias of the
+weights (their storage, but leaves of their own), and copy on update: a `U` that would overwrite
+a version that in-flight micro-batches still read moves the live weights to fresh storage
+first, so those micro-batches keep the old storage and nothing else is copied. A stage holds
+one copy per *older* version still in flight: P-1-s for PipeDream, at most one for 2BW.
 
 Recompute (`recompute=True`) keeps only each in-flight micro-batch's input: F runs without a
 graph, and its backward first re-runs the forward with the weights of that moment (live: the
@@ -137,7 +140,8 @@ class _InFlight:
 
 @dataclass
 class Stash:
-    """Weight copies for the stashed policy, one per forward-time version still in flight."""
+    """The stashed policy's forward-time weights, per version still in flight: aliases of the live
+    storage while the version is live, the old storage itself (the copy) once an update moved on."""
 
     tensors: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     refs: dict[int, int] = field(default_factory=dict)
@@ -351,6 +355,8 @@ class Stage:
         schedule puts it."""
         grads = [p.grad for p in self._params.values() if p.grad is not None]
         finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if self.policy is WeightPolicy.STASHED:
+            self._copy_on_update()
         for name, p in self._params.items():
             self._shadows[name].grad = p.grad
         if finite:
@@ -376,12 +382,24 @@ class Stage:
     # stashed weights
 
     def _stash_acquire(self) -> dict[str, torch.Tensor]:
+        """The current version's weights for a forward: leaves of their own on the live storage
+        (`.data`: no copy, and a version counter apart from the parameters')."""
         v = self.version
         if v not in self._stash.tensors:
-            self._stash.tensors[v] = {n: p.detach().clone().requires_grad_() for n, p in self._params.items()}
+            self._stash.tensors[v] = {n: p.data.requires_grad_() for n, p in self._params.items()}
             self._stash.refs[v] = 0
         self._stash.refs[v] += 1
         return self._stash.tensors[v]
+
+    def _copy_on_update(self) -> None:
+        """Before U overwrites the current version: if in-flight micro-batches still read it, leave
+        them its storage and give the live weights (and the optimizer's shadows) a fresh copy."""
+        if self.version not in self._stash.tensors:
+            return
+        for name, p in self._params.items():
+            fresh = p.detach().clone()
+            p.data = fresh
+            self._shadows[name].data = fresh
 
     def _stash_release(self, version: int) -> None:
         copies = self._stash.tensors[version]
@@ -396,13 +414,13 @@ class Stage:
 
     @property
     def stash_size(self) -> int:
-        """Weight copies held right now (stashed policy)."""
-        return len(self._stash.tensors)
+        """Weight copies held right now (stashed policy): the older versions still in flight."""
+        return sum(v != self.version for v in self._stash.tensors)
 
     @property
     def stashed_weights(self) -> list[torch.Tensor]:
         """The tensors of the weight copies held right now (stashed policy), for memory accounting."""
-        return [t for copy in self._stash.tensors.values() for t in copy.values()]
+        return [t for v, copy in self._stash.tensors.items() if v != self.version for t in copy.values()]
 
     def state_dict(self) -> dict:
         """Everything a resume needs, taken at a drain point (nothing in flight): tensors and plain values."""

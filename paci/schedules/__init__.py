@@ -28,8 +28,8 @@ REGISTRY: dict[str, Entry] = {
     "1f1b": Entry(one_f_one_b_flush, "1F1B with a flush each step; bubble (P-1)/(m+P-1); Δ = 0"),
     "zb-h1": Entry(zb_h1, "Zero Bubble H1: backward split into I and W, W fills the flush; Δ = 0"),
     "async-1f1b": Entry(async_1f1b, "no flush, step after every backward, live weights; Δ ≤ P-1-s"),
-    "pipedream": Entry(pipedream, "no flush, step after every backward, stashed weights (P-s copies)"),
-    "2bw": Entry(two_bw, "no flush, step every K ≥ P-1 backwards, stashed weights (≤ 2 versions)"),
+    "pipedream": Entry(pipedream, "no flush, step after every backward, stashed weights (P-1-s copies)"),
+    "2bw": Entry(two_bw, "no flush, step every K ≥ P-1 backwards, stashed weights (≤ 1 copy)"),
     "paci": Entry(paci, "no flush, step every K backwards, live weights; Δ ≤ ⌈(P-1-s)/K⌉, no copies"),
 }
 

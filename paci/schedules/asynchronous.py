@@ -4,7 +4,7 @@ All four share the same action order (warm-up once, then F/B forever, U after ev
 backward) and differ only in K and in the weight policy:
 
     async-1f1b  K = 1   live      Δ ≤ P-1-s
-    pipedream   K = 1   stashed   one weight copy per in-flight micro-batch (P-s at stage s)
+    pipedream   K = 1   stashed   one weight version per in-flight micro-batch (P-1-s copies at stage s)
     paci        K       live      Δ ≤ ⌈(P-1-s)/K⌉, no copies
     2bw         K ≥ P-1 stashed   at most two weight versions
 
@@ -27,7 +27,7 @@ def _no_flush(name: str, num_stages: int, num_microbatches: int, num_steps: int,
               policy: WeightPolicy) -> Schedule:
     total = num_microbatches * num_steps
     if accumulation < 1:
-        raise ValueError(f"{name}: accumulation K must be >= 1, got {accumulation}")
+        raise ValueError(f"{name}: K (--accum, backwards per optimizer step) must be >= 1, got {accumulation}")
     if total % accumulation:
         raise ValueError(f"{name}: K={accumulation} must divide the {total} micro-batches "
                          f"({num_steps} steps x {num_microbatches}); choose K dividing {total}")
@@ -74,7 +74,8 @@ def pipedream(num_stages: int, num_microbatches: int, num_steps: int = 1,
     """PipeDream (Narayanan et al., 2019): async 1F1B, K = 1, backward on stashed weights.
 
     Same order (and picture) as async-1f1b, but every backward reads the weights its forward
-    used: stage s keeps one weight copy per in-flight micro-batch (P-s), and Δ has no effect.
+    used: stage s keeps one weight version per in-flight micro-batch (P-s; all but the live one are
+    copies, made on update: P-1-s), and Δ has no effect.
     """
     check_sizes(num_stages, num_microbatches, num_steps)
     if accumulation not in (None, 1):
@@ -86,7 +87,7 @@ def two_bw(num_stages: int, num_microbatches: int, num_steps: int = 1, accumulat
     """PipeDream-2BW (Narayanan et al., 2021): PACI's order with stashed weights, K ≥ P-1.
 
     Same order (and picture) as paci. With K ≥ P-1 a micro-batch crosses at most one update, so
-    at most two weight versions are alive.
+    at most two weight versions are alive: one copy.
     """
     check_sizes(num_stages, num_microbatches, num_steps)
     k = num_microbatches if accumulation is None else accumulation

@@ -83,7 +83,11 @@ class Recorder:
         self._drift: list[dict[int, int]] = [{} for _ in range(schedule.num_stages)]
         self._floor = 0  # micro-batches below this were recorded already
         self.on_record = on_record
-        self.records: list[Record] = []
+        # what the summary needs, and nothing that grows with the run (the records are in the file)
+        self._last_step: Record = {}
+        self._first_val: Record | None = None
+        self._last_val: Record | None = None
+        self._nonfinite = 0
         self.start = time.perf_counter()
         self._pending: Record | None = None
         self._max_drift = 0
@@ -92,7 +96,8 @@ class Recorder:
             kept = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("step", 0) <= resume_step
                     and not r.get("final")]
             write_text(path, "".join(to_json(r) + "\n" for r in kept))
-            self.records = kept
+            for record in kept:
+                self._remember(record)
             self._max_drift = max((r.get("max_drift", 0) for r in kept), default=0)
             self.start -= max((r.get("wall_s", 0.0) for r in kept), default=0.0)
             self._floor = resume_step * self.accumulation
@@ -140,8 +145,16 @@ class Recorder:
             self._emit(self._pending)
             self._pending = None
 
+    def _remember(self, record: Record) -> None:
+        if "loss" in record:
+            self._last_step = record
+            self._nonfinite += record.get("nonfinite_microbatches", 0)
+        if "val_loss" in record:
+            self._first_val = self._first_val or record
+            self._last_val = record
+
     def _emit(self, record: Record) -> None:
-        self.records.append(record)
+        self._remember(record)
         self._file.write(to_json(record) + "\n")
         self._file.flush()
         if self.on_record is not None:
@@ -157,12 +170,9 @@ class Recorder:
         self._file.close()
 
     def summary(self) -> Record:
-        steps = [r for r in self.records if "loss" in r]
-        vals = [r for r in self.records if "val_loss" in r]
-        last = steps[-1] if steps else {}
-        return {"nonfinite_microbatches": sum(r.get("nonfinite_microbatches", 0) for r in steps),"final_train_loss": last.get("loss"),
-                "final_val_loss": vals[-1]["val_loss"] if vals else None,
-                "final_val_ppl": vals[-1]["val_ppl"] if vals else None,
-                "initial_val_loss": vals[0]["val_loss"] if vals else None,
+        last, first_val, last_val = self._last_step, self._first_val or {}, self._last_val or {}
+        return {"nonfinite_microbatches": self._nonfinite, "final_train_loss": last.get("loss"),
+                "final_val_loss": last_val.get("val_loss"), "final_val_ppl": last_val.get("val_ppl"),
+                "initial_val_loss": first_val.get("val_loss"),
                 "steps": last.get("step", 0), "tokens": last.get("tokens", 0), "max_drift": self._max_drift,
                 "wall_s": round(time.perf_counter() - self.start, 3), "tokens_per_s": last.get("tok_per_s")}

@@ -176,18 +176,30 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def verify_versions(plan: Plan, versions: dict[int, dict[int, tuple[int, int]]]) -> None:
-    """Every recorded (v_f, v_b) must equal the schedule's prediction; a mismatch is a runtime bug.
-    A resumed run checks the micro-batches it ran."""
-    first = plan.start_step * plan.schedule.accumulation
-    for index, recorded in versions.items():
-        if len(recorded) != plan.schedule.num_microbatches - first:
-            raise RuntimeError(f"stage {index} recorded {len(recorded)} backwards, expected "
-                               f"{plan.schedule.num_microbatches - first}")
-        for mb, v_f, v_b in stage_versions(plan.schedule, index):
-            if mb >= first and recorded[mb] != (v_f, v_b):
-                raise RuntimeError(f"stage {index}, micro-batch {mb}: recorded (v_f, v_b) = {recorded[mb]}, "
-                                   f"the schedule predicts {(v_f, v_b)}")
+class VersionCheck:
+    """Every (v_f, v_b) a stage records must equal the schedule's prediction; a mismatch is a runtime
+    bug. Checked as each backward happens (the stage's record is consumed), so nothing grows with
+    the length of the run; `finish` checks that every backward was seen. A resumed run checks the
+    micro-batches it ran."""
+
+    def __init__(self, plan: Plan, stage: int) -> None:
+        self.stage, self.first = stage, plan.start_step * plan.schedule.accumulation
+        self.expected = (item for item in stage_versions(plan.schedule, stage) if item[0] >= self.first)
+        self.checked, self.total = 0, plan.schedule.num_microbatches - self.first
+
+    def __call__(self, stage: Stage, action: Action) -> None:
+        if action.op not in (Op.B, Op.I):
+            return
+        mb, v_f, v_b = next(self.expected, (None, None, None))
+        recorded = stage.versions.pop(action.microbatch)
+        if mb != action.microbatch or recorded != (v_f, v_b):
+            raise RuntimeError(f"stage {self.stage}, micro-batch {action.microbatch}: recorded (v_f, v_b) = "
+                               f"{recorded}, the schedule predicts micro-batch {mb} with {(v_f, v_b)}")
+        self.checked += 1
+
+    def finish(self) -> None:
+        if self.checked != self.total:
+            raise RuntimeError(f"stage {self.stage} ran {self.checked} backwards, the schedule has {self.total}")
 
 
 def save_stage(plan: Plan, stage: Stage) -> dict:
@@ -272,8 +284,10 @@ def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
         on_plan(plan)
     recorder = make_recorder(plan, on_record)
     stats = StepStats(plan.schedule.accumulation, plan.eval_batches)
+    checks = [VersionCheck(plan, s) for s in range(plan.num_stages)]
 
     def listener(stage: Stage, action: Action) -> None:
+        checks[stage.index](stage, action)
         for event in stats(stage, action):
             recorder.consume(event)
 
@@ -288,7 +302,8 @@ def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
     try:
         trace = run_local(stages, plan.schedule, LocalTransport(), listener, plan.start_step, plan.is_drain,
                           on_drain)
-        verify_versions(plan, {stage.index: stage.versions for stage in stages})
+        for check in checks:
+            check.finish()
     finally:
         recorder.close()
     return write_summary(plan, recorder, {"skipped_updates": [stage.skipped for stage in stages]}), trace
@@ -360,6 +375,7 @@ def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: Stats
     trace = Trace(plan.schedule.name, plan.num_stages, plan.schedule.num_microbatches,
                   plan.schedule.weight_policy, kind="measured")
     stats = StepStats(plan.schedule.accumulation, plan.eval_batches)
+    check = VersionCheck(plan, stage.index)
     due = _stats_order(plan)  # on rank 0: the step after which each stats message is sent
     next_due = next(due, None)
 
@@ -379,6 +395,7 @@ def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: Stats
             finish_checkpoint(plan, stage.version, entries)
 
     def listener(stage: Stage, action: Action) -> None:
+        check(stage, action)
         if stage.is_last:
             for event in stats(stage, action):
                 channel.send(event)
@@ -393,6 +410,7 @@ def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: Stats
     if stage.is_last:
         channel.flush()
     record_until(math.inf)
+    check.finish()
     return trace
 
 
@@ -425,15 +443,15 @@ def _peak_memory(device: torch.device) -> int:
 
 
 def _gather(plan: Plan, stage: Stage, trace: Trace, recorder: Recorder | None) -> Record | None:
-    """Collect every rank's trace, versions and memory on rank 0; write the trace files and summary."""
-    gathered = gather_trace(trace, stage.index, (stage.versions, _peak_memory(stage.device), stage.skipped))
+    """Collect every rank's trace, memory and skipped updates on rank 0 (each rank checked its own
+    versions as it ran); write the trace files and summary."""
+    gathered = gather_trace(trace, stage.index, (_peak_memory(stage.device), stage.skipped))
     if gathered is None:
         return None
     trace, extras = gathered
-    verify_versions(plan, {index: versions for index, (versions, _, _) in enumerate(extras)})
-    report = run_report(plan, trace, [memory for _, memory, _ in extras])
+    report = run_report(plan, trace, [memory for memory, _ in extras])
     recorder.append_final(report)
-    return write_summary(plan, recorder, {**report, "skipped_updates": [skipped for _, _, skipped in extras]})
+    return write_summary(plan, recorder, {**report, "skipped_updates": [skipped for _, skipped in extras]})
 
 
 def run_report(plan: Plan, trace: Trace, peak_memory: list[int]) -> Record:

@@ -3,7 +3,8 @@
 Each subcommand lives in `paci.commands.<name>` with an `add_<name>_parser(subparsers)` and a
 `<name>_command(args) -> int`.
 Bad input anywhere below raises ValueError/OSError; `main` turns it into one line on stderr and
-exit code 2, never a traceback (set PACI_DEBUG=1 to see the traceback). A run that fails
+exit code 2, never a traceback (set PACI_DEBUG=1 to see the traceback), and drops the log lines
+the command held back while it checked its input (`paci.commands.HeldLogs`). A run that fails
 (RuntimeError: a stage's action, a lost peer, too many non-finite values) is one line and exit 1.
 """
 
@@ -15,6 +16,7 @@ import os
 import signal
 import sys
 
+from paci.commands import HeldLogs
 from paci.commands.partition import add_partition_parser
 from paci.commands.bench import add_bench_parser
 from paci.commands.simulate import add_schedules_parser, add_simulate_parser
@@ -47,24 +49,41 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     signal.signal(signal.SIGTERM, _terminate)
     args = build_parser().parse_args(argv)
+    root, logs = logging.getLogger(), HeldLogs(sys.stderr)  # held until the command's input is checked
+    level = root.level
+    root.addHandler(logs)
+    root.setLevel(logging.INFO)
     try:
         return args.func(args)
     except (ValueError, OSError) as exc:
         if os.environ.get("PACI_DEBUG"):
+            logs.let_out()
             raise
-        print(f"paci: error: {exc}", file=sys.stderr)
+        logs.drop()
+        print(f"paci: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        logs.let_out()
         print("paci: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as exc:  # a run that failed (a stage's action, too many non-finite values, a peer)
+        logs.let_out()
         if os.environ.get("PACI_DEBUG"):
             raise
-        print(f"paci: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"paci: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 1
+    finally:
+        logs.let_out()
+        root.removeHandler(logs)
+        root.setLevel(level)
+
+
+def _one_line(exc: Exception) -> str:
+    """The first line of an error; a schedule error's picture of the actions around it stays for PACI_DEBUG=1."""
+    first, *more = str(exc).strip().splitlines() or [type(exc).__name__]
+    return first + (" (PACI_DEBUG=1 shows the details)" if more else "")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from paci import schedules
+from paci.commands import input_checked
 from paci.metrics import to_json
 from paci.report import plot_curves
 
@@ -111,7 +112,7 @@ def train_command(args: argparse.Namespace) -> int:
 
         progress = _Progress(quiet=args.json)
         try:
-            summary, _ = train(config, on_record=progress.record, on_plan=progress.start, resume=resume)
+            summary, _ = train(config, on_record=progress.record, on_plan=progress.start_checked, resume=resume)
         except KeyboardInterrupt:
             progress.interrupted()
             raise
@@ -130,6 +131,7 @@ def train_command(args: argparse.Namespace) -> int:
     torch.set_num_threads(config.train.threads or threads_per_rank(config.pipeline.nproc))  # profile as a rank runs
     plan = make_plan(config, resume)  # check everything (warm the data cache, profile the split) before any rank starts
     config.pipeline.split = split_spec(plan.split)  # rank 0 names and claims the run directory
+    input_checked()
     try:
         return spawn(_train_rank, (config, args.json, resume), config.pipeline.nproc, port=config.pipeline.port,
                      threads=config.train.threads)
@@ -177,6 +179,11 @@ class _Progress:
         self.bar = None
         self.total = self.every = 1
         self.last_val = None
+
+    def start_checked(self, plan) -> None:
+        """`start`, in a run whose plan this process made: every check has passed."""
+        input_checked()
+        self.start(plan)
 
     def start(self, plan) -> None:
         self.run_dir = plan.run_dir

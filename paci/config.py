@@ -15,9 +15,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from paci.data import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
 from paci.model import PRECISIONS, PRESETS
+from paci.partition import parse_bytes
 from paci.runtime.stage import OptimizerSpec
 from paci.schedules import REGISTRY
+
+
+MAX_THREADS = 1024  # torch threads per process; far beyond it the OpenMP pool cannot even be allocated
+_KINDS = {"str": (str, "a string"), "int": (int, "an integer"), "float": ((int, float), "a number"),
+          "bool": (bool, "true or false")}
+
+
+def _check_types(section: str, values: Any) -> None:
+    """Each field of a section holds a value of its annotated type: a TOML file or a config.json can
+    hold anything ('5' for 5, 2.5 or true for an integer, a list for a string)."""
+    for f in dataclasses.fields(values):
+        value = getattr(values, f.name)
+        kinds = [kind.strip() for kind in str(f.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        if not any(_is_kind(value, kind) for kind in kinds if kind in _KINDS):
+            wanted = " or ".join(_KINDS[kind][1] for kind in kinds if kind in _KINDS)
+            raise ValueError(f"[{section}] {f.name} must be {wanted}, got {_show(value)}")
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    return isinstance(value, _KINDS[kind][0]) and (kind == "bool" or not isinstance(value, bool))
+
+
+def _show(value: Any) -> str:
+    """A value as TOML writes it, and what it is: "'5' (a string)", "true (a boolean)"."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    kind = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a table"}
+    return f"{value!r} ({kind.get(type(value), type(value).__name__)})"
 
 
 def _positive(section: str, **values: Any) -> None:
@@ -32,9 +64,12 @@ class ModelConfig:
     vocab_size: int = 4096  # BPE vocabulary for text corpora (a .bin folder brings its own)
 
     def __post_init__(self) -> None:
+        _check_types("model", self)
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
-        _positive("model", vocab_size=self.vocab_size)
+        if not MIN_VOCAB_SIZE <= self.vocab_size <= MAX_VOCAB_SIZE:
+            raise ValueError(f"--vocab-size must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] (256 bytes + the "
+                             f"end-of-text token; ids are stored as uint16), got {self.vocab_size}")
 
 
 @dataclass
@@ -44,6 +79,7 @@ class DataConfig:
     seq_len: int | None = None  # tokens per sequence; default: the preset's context length
 
     def __post_init__(self) -> None:
+        _check_types("data", self)
         _positive("data", batch_size=self.batch_size, seq_len=self.seq_len)
 
 
@@ -61,10 +97,8 @@ class PipelineConfig:
     recompute: bool = False  # keep only stage inputs; backward re-runs the forward with the weights of then
 
     def __post_init__(self) -> None:
-        if not isinstance(self.recompute, bool):
-            raise ValueError(f"recompute must be true or false, got {self.recompute!r}")
-        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or \
-                not 0 < self.timeout_s <= 86400:
+        _check_types("pipeline", self)
+        if not 0 < self.timeout_s <= 86400:
             raise ValueError(f"--timeout must be seconds in (0, 86400], got {self.timeout_s!r}")
         if self.port is not None and not 1024 <= self.port <= 65535:
             raise ValueError(f"--port must be in 1024..65535, got {self.port}")
@@ -76,6 +110,8 @@ class PipelineConfig:
         if self.nproc > 1 and self.nproc != self.stages:
             raise ValueError(f"--nproc {self.nproc} must equal --stages {self.stages} (one process per stage); "
                              "drop one of them or make them equal")
+        if self.memory_per_stage is not None:
+            parse_bytes(self.memory_per_stage)
 
 
 @dataclass
@@ -90,9 +126,10 @@ class OptimConfig:
     # predict; default: predict for paci (docs/experiments.md), none for every other schedule
 
     def __post_init__(self) -> None:
+        _check_types("optim", self)
         for name in ("lr", "weight_decay", "min_lr_ratio", "beta1"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not math.isfinite(value):
                 raise ValueError(f"[optim] {name} must be a finite number, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
@@ -120,17 +157,19 @@ class TrainConfig:
     # end; default: the fewest for which the drains cost under 1% (train.checkpoint_interval)
 
     def __post_init__(self) -> None:
+        _check_types("train", self)
         _positive("train", steps=self.steps, eval_every=self.eval_every, eval_batches=self.eval_batches,
                   threads=self.threads)
+        if self.threads is not None and self.threads > MAX_THREADS:
+            raise ValueError(f"--threads must be at most {MAX_THREADS}, got {self.threads}; leave it out to use "
+                             "this machine's cores")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown --precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
-        if isinstance(self.nonfinite_limit, bool) or not isinstance(self.nonfinite_limit, int) or \
-                self.nonfinite_limit < 0:
+        if self.nonfinite_limit < 0:
             raise ValueError(f"--nonfinite-limit must be an integer >= 0, got {self.nonfinite_limit!r}")
-        if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int) or
-                                                  isinstance(self.checkpoint_every, bool) or self.checkpoint_every < 0):
+        if self.checkpoint_every is not None and self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be an integer >= 0, got {self.checkpoint_every!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
+        if self.seed < 0:
             raise ValueError(f"--seed must be an integer >= 0, got {self.seed!r}")
 
 
@@ -177,7 +216,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
 def _merge(merged: dict[str, dict[str, Any]], document: dict[str, Any], origin: str) -> None:
     classes = _section_classes()
     for section, values in document.items():
-        if section not in classes or not isinstance(values, dict):
+        if not isinstance(values, dict):
+            raise ValueError(f"{origin}: {section} = {values!r} is outside any section; put it under its section "
+                             f"({', '.join(f'[{name}]' for name in classes)})")
+        if section not in classes:
             raise ValueError(f"{origin}: unknown section [{section}]; sections are {', '.join(classes)}")
         known = {f.name for f in dataclasses.fields(classes[section])}
         for key in values:

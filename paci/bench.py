@@ -17,10 +17,10 @@ import torch.distributed as dist
 
 from paci import schedules
 from paci.runtime.executor import Executor, gather_trace
-from paci.runtime.launch import env_rank, init_distributed, rank_device
+from paci.runtime.launch import check_nproc, env_rank, init_distributed, rank_device
 from paci.runtime.synthetic import SyntheticCosts, SyntheticStage
 from paci.runtime.transport import DistTransport
-from paci.sim import CostModel, simulate
+from paci.sim import CostModel, check_size, simulate
 from paci.trace import Trace
 
 
@@ -53,8 +53,11 @@ class RuntimeBench:
             if stages not in (None, self.num_stages):
                 raise ValueError(f"the costs are for {stages} stages, the bench has {self.num_stages}; "
                                  "give one time per stage")
-        return schedules.build(self.schedule, self.num_stages, self.num_microbatches, self.num_steps,
-                               self.accumulation)
+        schedule = schedules.build(self.schedule, self.num_stages, self.num_microbatches, self.num_steps,
+                                   self.accumulation)
+        check_nproc(self.num_stages)
+        check_size(schedule)  # the trace it records is simulated at the end
+        return schedule
 
 
 def run_bench_rank(bench: RuntimeBench) -> dict | None:

@@ -41,6 +41,7 @@ import torch
 
 from paci import schedules
 from paci.model import GPTConfig, num_units
+from paci.schedules.common import check_sizes
 from paci.profiler import UnitProfile, default_budget, profile_units
 from paci.sim import CostModel, simulate
 
@@ -61,6 +62,7 @@ def stage_memory_model(schedule_name: str, num_stages: int, microbatches: int,
     long enough (at least 3 steps and 4·P micro-batches) for the asynchronous schedules to pass
     their warm-up and reach the steady state.
     """
+    check_sizes(num_stages, microbatches, 1)  # before dividing by M
     steps = max(3, math.ceil(4 * num_stages / microbatches))
     schedule = schedules.build(schedule_name, num_stages, microbatches, steps, accum)
     per_stage = simulate(schedule, CostModel.per_stage(num_stages)).metrics.per_stage
@@ -329,6 +331,15 @@ def _check_ranges(ranges: tuple[tuple[int, int], ...], num_units: int, num_stage
     if expected != num_units:
         raise ValueError(f"{what} ends at unit {expected} but the model has {num_units} units (0..{num_units - 1}); "
                          f"the last range must stop at {num_units}{hint}")
+
+
+def check_split(spec: str, num_units: int, num_stages: int) -> None:
+    """Refuse what `choose_split` would refuse, without measuring anything: a malformed or
+    mismatched explicit split, or more stages than units."""
+    if spec in SPLIT_SPECS:
+        _check_stage_count(num_units, num_stages)
+    else:
+        parse_split(spec, num_units, num_stages)
 
 
 def _check_stage_count(num_units: int, num_stages: int) -> None:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -76,6 +77,7 @@ def profile_units(config: GPTConfig, batch_size: int, seq_len: int, device: torc
         raise ValueError(f"seq_len {seq_len} exceeds the model's block_size {config.block_size}; "
                          "use a shorter --seq-len")
     device = torch.device(device)
+    check_memory(config, batch_size, seq_len, device)
     key = {"format": PROFILE_FORMAT, "model": dataclasses.asdict(config), "batch_size": batch_size,
            "seq_len": seq_len, "device": _device_label(device), "precision": precision,
            "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats, "warmup": warmup}
@@ -257,6 +259,32 @@ def _device_label(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return device.type
+
+
+def check_memory(config: GPTConfig, batch_size: int, seq_len: int, device: torch.device | str) -> None:
+    """Refuse, before anything is allocated, a model and micro-batch whose fp32 weights and logits
+    alone exceed the device's memory (this machine's RAM on CPU). Both are a lower bound of what a
+    forward and backward hold, so nothing that fits is refused; a 10**9-token micro-batch is."""
+    c = config
+    weights = 4 * (c.vocab_size * c.n_embd + c.block_size * c.n_embd + 12 * c.n_layer * c.n_embd ** 2)
+    logits = 2 * batch_size * seq_len * c.vocab_size  # at least bf16
+    device = torch.device(device)
+    total = device_memory(device)
+    where = "this machine" if device.type == "cpu" else _device_label(device)
+    if total is not None and weights + logits > total:
+        raise ValueError(f"a micro-batch of {batch_size:,} x {seq_len:,} tokens needs at least "
+                         f"{(weights + logits) / 2**30:,.1f} GiB for the model's weights and logits alone, more than "
+                         f"the {total / 2**30:,.1f} GiB of {where}: use fewer sequences per micro-batch or shorter ones")
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Total memory of a CUDA device, or of this machine for the CPU; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if device.type == "cpu" else None
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def default_budget(device: torch.device | str) -> int | None:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from paci import schedules
+from paci.commands import input_checked
 from paci.sim import CostModel
+
+MAX_ACTIVATION_MIB = 1024
 
 
 def add_bench_parser(subparsers) -> None:
@@ -42,8 +46,12 @@ def bench_command(args: argparse.Namespace) -> int:
     from paci.runtime.launch import spawn
     from paci.runtime.synthetic import SyntheticCosts
 
-    if args.activation_mib <= 0:
-        raise ValueError(f"--activation-mib must be > 0, got {args.activation_mib}")
+    if not 0 < args.activation_mib <= MAX_ACTIVATION_MIB:
+        raise ValueError(f"--activation-mib must be in (0, {MAX_ACTIVATION_MIB}] MiB (every rank holds several such "
+                         f"messages at once), got {args.activation_mib}")
+    for flag, value in (("--f-ms", args.f_ms), ("--b-ms", args.b_ms), ("--u-ms", args.u_ms)):
+        if value is not None and not 0 <= value < math.inf:
+            raise ValueError(f"{flag} must be a finite number of milliseconds >= 0, got {value}")
     shape = (max(1, round(args.activation_mib * 2**20 / 4)),)
     if args.costs is not None:
         if any(v is not None for v in (args.f_ms, args.b_ms, args.u_ms)):
@@ -56,6 +64,7 @@ def bench_command(args: argparse.Namespace) -> int:
         costs = SyntheticCosts(_ms(args.f_ms, 20.0), _ms(args.b_ms, 40.0), _ms(args.u_ms, 0.0), shape)
         bench = RuntimeBench(args.schedule, args.stages, args.microbatches, args.steps, args.accum, costs)
     bench.build()  # bad sizes fail here, before any process starts
+    input_checked()
     return spawn(_bench_rank, (bench, args.json), args.stages, threads=1)
 
 

@@ -9,6 +9,7 @@ import json
 import torch
 
 from paci import schedules
+from paci.commands import input_checked
 from paci.model import PRESETS, GPTConfig, num_units, unit_names
 from paci.partition import (Split, evaluate_split, format_bytes, parse_bytes, partition, predicted_efficiency,
                             stage_memory_model, stage_sums, uniform_split)
@@ -43,12 +44,15 @@ def partition_command(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
     preset = PRESETS[args.preset]
     seq_len = preset.block_size if args.seq_len is None else args.seq_len
+    if args.microbatch_size < 1 or seq_len < 1:
+        raise ValueError(f"--microbatch-size and --seq-len must be >= 1, got {args.microbatch_size} and {seq_len}")
     config = dataclasses.replace(preset, block_size=max(seq_len, preset.block_size))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     budget = default_budget(device) if args.memory_per_stage is None else parse_bytes(args.memory_per_stage)
     # everything that can be wrong is checked before the (slow) profile
     uniform_ranges = uniform_split(num_units(config), args.stages)
     inflight, copies = stage_memory_model(args.schedule, args.stages, args.microbatches, args.accum)
+    input_checked()  # profile_units refuses a micro-batch too large for this machine before it logs
     profiles = profile_units(config, args.microbatch_size, seq_len, device)
     splits = {"profiled": partition(profiles, args.stages, inflight, copies, budget),
               "uniform": evaluate_split(profiles, uniform_ranges, inflight, copies, budget)}

@@ -79,6 +79,15 @@ def check_port(port: int) -> None:
             raise ValueError(f"port {port} is in use; pick another with --port or leave it out") from None
 
 
+MAX_LOCAL_PROCESSES = 64  # each rank is a Python process with torch loaded (a few hundred MB)
+
+
+def check_nproc(nproc: int) -> None:
+    if nproc > MAX_LOCAL_PROCESSES:
+        raise ValueError(f"{nproc:,} stages would start {nproc:,} processes on this machine; paci starts at most "
+                         f"{MAX_LOCAL_PROCESSES} (one per stage): use fewer --stages")
+
+
 def threads_per_rank(nproc: int) -> int:
     return max(1, (os.cpu_count() or 1) // nproc)
 
@@ -99,6 +108,7 @@ def spawn(entry: Callable[[Any], int], payload: Any, nproc: int, port: int | Non
     beats); one silent for `heartbeat_s` is named as frozen and the run is stopped at once, long
     before its neighbours' receives would time out and blame themselves.
     """
+    check_nproc(nproc)
     if port is None:
         port = free_port()
     else:

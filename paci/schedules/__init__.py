@@ -64,7 +64,9 @@ def drain_interval(schedule: Schedule, num_microbatches: int, every: int | None 
         if schedule.weight_policy is not WeightPolicy.NONE:
             every = max(every, math.ceil(100 * (schedule.num_stages - 1) / schedule.accumulation))
         return math.ceil(every / per_minibatch) * per_minibatch
-    if not isinstance(every, int) or every < 0 or every % per_minibatch:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"--checkpoint-every must be an integer >= 0 (0: only at the end), got {every!r}")
+    if every % per_minibatch:
         raise ValueError(f"--checkpoint-every {every} must be a multiple of {per_minibatch}: a drain point falls "
                          f"between whole mini-batches of {num_microbatches} micro-batches "
                          f"(K = {schedule.accumulation})")

@@ -27,7 +27,7 @@ def _no_flush(name: str, num_stages: int, num_microbatches: int, num_steps: int,
               policy: WeightPolicy) -> Schedule:
     total = num_microbatches * num_steps
     if accumulation < 1:
-        raise ValueError(f"{name}: K (--accum, backwards per optimizer step) must be >= 1, got {accumulation}")
+        raise ValueError(f"{name}: accumulation K must be >= 1, got {accumulation}")
     if total % accumulation:
         raise ValueError(f"{name}: K={accumulation} must divide the {total} micro-batches "
                          f"({num_steps} steps x {num_microbatches}); choose K dividing {total}")

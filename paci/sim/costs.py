@@ -15,8 +15,8 @@ def _per_stage(value: float | Sequence[float], num_stages: int, what: str) -> tu
     values = (float(value),) * num_stages if isinstance(value, (int, float)) else tuple(map(float, value))
     if len(values) != num_stages:
         raise ValueError(f"{what}: expected {num_stages} per-stage values, got {len(values)}")
-    if any(v < 0 or math.isnan(v) for v in values):
-        raise ValueError(f"{what}: values must be >= 0, got {values}")
+    if not all(0 <= v < math.inf for v in values):
+        raise ValueError(f"{what}: values must be finite and >= 0, got {values}")
     return values
 
 

@@ -16,6 +16,10 @@ from paci.sim.costs import CostModel
 from paci.trace import NO_MICROBATCH, OP_CODE, Trace, TraceMetrics
 
 U_CODE = OP_CODE[Op.U]
+MAX_STAGES = 1024
+# Stages x micro-batches: the trace keeps every action (33 bytes each, 2 to 4 per micro-batch and
+# stage), so at this limit a simulation takes about 2 GB and a minute or two.
+MAX_PASSES = 20_000_000
 
 
 @dataclass
@@ -31,8 +35,23 @@ class Simulation:
         return out
 
 
+def check_size(schedule: Schedule) -> None:
+    """Raise ValueError, saying what to shrink, for a schedule too large to simulate (or to run and
+    record: a run keeps the same trace of every action and simulates it at the end)."""
+    stages, microbatches = schedule.num_stages, schedule.num_microbatches
+    if stages > MAX_STAGES:
+        raise ValueError(f"{stages:,} stages is more than paci simulates or runs (at most {MAX_STAGES:,}): "
+                         "use fewer --stages")
+    if stages * microbatches > MAX_PASSES:
+        raise ValueError(f"{stages:,} stages x {microbatches:,} micro-batches is more than paci simulates or records "
+                         f"(at most {MAX_PASSES:,} stage x micro-batch passes, about 2 GB of trace): use fewer "
+                         "--steps or --microbatches")
+
+
 def simulate(schedule: Schedule, costs: CostModel) -> Simulation:
-    """Run `schedule` under `costs`; raise ScheduleError (with the blocked actions) on deadlock."""
+    """Run `schedule` under `costs`; raise ScheduleError (with the blocked actions) on deadlock, and
+    ValueError for a schedule over the size limit (`check_size`)."""
+    check_size(schedule)
     if costs.num_stages != schedule.num_stages:
         raise ValueError(f"cost model has {costs.num_stages} stages, schedule {schedule.num_stages}")
     trace = run_trace(schedule, costs)

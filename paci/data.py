@@ -199,29 +199,39 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torc
 # ---------------------------------------------------------------- entry point
 
 def load_data(path: str | os.PathLike | None = None, vocab_size: int = 4096,
-              cache_dir: str | os.PathLike | None = None) -> TokenData:
-    """Load a corpus as TokenData: None (embedded corpus), a text file/folder, or a .bin folder."""
+              cache_dir: str | os.PathLike | None = None,
+              batch_shape: tuple[int, int] | None = None) -> TokenData:
+    """Load a corpus as TokenData: None (embedded corpus), a text file/folder, or a .bin folder.
+
+    With `batch_shape` (batch_size, seq_len), a corpus whose splits cannot hold one such batch
+    is refused (`TokenData.check_fits`), before its tokens are cached.
+    """
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) \
             or not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
         raise DataError(f"vocab_size={vocab_size!r} is out of range: choose an integer in "
                         f"[{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] (token ids are stored as uint16)")
     vocab_size = int(vocab_size)
     cache = resolve_cache_dir(cache_dir)
+    if batch_shape is not None:
+        _check_positive(batch_size=batch_shape[0], seq_len=batch_shape[1])
     if path is None:
         blob = _corpus_path().read_bytes()
         return _tokenized(_sha256(blob), lambda: corpus_documents(blob), "embedded corpus",
-                          vocab_size, cache)
+                          vocab_size, cache, batch_shape)
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"data path {path} does not exist: pass an existing text file or folder, "
                         f"or leave it unset for the embedded corpus")
     if path.is_dir() and ((path / "train.bin").exists() or (path / "val.bin").exists()):
-        return _load_bin(path, cache)
+        data = _load_bin(path, cache)
+        if batch_shape is not None:
+            data.check_fits(*batch_shape)
+        return data
     if path.is_file() and path.suffix == ".bin":
         raise DataError(f"{path} is a token file: pass the folder holding train.bin and val.bin")
     docs = _read_text(path)
     digest = _sha256(json.dumps(docs).encode("utf-8"))
-    return _tokenized(digest, lambda: docs, str(path), vocab_size, cache)
+    return _tokenized(digest, lambda: docs, str(path), vocab_size, cache, batch_shape)
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -286,27 +296,33 @@ def split_documents(docs: list[Document]) -> tuple[list[Document], list[Document
 
 # ---------------------------------------------------------------- tokenizer and cache
 
-def _tokenized(content_digest: str, read_docs, source: str, vocab_size: int, cache: Path) -> TokenData:
+def _tokenized(content_digest: str, read_docs, source: str, vocab_size: int, cache: Path,
+               batch_shape: tuple[int, int] | None = None) -> TokenData:
     """TokenData for text documents, from the cache or built (then cached) on a miss."""
     key = _sha256(json.dumps([content_digest, vocab_size, TOKENIZER_SETTINGS]).encode())
     entry = cache / f"tokens-v{vocab_size}-{key[:16]}"
     cached = entry.is_dir()
     if not cached:
-        _build_entry(entry, read_docs(), source, vocab_size)
+        _build_entry(entry, read_docs(), source, vocab_size, batch_shape)
     missing = [name for name in _ENTRY_FILES if not (entry / name).is_file()]
     if missing:
         raise DataError(f"cache entry {entry} lacks {', '.join(missing)}: delete that folder and retry")
     meta = json.loads((entry / "meta.json").read_text())
     tokenizer = Tokenizer.from_file(str(entry / "tokenizer.json"))
     train, val = (np.memmap(entry / f"{split}.bin", dtype=np.uint16, mode="r") for split in ("train", "val"))
+    data = TokenData(train, val, meta["vocab_size"], tokenizer, source=source,
+                     val_documents=tuple(meta["val_documents"]), cached=cached)
+    if batch_shape is not None:
+        data.check_fits(*batch_shape)
     logger.info("%s: %s train / %s val tokens, vocab %d%s", source, f"{len(train):,}",
                 f"{len(val):,}", meta["vocab_size"], " (cached)" if cached else "")
-    return TokenData(train, val, meta["vocab_size"], tokenizer, source=source,
-                     val_documents=tuple(meta["val_documents"]), cached=cached)
+    return data
 
 
-def _build_entry(entry: Path, docs: list[Document], source: str, vocab_size: int) -> None:
-    """Train, encode and write one cache entry atomically (a temp folder, then os.replace)."""
+def _build_entry(entry: Path, docs: list[Document], source: str, vocab_size: int,
+                 batch_shape: tuple[int, int] | None = None) -> None:
+    """Train, encode and write one cache entry atomically (a temp folder, then os.replace); a
+    corpus too small for one batch of `batch_shape` is refused before anything is written."""
     train_docs, val_docs = split_documents(docs)
     if not val_docs:
         raise DataError(f"{source} is too small to hold out validation text (it needs a line break "
@@ -316,6 +332,8 @@ def _build_entry(entry: Path, docs: list[Document], source: str, vocab_size: int
     trained = time.perf_counter()
     arrays = {split: _encode(tokenizer, [text for _, text in part])
               for split, part in (("train", train_docs), ("val", val_docs))}
+    if batch_shape is not None:
+        TokenData(arrays["train"], arrays["val"], vocab_size, source=source).check_fits(*batch_shape)
     logger.info("%s: trained a %d-token BPE on %d documents in %.1f s, encoded in %.1f s", source,
                 tokenizer.get_vocab_size(), len(train_docs), trained - start, time.perf_counter() - trained)
     if tokenizer.get_vocab_size() < vocab_size:
@@ -406,26 +424,39 @@ def _load_bin(folder: Path, cache: Path) -> TokenData:
 
 
 def _bin_vocab_size(folder: Path, files: dict, arrays: dict, cache: Path) -> int:
-    """meta.json's vocab_size, else 1 + the largest id (scanned in chunks once, then cached)."""
-    meta = folder / "meta.json"
-    if meta.is_file():
-        try:
-            vocab_size = json.loads(meta.read_text())["vocab_size"]
-        except (ValueError, KeyError, TypeError):
-            raise DataError(f"{meta} is not JSON with an integer 'vocab_size': fix or delete it") from None
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
-                or not 1 <= vocab_size <= MAX_VOCAB_SIZE + 1:
-            raise DataError(f"{meta} has vocab_size={vocab_size!r}: it must be an integer in "
-                            f"[1, {MAX_VOCAB_SIZE + 1}] for uint16 tokens")
-        return vocab_size
+    """meta.json's vocab_size, else 1 + the largest id. The largest id is scanned in chunks once,
+    then cached (only for files that pass): an id at or past meta.json's vocab_size is refused."""
     stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files.values()]
     entry = cache / f"bin-vocab-{_sha256(json.dumps(stamp).encode())[:16]}.json"
-    if entry.is_file():
-        return json.loads(entry.read_text())["vocab_size"]
-    largest = max(int(a[i:i + _BIN_CHUNK].max()) for a in arrays.values()
-                  for i in range(0, len(a), _BIN_CHUNK))
+    scanned = not entry.is_file()
+    if scanned:
+        largest = max(int(a[i:i + _BIN_CHUNK].max()) for a in arrays.values()
+                      for i in range(0, len(a), _BIN_CHUNK))
+    else:
+        largest = json.loads(entry.read_text())["vocab_size"] - 1
+    vocab_size = largest + 1
+    meta = folder / "meta.json"
+    if meta.is_file():
+        vocab_size = _declared_vocab_size(meta)
+        if largest >= vocab_size:
+            raise DataError(f"{folder}: the token files hold id {largest}, but {meta} declares vocab_size="
+                            f"{vocab_size}, so the model's embedding has no row for it: set vocab_size to at least "
+                            f"{largest + 1} in meta.json, or fix the .bin files")
+    if scanned:
+        try:
+            write_bytes(entry, json.dumps({"vocab_size": largest + 1, "files": stamp}).encode())
+        except OSError as err:
+            logger.warning("could not cache the vocabulary size in %s (%s)", entry, err.strerror)
+    return vocab_size
+
+
+def _declared_vocab_size(meta: Path) -> int:
     try:
-        write_bytes(entry, json.dumps({"vocab_size": largest + 1, "files": stamp}).encode())
-    except OSError as err:
-        logger.warning("could not cache the vocabulary size in %s (%s)", entry, err.strerror)
-    return largest + 1
+        vocab_size = json.loads(meta.read_text())["vocab_size"]
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{meta} is not JSON with an integer 'vocab_size': fix or delete it") from None
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) \
+            or not 1 <= vocab_size <= MAX_VOCAB_SIZE + 1:
+        raise DataError(f"{meta} has vocab_size={vocab_size!r}: it must be an integer in "
+                        f"[1, {MAX_VOCAB_SIZE + 1}] for uint16 tokens")
+    return vocab_size

@@ -25,19 +25,20 @@ import torch.distributed as dist
 from paci import checkpoint, schedules
 from paci.config import RunConfig
 from paci.data import TokenData, load_data
-from paci.files import write_text
+from paci.files import check_writable, write_text
 from paci.ir import (Action, Message, Op, Schedule, WeightPolicy, evaluation_rounds, from_step,
                      stage_delay, stage_versions,
                      updates_ahead, with_evaluation)
 from paci.metrics import Record, Recorder, StatsEvent, StepStats, to_json
-from paci.model import PRESETS, GPTConfig, autocast, build_units
-from paci.partition import choose_split, parse_bytes, split_spec
+from paci.model import PRESETS, GPTConfig, autocast, build_units, num_units
+from paci.partition import check_split, choose_split, parse_bytes, split_spec
+from paci.profiler import check_memory
 from paci.report import render_png, write_chrome_trace
 from paci.runtime.executor import Executor, gather_trace, run_local
 from paci.runtime.launch import env_rank, init_distributed, rank_device
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.runtime.transport import DistTransport, LocalTransport, StatsChannel
-from paci.sim import CostModel, simulate
+from paci.sim import CostModel, check_size, simulate
 from paci.trace import Trace
 
 
@@ -96,19 +97,22 @@ def make_plan(config: RunConfig, resume: bool = False) -> Plan:
     manifest = checkpoint.latest(run_dir) if resume else None
     pipe = config.pipeline
     base = schedules.build(pipe.schedule, pipe.stages, pipe.microbatches, config.train.steps, pipe.accum)
+    check_size(base)  # the run keeps a trace of every action and simulates it at the end
     every = schedules.drain_interval(base, pipe.microbatches, config.train.checkpoint_every)
     if every and every < base.num_steps:  # drain points: the schedule fills and drains around each checkpoint
         base = schedules.build(pipe.schedule, pipe.stages, pipe.microbatches, config.train.steps, pipe.accum, every)
     if config.optim.compensate == "predict" and base.weight_policy is WeightPolicy.STASHED:
         raise ValueError(f"--compensate predict moves live weights; {pipe.schedule} stashes them instead")
-    data = load_data(config.data.path, config.model.vocab_size)
     preset = PRESETS[config.model.preset]
     seq_len = config.data.seq_len or preset.block_size
-    model = dataclasses.replace(preset, vocab_size=data.vocab_size, block_size=max(seq_len, preset.block_size))
-    data.check_fits(config.data.batch_size, seq_len)
-    eval_batches = min(config.train.eval_batches, data.num_val_batches(config.data.batch_size, seq_len))
+    pinned = pinned_split(pipe.split)
+    check_split(pinned, num_units(preset), pipe.stages)  # before the data, which may take minutes
     budget = parse_bytes(pipe.memory_per_stage) if pipe.memory_per_stage is not None else None
-    split = choose_split(pinned_split(pipe.split), model, pipe.stages, pipe.schedule, pipe.microbatches, pipe.accum,
+    data = load_data(config.data.path, config.model.vocab_size, batch_shape=(config.data.batch_size, seq_len))
+    model = dataclasses.replace(preset, vocab_size=data.vocab_size, block_size=max(seq_len, preset.block_size))
+    check_memory(model, config.data.batch_size, seq_len, default_device())
+    eval_batches = min(config.train.eval_batches, data.num_val_batches(config.data.batch_size, seq_len))
+    split = choose_split(pinned, model, pipe.stages, pipe.schedule, pipe.microbatches, pipe.accum,
                          config.data.batch_size, seq_len, default_device(), budget, config.train.precision)
     opt = config.optim
     warmup = opt.warmup_steps if opt.warmup_steps is not None else max(1, base.num_steps // 20)
@@ -145,6 +149,7 @@ def _run_dir(config: RunConfig) -> Path:
         path = Path("runs") / f"{config.pipeline.schedule}-{time.strftime('%Y%m%d-%H%M%S')}"
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ValueError(f"--out {path} already exists and is not empty; choose a new run directory")
+    check_writable(path, "--out", folder=True)
     return path
 
 

@@ -321,12 +321,31 @@ def validate(schedule: Schedule) -> None:
     _check_no_deadlock(schedule)
 
 
+class _Finished:
+    """The micro-batches a stage has finished: all below `low`, plus those finished ahead of it
+    (few: a stage finishes nearly in order), so a 10**9-micro-batch stream needs no 10**9 set."""
+
+    def __init__(self) -> None:
+        self.low = 0
+        self.ahead: set[int] = set()
+
+    def __contains__(self, mb: int) -> bool:
+        return mb < self.low or mb in self.ahead
+
+    def add(self, mb: int) -> None:
+        self.ahead.add(mb)
+        while self.low in self.ahead:
+            self.ahead.remove(self.low)
+            self.low += 1
+
+
 def _check_stage(schedule: Schedule, stage: int) -> None:
     state: dict[int, str] = {}  # mb -> ops seen so far: "F", or "FI" awaiting its W
+    finished = _Finished()
     pending_grads = 0
     position = 0
     for position, action in enumerate(schedule.actions(stage)):
-        why = _stage_problem(schedule, stage, action, state, pending_grads)
+        why = _stage_problem(schedule, stage, action, state, pending_grads, finished)
         if why:
             raise _grid_error(schedule, f"stage {stage}, position {position} ({action}): {why}", {stage: position})
         if action.op is Op.U:
@@ -334,18 +353,24 @@ def _check_stage(schedule: Schedule, stage: int) -> None:
         elif action.op in WEIGHT_GRAD_OPS:
             pending_grads += 1
             del state[action.microbatch]
+            finished.add(action.microbatch)
         elif action.op is not Op.E:
             state[action.microbatch] = state.get(action.microbatch, "") + action.op.value
     if state:
         mb = min(state)
         raise _grid_error(schedule, f"stage {stage}: micro-batch {mb} never finishes its backward "
                           f"(only {state[mb]})", {stage: position})
+    if finished.low < schedule.num_microbatches:
+        raise _grid_error(schedule, f"stage {stage}: micro-batch {finished.low} never runs, but micro-batches are "
+                          f"numbered 0 to {schedule.num_microbatches - 1}: every stage runs each of them, "
+                          "numbered without gaps", {stage: position})
     if pending_grads:
         raise _grid_error(schedule, f"stage {stage}: the last {pending_grads} weight-backwards are never "
                           "stepped (a U is missing at the end)", {stage: position})
 
 
-def _stage_problem(schedule: Schedule, stage: int, action: Action, state: dict[int, str], pending_grads: int) -> str:
+def _stage_problem(schedule: Schedule, stage: int, action: Action, state: dict[int, str], pending_grads: int,
+                   finished: _Finished) -> str:
     if action.stage != stage:
         return f"an action of stage {action.stage} in stage {stage}'s stream"
     if action.op not in COMPUTE_OPS:
@@ -359,6 +384,8 @@ def _stage_problem(schedule: Schedule, stage: int, action: Action, state: dict[i
     mb = action.microbatch
     if not 0 <= mb < schedule.num_microbatches:
         return f"micro-batch {mb} outside 0..{schedule.num_microbatches - 1}"
+    if mb in finished:
+        return f"micro-batch {mb} runs a second time; each runs once per stage"
     seen = state.get(mb, "")
     expected = {Op.F: "", Op.B: "F", Op.I: "F", Op.W: "FI"}[action.op]
     if seen != expected:
@@ -431,6 +458,7 @@ def to_csv(schedule: Schedule) -> str:
 
 
 _BOOKKEEPING = re.compile(r"\d+(UNSHARD|RESHARD|REDUCE_GRAD)\d*")  # FSDP/DP ops torch adds; no pipeline compute
+MAX_CSV_CHARS = 16 * 2**20  # about 4 M actions, materialised as lists of actions
 
 
 def from_csv(text: str, name: str = "csv", weight_policy: WeightPolicy = WeightPolicy.NONE) -> Schedule:
@@ -438,6 +466,30 @@ def from_csv(text: str, name: str = "csv", weight_policy: WeightPolicy = WeightP
 
     torch's UNSHARD / RESHARD / REDUCE_GRAD cells (data-parallel bookkeeping) are dropped.
     """
+    if len(text) > MAX_CSV_CHARS:
+        raise ScheduleError(f"the CSV has {len(text):,} characters; paci reads schedule CSVs of at most "
+                            f"{MAX_CSV_CHARS:,} (about 4 M actions)")
+    try:
+        rows = _csv_rows(text)
+    except csv.Error as exc:  # e.g. a cell over csv's field size limit
+        raise ScheduleError(f"the CSV cannot be read as a schedule ({exc}); write one rank's actions per line, "
+                            "e.g. 0F0,0F1,0B0,0B1") from None
+    if not rows:
+        raise ScheduleError("CSV has no actions")
+    has_updates = [any(a.op is Op.U for a in row) for row in rows]
+    if not any(has_updates):
+        rows = [row + [Action(s, Op.U)] for s, row in enumerate(rows)]
+        accumulation = sum(a.op in WEIGHT_GRAD_OPS for a in rows[0])
+    else:
+        first_u = next(i for i, a in enumerate(rows[0]) if a.op is Op.U)
+        accumulation = sum(a.op in WEIGHT_GRAD_OPS for a in rows[0][:first_u])
+    schedule = from_rows(rows, name, max(accumulation, 1), weight_policy)
+    validate(schedule)
+    return schedule
+
+
+def _csv_rows(text: str) -> list[list[Action]]:
+    """One list of actions per non-empty CSV line; ScheduleError names the line of a bad cell."""
     rows: list[list[Action]] = []
     for line_no, row in enumerate(csv.reader(io.StringIO(text)), start=1):
         if not any(cell.strip() for cell in row):
@@ -458,15 +510,4 @@ def from_csv(text: str, name: str = "csv", weight_policy: WeightPolicy = WeightP
                                     f"{len(rows)} is rank {len(rows)}; paci runs one stage per rank")
             actions.append(action)
         rows.append(actions)
-    if not rows:
-        raise ScheduleError("CSV has no actions")
-    has_updates = [any(a.op is Op.U for a in row) for row in rows]
-    if not any(has_updates):
-        rows = [row + [Action(s, Op.U)] for s, row in enumerate(rows)]
-        accumulation = sum(a.op in WEIGHT_GRAD_OPS for a in rows[0])
-    else:
-        first_u = next(i for i, a in enumerate(rows[0]) if a.op is Op.U)
-        accumulation = sum(a.op in WEIGHT_GRAD_OPS for a in rows[0][:first_u])
-    schedule = from_rows(rows, name, max(accumulation, 1), weight_policy)
-    validate(schedule)
-    return schedule
+    return rows

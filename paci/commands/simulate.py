@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 from paci import ir, schedules
+from paci.files import check_writable, write_text
 from paci.report import format_table, render_png, render_text, write_chrome_trace
-from paci.sim import Simulation, parse_costs, simulate
+from paci.sim import Simulation, check_size, parse_costs, simulate
 
 
 def add_schedules_parser(subparsers) -> None:
@@ -46,13 +47,21 @@ def add_simulate_parser(subparsers) -> None:
 
 
 def simulate_command(args: argparse.Namespace) -> int:
+    for flag, path in (("--timeline", args.timeline), ("--trace", args.trace)):
+        if path is not None:  # before anything is simulated or written
+            check_writable(path, flag)
+    if args.timeline is not None and args.timeline.suffix not in (".png", ".txt"):
+        raise ValueError(f"--timeline {args.timeline}: use a .png or .txt file name")
     if args.compare:
         return _compare(args)
     if args.csv is not None:
+        if args.checkpoint_every:
+            raise ValueError("--checkpoint-every needs a registered --schedule, not a --csv")
         schedule = ir.from_csv(_read_text(args.csv), name=args.csv.stem)
     else:
         schedule = schedules.build(args.schedule, args.stages, args.microbatches, args.steps, args.accum,
                                    args.checkpoint_every)
+    check_size(schedule)
     costs = parse_costs(args.costs, schedule.num_stages)
     result = simulate(schedule, costs)
     drains = _drain_cost(args, result, costs) if args.checkpoint_every else None
@@ -73,8 +82,6 @@ def simulate_command(args: argparse.Namespace) -> int:
 def _drain_cost(args: argparse.Namespace, drained: Simulation, costs) -> dict:
     """What `paci train --checkpoint-every` costs this schedule: the makespan with drain points
     against the same schedule without them (each costs one fill and drain of the pipeline)."""
-    if args.csv is not None:
-        raise ValueError("--checkpoint-every needs a registered --schedule, not a --csv")
     schedule = schedules.build(args.schedule, args.stages, args.microbatches, args.steps, args.accum)
     plain = simulate(schedule, costs)
     return {"drains": (schedule.num_steps - 1) // args.checkpoint_every,
@@ -84,16 +91,21 @@ def _drain_cost(args: argparse.Namespace, drained: Simulation, costs) -> dict:
 def _read_text(path: Path) -> str:
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
-    return path.read_text()
+    if path.stat().st_size > ir.MAX_CSV_CHARS:
+        raise ValueError(f"--csv {path} has {path.stat().st_size:,} bytes; paci reads schedule CSVs of at most "
+                         f"{ir.MAX_CSV_CHARS:,} (about 4 M actions)")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--csv {path} is not UTF-8 text ({err.reason} at byte {err.start}): give a "
+                         "torch.distributed.pipelining CSV") from None
 
 
 def _write_timeline(result: Simulation, path: Path) -> None:
     if path.suffix == ".png":
         render_png(result.trace, path, title=f"{result.trace.name} (simulated)")
-    elif path.suffix == ".txt":
-        path.write_text(render_text(result.trace) + "\n")
     else:
-        raise ValueError(f"--timeline {path}: use a .png or .txt file name")
+        write_text(path, render_text(result.trace) + "\n")
 
 
 def _summary(schedule: ir.Schedule, result: Simulation) -> dict:
@@ -120,7 +132,15 @@ def _print_simulation(schedule: ir.Schedule, result: Simulation) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    given = [flag for flag, value in (("--csv", args.csv), ("--checkpoint-every", args.checkpoint_every),
+                                      ("--timeline", args.timeline), ("--trace", args.trace)) if value]
+    if given:
+        raise ValueError(f"--compare prints one table of the registered schedules; drop {', '.join(given)}")
+    # the reference: bad sizes fail here, before anything is simulated
+    base_schedule = schedules.build("1f1b", args.stages, args.microbatches, args.steps)
+    check_size(base_schedule)
     costs = parse_costs(args.costs, args.stages)
+    base = simulate(base_schedule, costs)
     results: dict[str, Simulation | str] = {}
     for name in schedules.REGISTRY:
         try:
@@ -128,8 +148,7 @@ def _compare(args: argparse.Namespace) -> int:
         except ValueError as exc:  # e.g. 2bw with K < P-1, pipedream with --accum: skip, say why
             results[name] = str(exc)
             continue
-        results[name] = simulate(schedule, costs)
-    base = results["1f1b"]
+        results[name] = base if name == "1f1b" and args.accum is None else simulate(schedule, costs)
     rows = []
     for name, result in results.items():
         if isinstance(result, str):

@@ -186,15 +186,23 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path):
     proc = subprocess.Popen(_torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1", *train,
                                       "--out", str(run)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (run / "checkpoints" / "step-000020" / "manifest.json").exists():
-        if proc.poll() is not None:
-            pytest.fail("the first attempt ended early:\n" + proc.communicate()[1][-4000:])
-        time.sleep(0.1)
-    workers = [pid for pid in _descendants(proc.pid) if b"paci\x00train" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    assert len(workers) == 2
-    os.kill(max(workers), signal.SIGKILL)
-    _, stderr = proc.communicate(timeout=200)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (run / "checkpoints" / "step-000020" / "manifest.json").exists():
+            if proc.poll() is not None:
+                pytest.fail("the first attempt ended early:\n" + proc.communicate()[1][-4000:])
+            time.sleep(0.1)
+        workers = [pid for pid in _descendants(proc.pid)
+                   if b"paci\x00train" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) == 2
+        os.kill(max(workers), signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=200)
+    finally:  # a failing test leaves no torchrun behind
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     assert proc.returncode == 0, stderr[-3000:]
     assert "restarted by torchrun; resuming" in stderr
     whole = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", *train, "--out", str(tmp_path / "whole")),

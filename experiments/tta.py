@@ -278,10 +278,10 @@ def add_predicted(setting: Setting, cache: Path, clock: dict) -> dict:
         # the clock's own costs, as stored (a fresh profile would be taken on a differently busy machine)
         stored = clock["costs"][str(m)]
         activation = setting.batch_size(m) * setting.seq_len * config.n_embd * 4
-        costs = CostModel(tuple(stored["forward_s"]), tuple(stored["backward_s"]), tuple(stored["weight_s"]),
-                          tuple(stored["update_s"]), clock["link"]["latency_s"], clock["link"]["bandwidth_Bps"],
-                          tuple([activation] * (setting.stages - 1) + [0]), (0.0,) * setting.stages,
-                          (0.0,) * setting.stages, (0.0,) * setting.stages, time_unit="s")
+        costs = CostModel.from_dict({"forward": stored["forward_s"], "backward": stored["backward_s"],
+                                     "weight": stored["weight_s"], "update": stored["update_s"],
+                                     "latency": clock["link"]["latency_s"], "bandwidth": clock["link"]["bandwidth_Bps"],
+                                     "message_bytes": [activation] * (setting.stages - 1) + [0], "time_unit": "s"})
         plain = [round(t, 6) for t in step_end_times(schedule, costs)]
         if plain != clock["step_end_s"][f"paci-m{m}"]:
             raise RuntimeError(f"m={m}: the stored costs do not reproduce the clock's PACI times")

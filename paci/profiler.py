@@ -290,7 +290,7 @@ def device_memory(device: torch.device) -> int | None:
 def default_budget(device: torch.device | str) -> int | None:
     """The paper's default budget: the device's total memory on CUDA; None (no limit) elsewhere."""
     device = torch.device(device)
-    return torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else None
+    return device_memory(device) if device.type == "cuda" else None
 
 
 def stage_costs(profiles: Sequence[UnitProfile], ranges: Sequence[tuple[int, int]], *,

@@ -305,8 +305,8 @@ def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
             finish_checkpoint(plan, stage.version, saved.pop(stage.version))
 
     try:
-        trace = run_local(stages, plan.schedule, LocalTransport(), listener, plan.start_step, plan.is_drain,
-                          on_drain)
+        trace = run_local(stages, from_step(plan.schedule, plan.start_step), LocalTransport(), listener,
+                          plan.is_drain, on_drain)
         for check in checks:
             check.finish()
     finally:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from paci.ir import Action, Op, Schedule, ScheduleError, after_step, needs, render_grid, sends
+from paci.ir import Action, Op, Schedule, ScheduleError, needs, render_grid, sends
 from paci.runtime.stage import Stage
 from paci.runtime.transport import Transport
 from paci.trace import StageTrace, Trace
@@ -90,13 +90,13 @@ class Executor:
 
 
 def run_local(stages: list[Stage], schedule: Schedule, transport: Transport,
-              listener: Listener | None = None, start_step: int = 0, is_drain: Callable[[int], bool] | None = None,
+              listener: Listener | None = None, is_drain: Callable[[int], bool] | None = None,
               on_drain: Callable[[Stage], None] | None = None) -> Trace:
-    """Run all stages in this process, from after step `start_step` (a resume); returns the measured
-    trace (times are sequential here). `on_drain(stage)` runs at each of the stage's drain points."""
+    """Run all stages in this process; returns the measured trace (times are sequential here).
+    `on_drain(stage)` runs at each of the stage's drain points."""
     trace = Trace(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.weight_policy,
                   kind="measured")
-    executors = [Executor(stage, after_step(schedule.actions(s), start_step), transport, trace.stages[s],
+    executors = [Executor(stage, schedule.actions(s), transport, trace.stages[s],
                           listener=listener, is_drain=is_drain, on_drain=on_drain) for s, stage in enumerate(stages)]
     while not all(ex.done for ex in executors):
         progressed = False

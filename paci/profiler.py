@@ -299,7 +299,8 @@ def stage_costs(profiles: Sequence[UnitProfile], ranges: Sequence[tuple[int, int
     """The simulator's cost model (seconds, bytes) of a split, from the profiles of its units.
 
     Per stage, the sums over its units: F = forward, B = backward, I = input_backward and so
-    W = B - I (a split backward that re-walks nothing), U = update; static, activation and weight
+    W = B - I (a split backward that re-walks nothing; stage 0, with no input gradient, has I = 0
+    and W = B), U = update; static, activation and weight
     bytes likewise. `message_bytes[s]` is the size of stage s's output; a message takes
     latency + bytes / bandwidth (measure them on the link the run will use).
     """
@@ -307,6 +308,7 @@ def stage_costs(profiles: Sequence[UnitProfile], ranges: Sequence[tuple[int, int
         return [sum(getattr(p, field) for p in profiles[start:stop]) for start, stop in ranges]
 
     backward, input_backward = sums("backward_s"), sums("input_backward_s")
+    input_backward[0] = 0.0  # stage 0 takes no input gradient: its W is the whole backward (Stage.backward_input)
     costs = CostModel.per_stage(len(ranges), sums("forward_s"), backward,
                                 [max(0.0, b - i) for b, i in zip(backward, input_backward)], sums("update_s"),
                                 latency=latency, bandwidth=bandwidth, message_bytes=message_bytes,

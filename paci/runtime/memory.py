@@ -66,7 +66,8 @@ class SavedActivations:
             return tensor
         entry = self._live.setdefault(address, [storage.nbytes(), 0])
         entry[1] += 1
-        box = _Box(tensor)
+        box = _Box(tensor.detach())  # a saved output holding its grad_fn would make a cycle through
+        # autograd that no collector sees: a graph dropped without a backward would never free it
         weakref.finalize(box, self._release, address)
         return box
 

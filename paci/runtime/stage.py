@@ -36,6 +36,7 @@ from torch.func import functional_call
 
 from paci.ir import WeightPolicy
 from paci.model import autocast, lm_loss
+from paci.runtime import split
 
 Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # index -> (inputs, targets)
 
@@ -134,7 +135,8 @@ class _InFlight:
     output: torch.Tensor | None  # the stage output, or the scaled loss on the last stage; None until a
     # recompute re-runs the forward
     version: int
-    grad: torch.Tensor | None = None  # kept from I for W (split backward)
+    grad: torch.Tensor | None = None  # kept from I for W (split backward) ...
+    weights: split.WeightPass | None = None  # ... or what W needs, found by I (paci.runtime.split)
     dropped: bool = False  # I found it non-finite: W adds nothing
 
 
@@ -296,27 +298,36 @@ class Stage:
         return None if self.is_first else state.inputs.grad
 
     def backward_input(self, mb: int, grad: torch.Tensor | None) -> torch.Tensor | None:
-        """I(mb): only the input gradient; the graph is kept for W."""
+        """I(mb): only the input gradient; what W needs is kept (paci.runtime.split)."""
         state = self._inflight[mb]
         self._record_backward(mb, state)
         if not self._finite(mb, grad):
             state.dropped = True
             return self._drop(mb, state)
         self._rebuild(mb, state)
-        state.grad = grad
+        grad = None if self.is_last else grad
+        if not self.is_first:  # (stage 0 takes no input gradient: its W is the whole backward)
+            state.weights = split.plan(state.output, state.inputs, list(self._weights(state).values()))
+            if state.weights is not None:
+                return split.input_backward(state.output, grad, state.inputs, state.weights)
+        state.grad = grad  # W re-walks the graph (see paci.runtime.split)
         if self.is_first:
             return None
-        (input_grad,) = torch.autograd.grad(state.output, state.inputs, None if self.is_last else grad,
-                                            retain_graph=True)
+        (input_grad,) = torch.autograd.grad(state.output, state.inputs, grad, retain_graph=True)
         return input_grad
 
     def backward_weight(self, mb: int) -> None:
         """W(mb): the weight gradients of a micro-batch whose I already ran."""
         state = self._inflight.pop(mb)
-        if not state.dropped:
-            weights = self._stash.tensors[state.version] if self.policy is WeightPolicy.STASHED else self._params
-            state.output.backward(state.grad, inputs=list(weights.values()))
+        if state.weights is not None:
+            state.weights.run()
+        elif not state.dropped:
+            state.output.backward(state.grad, inputs=list(self._weights(state).values()))
         self._finish(state)
+
+    def _weights(self, state: _InFlight) -> dict[str, torch.Tensor]:
+        """The leaves micro-batch `state`'s graph differentiates: its stash, or the live parameters."""
+        return self._stash.tensors[state.version] if self.policy is WeightPolicy.STASHED else self._params
 
     def _finite(self, mb: int, grad: torch.Tensor | None) -> bool:
         """Is micro-batch mb's backward safe to add? Not when its loss (last stage) or the gradient

@@ -17,9 +17,10 @@ so the clock multiplies every compute time by one factor, measured / predicted o
 and the other schedules test it (target: within 5%). Speed-ups, which are ratios, barely depend
 on the factor; the absolute seconds do.
 
-    .venv/bin/python experiments/clock.py check [--preset deep --vocab-size 1024 --microbatches 8]
+    .venv/bin/python experiments/clock.py check [--runs 3] [--preset deep --vocab-size 1024 --microbatches 8]
 
-Cost: about 3 minutes (profiling, link probe, four 40-step runs of the `deep` preset at P = 2).
+Cost: about 1.5 minutes per run (four 40-step runs of the `deep` preset at P = 2), plus profiling
+and the link probe.
 Run it on a quiet machine: another process on these cores makes both sides of the check wrong.
 """
 
@@ -29,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -197,25 +199,30 @@ CHECKED = ("1f1b", "gpipe", "zb-h1", "paci")
 
 
 def check(preset: str, vocab_size: int, microbatches: int, batch_size: int, steps: int, seq_len: int,
-          link: dict[str, float]) -> list[dict]:
-    """Per schedule: measured makespan of a real P = 2 run, the profile's prediction, the calibrated
-    prediction (times the first schedule's measured / predicted) and the ratios."""
+          link: dict[str, float], runs: int = 1) -> list[dict]:
+    """Per schedule: measured makespan of a real P = 2 run (the median of `runs`, the schedules'
+    order rotated every round so that none always runs first), the profile's prediction, the
+    calibrated prediction (times the first schedule's measured / predicted) and the ratios."""
     config = model_config(preset, vocab_size)
     ranges = profiled_split(config, 2, batch_size, seq_len)
     costs = clock_costs(config, ranges, batch_size, seq_len, link)
+    measured: dict[str, list[float]] = {name: [] for name in CHECKED}
+    for round_ in range(runs):
+        for name in CHECKED[round_ % len(CHECKED):] + CHECKED[:round_ % len(CHECKED)]:
+            with tempfile.TemporaryDirectory() as tmp:
+                cmd = [sys.executable, "-m", "paci", "train", "--nproc", "2", "--threads", "1", "--preset", preset,
+                       "--vocab-size", str(vocab_size), "--schedule", name, "--microbatches", str(microbatches),
+                       "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--steps", str(steps),
+                       "--eval-every", str(steps), "--eval-batches", "1", "--split", split_spec(ranges),
+                       "--out", str(Path(tmp) / "run"), "--json", "--checkpoint-every", "0"]  # as simulated: no drains
+                summary = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+            measured[name].append(summary["measured_makespan_s"])
     rows = []
     for name in CHECKED:
         predicted = simulate(with_evaluation(schedules.build(name, 2, microbatches, steps), steps, 1), costs)
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "paci", "train", "--nproc", "2", "--threads", "1", "--preset", preset,
-                   "--vocab-size", str(vocab_size), "--schedule", name, "--microbatches", str(microbatches),
-                   "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--steps", str(steps),
-                   "--eval-every", str(steps), "--eval-batches", "1", "--split", split_spec(ranges),
-                   "--out", str(Path(tmp) / "run"), "--json", "--checkpoint-every", "0"]  # as simulated: no drains
-            summary = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-        measured = summary["measured_makespan_s"]
-        rows.append({"schedule": name, "measured_s": measured, "predicted_s": predicted.metrics.makespan,
-                     "ratio": measured / predicted.metrics.makespan})
+        median = statistics.median(measured[name])
+        rows.append({"schedule": name, "measured_s": median, "runs_s": measured[name],
+                     "predicted_s": predicted.metrics.makespan, "ratio": median / predicted.metrics.makespan})
     scale = rows[0]["ratio"]
     for row in rows:
         row.update(calibrated_s=scale * row["predicted_s"], calibrated_ratio=row["ratio"] / scale, scale=scale)
@@ -243,6 +250,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--runs", type=int, default=1, help="runs per schedule (median; order rotated per round)")
     args = parser.parse_args()
     if args.command == "link":
         print(json.dumps(measure_link(), indent=1))
@@ -251,10 +259,10 @@ def main() -> None:
 
     started = time.perf_counter()
     rows = check(args.preset, args.vocab_size, args.microbatches, args.batch_size, args.steps, args.seq_len,
-                 measure_link())
+                 measure_link(), args.runs)
     print(f"machine: {machine()}")
     print(f"P = 2 processes x 1 thread, {args.preset} (vocab {args.vocab_size}), m = {args.microbatches} x "
-          f"({args.batch_size}x{args.seq_len} tokens), {args.steps} steps, gloo; wall {time.perf_counter() - started:.0f} s")
+          f"({args.batch_size}x{args.seq_len} tokens), {args.steps} steps, median of {args.runs} run(s), gloo; wall {time.perf_counter() - started:.0f} s")
     print("\n".join(check_table(rows)))
 
 

@@ -124,10 +124,12 @@ class OptimConfig:
     beta1: float = 0.9  # first-moment decay
     compensate: str | None = None  # stash-free correction for delayed gradients: none, pipemare, nesterov,
     # predict; default: predict for paci (docs/experiments.md), none for every other schedule
+    clip_grad_norm: float = 0.0  # 0: off; else the largest gradient norm (global on flush schedules, per stage
+    # on asynchronous ones: docs/design.md)
 
     def __post_init__(self) -> None:
         _check_types("optim", self)
-        for name in ("lr", "weight_decay", "min_lr_ratio", "beta1"):
+        for name in ("lr", "weight_decay", "min_lr_ratio", "beta1", "clip_grad_norm"):
             value = getattr(self, name)
             if not math.isfinite(value):
                 raise ValueError(f"[optim] {name} must be a finite number, got {value!r}")
@@ -139,6 +141,8 @@ class OptimConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.beta1 < 1:
             raise ValueError(f"--beta1 must be in [0, 1), got {self.beta1}")
+        if self.clip_grad_norm < 0:
+            raise ValueError(f"--clip-grad-norm must be >= 0 (0: off), got {self.clip_grad_norm}")
         OptimizerSpec(name=self.optimizer, compensate=self.compensate or "none")  # checks the choices
 
 

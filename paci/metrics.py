@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -74,7 +74,7 @@ class Recorder:
 
     def __init__(self, run_dir: Path, schedule: Schedule, *, tokens_per_microbatch: int, eval_rounds: list[int],
                  lr_at: Callable[[int], float], on_record: Callable[[Record], None] | None = None,
-                 resume_step: int = 0) -> None:
+                 resume_step: int = 0, norm_stages: int = 0) -> None:
         self.accumulation, self.tokens_per_microbatch = schedule.accumulation, tokens_per_microbatch
         self.eval_rounds, self.lr_at = eval_rounds, lr_at
         # Δ of every (stage, micro-batch) as the schedule fixes it, read lazily as steps complete;
@@ -90,6 +90,10 @@ class Recorder:
         self._nonfinite = 0
         self.start = time.perf_counter()
         self._pending: Record | None = None
+        # with clipping, each step's record waits for every stage's gradient norm ("grad_norm")
+        self._norm_stages = norm_stages
+        self._norms: dict[int, dict[int, float]] = {}
+        self._held: deque[Record] = deque()
         self._max_drift = 0
         path = run_dir / "metrics.jsonl"
         if resume_step:  # keep the records up to the checkpoint, drop those a crash left after it
@@ -153,20 +157,41 @@ class Recorder:
             self._first_val = self._first_val or record
             self._last_val = record
 
+    def add_norm(self, step: int, stage: int, norm: float | None) -> None:
+        """Stage `stage`'s gradient norm before its clipping at step `step` (NaN: not finite, skipped)."""
+        self._norms.setdefault(step, {})[stage] = math.nan if norm is None else norm
+        self._release()
+
     def _emit(self, record: Record) -> None:
-        self._remember(record)
-        self._file.write(to_json(record) + "\n")
-        self._file.flush()
-        if self.on_record is not None:
-            self.on_record(record)
+        self._held.append(record)
+        self._release()
+
+    def _release(self, everything: bool = False) -> None:
+        """Write the held records, in order, whose norms are all in (every one with `everything`)."""
+        while self._held:
+            record = self._held[0]
+            norms = self._norms.get(record.get("step"), {}) if "loss" in record else None
+            if norms is not None and self._norm_stages:
+                if len(norms) < self._norm_stages and not everything:
+                    return
+                record["grad_norm"] = [norms.get(s, math.nan) for s in range(self._norm_stages)]
+                del self._norms[record["step"]]
+            self._held.popleft()
+            self._remember(record)
+            self._file.write(to_json(record) + "\n")
+            self._file.flush()
+            if self.on_record is not None:
+                self.on_record(record)
 
     def append_final(self, record: Record) -> None:
         """The run's closing line (utilisation, bubble, memory), marked "final": true."""
         self._flush()
+        self._release(everything=True)
         self._file.write(to_json({"final": True, **record}) + "\n")
 
     def close(self) -> None:
         self._flush()
+        self._release(everything=True)
         self._file.close()
 
     def summary(self) -> Record:

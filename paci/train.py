@@ -9,6 +9,7 @@ one stage per rank, producing the same numbers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -17,6 +18,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -34,7 +36,7 @@ from paci.model import PRESETS, GPTConfig, autocast, build_units, num_units
 from paci.partition import check_split, choose_split, parse_bytes, split_spec
 from paci.profiler import check_memory
 from paci.report import render_png, write_chrome_trace
-from paci.runtime.executor import Executor, gather_trace, run_local
+from paci.runtime.executor import Executor, NormExchange, dist_norm_exchange, gather_trace, run_local
 from paci.runtime.launch import env_rank, init_distributed, rank_device
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.runtime.transport import DistTransport, LocalTransport, StatsChannel
@@ -78,6 +80,13 @@ class Plan:
         last = self.schedule.num_steps
         return step in (0, last) or (self.checkpoint_every > 0 and step % self.checkpoint_every == 0)
 
+    @functools.cached_property
+    def clips_globally(self) -> bool:
+        """--clip-grad-norm by the global norm over every stage: only where all stages step together
+        (Δ = 0 at every stage: the flush schedules); otherwise each stage clips by its own norm."""
+        return bool(self.optimizer.clip_grad_norm) and self.num_stages > 1 and \
+            all(stage_delay(self.schedule, s) == 0 for s in range(self.num_stages))
+
     def identity(self) -> dict:
         """What fixes the computation: a checkpoint resumes only a run that agrees on all of it."""
         c = self.config
@@ -118,7 +127,7 @@ def make_plan(config: RunConfig, resume: bool = False) -> Plan:
     warmup = opt.warmup_steps if opt.warmup_steps is not None else max(1, base.num_steps // 20)
     optimizer = OptimizerSpec(lr=opt.lr, weight_decay=opt.weight_decay, betas=(opt.beta1, 0.95), warmup_steps=warmup,
                               total_steps=base.num_steps, min_lr_ratio=opt.min_lr_ratio, name=opt.optimizer,
-                              compensate=opt.compensate)
+                              compensate=opt.compensate, clip_grad_norm=opt.clip_grad_norm)
     schedule = with_evaluation(base, config.train.eval_every, eval_batches)
     plan = Plan(config, data, model, split, schedule, optimizer, seq_len, config.data.batch_size, eval_batches,
                 every, run_dir, manifest)
@@ -227,7 +236,8 @@ def resume_stage(plan: Plan, stage: Stage) -> None:
 def make_recorder(plan: Plan, on_record: Callable[[Record], None] | None) -> Recorder:
     return Recorder(plan.run_dir, plan.schedule, tokens_per_microbatch=plan.tokens_per_microbatch,
                     eval_rounds=evaluation_rounds(plan.schedule.num_steps, plan.config.train.eval_every),
-                    lr_at=plan.optimizer.lr_at, on_record=on_record, resume_step=plan.start_step)
+                    lr_at=plan.optimizer.lr_at, on_record=on_record, resume_step=plan.start_step,
+                    norm_stages=plan.num_stages if plan.optimizer.clip_grad_norm else 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,10 +301,14 @@ def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
     stats = StepStats(plan.schedule.accumulation, plan.eval_batches)
     checks = [VersionCheck(plan, s) for s in range(plan.num_stages)]
 
+    exchange = NormExchange(stages) if plan.clips_globally else None
+
     def listener(stage: Stage, action: Action) -> None:
         checks[stage.index](stage, action)
         for event in stats(stage, action):
             recorder.consume(event)
+        if action.op is Op.U and plan.optimizer.clip_grad_norm:
+            recorder.add_norm(stage.version, stage.index, stage.grad_norm)
 
     saved: dict[int, list[dict]] = {}
 
@@ -306,7 +320,7 @@ def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
 
     try:
         trace = run_local(stages, from_step(plan.schedule, plan.start_step), LocalTransport(), listener,
-                          plan.is_drain, on_drain)
+                          plan.is_drain, on_drain, exchange.gate if exchange is not None else None)
         for check in checks:
             check.finish()
     finally:
@@ -357,6 +371,11 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
     messages = sum(1 for _ in _stats_order(plan))
     channel = StatsChannel(stats_group, info.rank, last, 0, messages, device,
                            config.pipeline.timeout_s) if info.rank in (0, last) else None
+    norm_channels = _norm_channels(plan, info.rank, device) if plan.optimizer.clip_grad_norm else {}
+    if plan.clips_globally:
+        stage.exchange = dist_norm_exchange(dist.new_group(list(range(info.world_size)),
+                                                           timeout=timedelta(seconds=config.pipeline.timeout_s)),
+                                            info.world_size)
     dist.barrier()  # everyone has checked the plan before rank 0 writes anything
     recorder = None
     if info.rank == 0:
@@ -368,15 +387,27 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
         recorder = make_recorder(plan, on_record)
     plan.run_dir = Path(_broadcast(str(plan.run_dir)))
     try:
-        trace = _run_rank(plan, stage, transport, channel, recorder, checkpoint_group)
+        trace = _run_rank(plan, stage, transport, channel, recorder, checkpoint_group, norm_channels)
         return _gather(plan, stage, trace, recorder)
     finally:
         if recorder is not None:
             recorder.close()
 
 
+def _norm_channels(plan: Plan, rank: int, device: torch.device) -> dict[int, StatsChannel]:
+    """With clipping, every rank s > 0 sends its gradient norm of each step to rank 0, which records
+    them: one channel (and group) per rank, {s: channel} on rank 0, {rank: channel} on rank s."""
+    channels = {}
+    steps = plan.schedule.num_steps - plan.start_step
+    for s in range(1, plan.num_stages):
+        group = dist.new_group([0, s])  # every rank creates every group, in the same order
+        if rank in (0, s):
+            channels[s] = StatsChannel(group, rank, s, 0, steps, device, plan.config.pipeline.timeout_s)
+    return channels
+
+
 def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: StatsChannel | None,
-              recorder: Recorder | None, checkpoint_group) -> Trace:
+              recorder: Recorder | None, checkpoint_group, norm_channels: dict[int, StatsChannel]) -> Trace:
     trace = Trace(plan.schedule.name, plan.num_stages, plan.schedule.num_microbatches,
                   plan.schedule.weight_policy, kind="measured")
     stats = StepStats(plan.schedule.accumulation, plan.eval_batches)
@@ -384,9 +415,18 @@ def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: Stats
     due = _stats_order(plan)  # on rank 0: the step after which each stats message is sent
     next_due = next(due, None)
 
+    next_norm = {s: plan.start_step + 1 for s in norm_channels}  # on rank 0: the step of each rank's next norm
+
     def record_until(step: float) -> None:
         nonlocal next_due
-        while recorder is not None and next_due is not None and next_due <= step:
+        if recorder is None:
+            return
+        for s, norms in norm_channels.items():  # sent at each rank's U, which comes before stage 0's next U
+            while next_norm[s] <= min(step, plan.schedule.num_steps):
+                at, norm, *_ = norms.receive()
+                recorder.add_norm(int(at), s, norm)
+                next_norm[s] += 1
+        while next_due is not None and next_due <= step:
             recorder.consume(StatsEvent(*_as_event(channel.receive())))
             next_due = next(due, None)
 
@@ -404,6 +444,11 @@ def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: Stats
         if stage.is_last:
             for event in stats(stage, action):
                 channel.send(event)
+        if action.op is Op.U and plan.optimizer.clip_grad_norm:
+            if recorder is not None:
+                recorder.add_norm(stage.version, stage.index, stage.grad_norm)
+            else:
+                norm_channels[stage.index].send((stage.version, stage.grad_norm, 0.0, 0.0))
         if action.op is Op.U:  # when stage 0 finishes step v, the last rank has long sent everything of step v-1
             record_until(stage.version - 1)
 
@@ -414,6 +459,8 @@ def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: Stats
     transport.flush()
     if stage.is_last:
         channel.flush()
+    if stage.index in norm_channels:
+        norm_channels[stage.index].flush()
     record_until(math.inf)
     check.finish()
     return trace

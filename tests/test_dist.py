@@ -24,10 +24,12 @@ from paci.train import train
 pytestmark = pytest.mark.dist
 
 
-# every schedule, and PACI with recompute and compensations: (label, schedule, options)
+# every schedule, PACI with recompute and compensations, clipping by the global norm (1f1b) and
+# by each stage's own (paci): (label, schedule, options)
 RUNS = [(name, name, {}) for name in REGISTRY] + [
     ("paci-recompute-nesterov", "paci", {"recompute": True, "compensate": "nesterov"}),
-    ("paci-predict-bf16", "paci", {"compensate": "predict", "precision": "bf16"})]
+    ("paci-predict-bf16", "paci", {"compensate": "predict", "precision": "bf16"}),
+    ("1f1b-clip", "1f1b", {"clip_grad_norm": 0.05}), ("paci-clip", "paci", {"clip_grad_norm": 0.05})]
 
 
 def _config(name: str, stages: int, out, nproc: int, options: dict | None = None):
@@ -36,14 +38,15 @@ def _config(name: str, stages: int, out, nproc: int, options: dict | None = None
         "model": {"preset": "tiny"}, "data": {"batch_size": 2, "seq_len": 16},
         "pipeline": {"schedule": name, "stages": stages, "microbatches": 4, "nproc": nproc, "timeout_s": 30.0,
                      "split": "uniform", "recompute": options.get("recompute", False)},
-        "optim": {"lr": 1e-2, "compensate": options.get("compensate", "none")},
+        "optim": {"lr": 1e-2, "compensate": options.get("compensate", "none"),
+                  "clip_grad_norm": options.get("clip_grad_norm", 0.0)},
         "train": {"steps": 3, "eval_every": 2, "eval_batches": 2, "out": str(out), "threads": 1,
                   "precision": options.get("precision", "fp32")}})
 
 
 def _losses(run_dir) -> list[float]:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in lines if not r.get("final")]
+    return [(r["step"], r.get("loss"), r.get("val_loss"), r.get("grad_norm")) for r in lines if not r.get("final")]
 
 
 def _weights(run_dir, stages: int) -> list[dict]:

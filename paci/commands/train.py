@@ -33,6 +33,9 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--warmup", type=int, dest="warmup_steps", help="LR warm-up steps (default 5%% of --steps)")
     p.add_argument("--optimizer", help="adamw (default) or nadamw (Adam with Nesterov momentum)")
     p.add_argument("--beta1", type=float, help="the optimizer's first-moment decay (default 0.9)")
+    p.add_argument("--clip-grad-norm", type=float, dest="clip_grad_norm",
+                   help="clip the gradient to this norm before each step (default 0: off): the global norm on a "
+                        "flush schedule, each stage's own on an asynchronous one")
     p.add_argument("--compensate", help="stash-free correction for delayed gradients: predict (the default for "
                                         "paci with adamw: forwards that an update will overtake run on predicted weights), none "
                                         "(the default elsewhere; the paper's plain PACI), pipemare (lr / delay^p, "
@@ -81,10 +84,11 @@ _TRAIN_FLAGS = {"model": {"preset": "preset", "vocab_size": "vocab_size"},
                              "split": "split", "memory_per_stage": "memory_per_stage",
                              "recompute": "recompute"},
                 "optim": {"lr": "lr", "warmup_steps": "warmup_steps", "optimizer": "optimizer", "beta1": "beta1",
-                          "compensate": "compensate"}, "train": {"steps": "steps", "seed": "seed", "eval_every": "eval_every",
-                                                 "eval_batches": "eval_batches", "threads": "threads", "out": "out",
-                                                 "precision": "precision", "checkpoint_every": "checkpoint_every",
-                                                 "nonfinite_limit": "nonfinite_limit"}}
+                          "compensate": "compensate", "clip_grad_norm": "clip_grad_norm"},
+                "train": {"steps": "steps", "seed": "seed", "eval_every": "eval_every",
+                          "eval_batches": "eval_batches", "threads": "threads", "out": "out",
+                          "precision": "precision", "checkpoint_every": "checkpoint_every",
+                          "nonfinite_limit": "nonfinite_limit"}}
 
 
 def train_command(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from paci.ir import Action, Op, Schedule, ScheduleError, needs, render_grid, sends
@@ -21,6 +22,7 @@ from paci.runtime.transport import Transport
 from paci.trace import StageTrace, Trace
 
 Listener = Callable[[Stage, Action], None]
+Gate = Callable[[Stage, Action], bool]
 
 
 class StageFailure(RuntimeError):
@@ -30,7 +32,8 @@ class StageFailure(RuntimeError):
 class Executor:
     def __init__(self, stage: Stage, actions: Iterable[Action], transport: Transport, record: StageTrace,
                  clock: Callable[[], float] = time.perf_counter, listener: Listener | None = None,
-                 is_drain: Callable[[int], bool] | None = None, on_drain: Callable[[Stage], None] | None = None) -> None:
+                 is_drain: Callable[[int], bool] | None = None, on_drain: Callable[[Stage], None] | None = None,
+                 gate: Gate | None = None) -> None:
         self.stage = stage
         self.transport = transport
         self.record = record
@@ -42,6 +45,7 @@ class Executor:
         # checkpoints: on_drain(stage) after the U of each step where is_drain(step) and the evaluation
         # round that follows it, i.e. where the schedule has nothing in flight (ir.with_drains)
         self.is_drain, self.on_drain = is_drain, on_drain
+        self.gate = gate  # gate(stage, action): may the action start now, besides its message (one process only)
         self._dispatch = {Op.F: stage.forward, Op.E: stage.evaluate, Op.B: stage.backward,
                           Op.I: stage.backward_input, Op.W: lambda mb, _: stage.backward_weight(mb),
                           Op.U: lambda mb, _: stage.step()}
@@ -56,8 +60,10 @@ class Executor:
 
     def ready(self) -> bool:
         """Could the next action start now without waiting for a message?"""
-        msg = needs(self._head, self.stage.num_stages) if self._head is not None else None
-        return self._head is not None and (msg is None or self.transport.ready(msg))
+        if self._head is None:
+            return False
+        msg = needs(self._head, self.stage.num_stages)
+        return (msg is None or self.transport.ready(msg)) and (self.gate is None or self.gate(self.stage, self._head))
 
     def run_next(self) -> Action:
         """Run the next action, receiving (blocking) its input first and sending its output after."""
@@ -91,13 +97,15 @@ class Executor:
 
 def run_local(stages: list[Stage], schedule: Schedule, transport: Transport,
               listener: Listener | None = None, is_drain: Callable[[int], bool] | None = None,
-              on_drain: Callable[[Stage], None] | None = None) -> Trace:
+              on_drain: Callable[[Stage], None] | None = None, gate: Gate | None = None) -> Trace:
     """Run all stages in this process; returns the measured trace (times are sequential here).
-    `on_drain(stage)` runs at each of the stage's drain points."""
+    `on_drain(stage)` runs at each of the stage's drain points; `gate` can hold an action back
+    (a collective: see `NormExchange`)."""
     trace = Trace(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.weight_policy,
                   kind="measured")
     executors = [Executor(stage, schedule.actions(s), transport, trace.stages[s],
-                          listener=listener, is_drain=is_drain, on_drain=on_drain) for s, stage in enumerate(stages)]
+                          listener=listener, is_drain=is_drain, on_drain=on_drain, gate=gate)
+                 for s, stage in enumerate(stages)]
     while not all(ex.done for ex in executors):
         progressed = False
         for ex in executors:
@@ -109,6 +117,48 @@ def run_local(stages: list[Stage], schedule: Schedule, transport: Transport,
             detail = ", ".join(f"stage {s} waits at {executors[s].head}" for s in marks)
             raise ScheduleError(f"deadlock: {detail}\n{render_grid(schedule, marks)}")
     return trace
+
+
+class NormExchange:
+    """Every stage's gradient norm at each step, for clipping by the global norm in one process.
+
+    As a gate, it holds each stage's U back until every stage has reached its U of the same step
+    and posted its norm (the gradient is final there), as an all-gather holds the ranks of a
+    multi-process run; as each stage's `exchange`, it then hands out all the norms in stage order.
+    """
+
+    def __init__(self, stages: list[Stage]) -> None:
+        self.num_stages = len(stages)
+        self._posted: dict[int, dict[int, torch.Tensor]] = {}  # step -> stage -> norm
+        self._read: dict[int, int] = {}
+        for stage in stages:
+            stage.exchange = self
+
+    def gate(self, stage: Stage, action: Action) -> bool:
+        if action.op is not Op.U:
+            return True
+        posted = self._posted.setdefault(stage.version, {})
+        if stage.index not in posted:
+            posted[stage.index] = stage.local_grad_norm()
+        return len(posted) == self.num_stages
+
+    def __call__(self, step: int, norm: torch.Tensor) -> list[torch.Tensor]:
+        norms = [self._posted[step][s] for s in range(self.num_stages)]
+        self._read[step] = self._read.get(step, 0) + 1
+        if self._read[step] == self.num_stages:
+            del self._posted[step], self._read[step]
+        return norms
+
+
+def dist_norm_exchange(group, num_stages: int) -> Callable[[int, torch.Tensor], list[torch.Tensor]]:
+    """The multi-process `exchange`: an all-gather of every rank's norm on `group` (every rank
+    gets the same list in rank order, so single- and multi-process runs compute the same total)."""
+    def exchange(step: int, norm: torch.Tensor) -> list[torch.Tensor]:
+        gathered = [torch.empty(1, dtype=norm.dtype, device=norm.device) for _ in range(num_stages)]
+        dist.all_gather(gathered, norm.reshape(1), group=group)
+        return [t.reshape(()) for t in gathered]
+
+    return exchange
 
 
 def gather_trace(trace: Trace, stage_index: int, extra: Any = None) -> tuple[Trace, list[Any]] | None:

@@ -82,6 +82,7 @@ class OptimizerSpec:
     name: str = "adamw"  # one of OPTIMIZERS
     compensate: str = "none"  # one of COMPENSATIONS
     delay: int = 0
+    clip_grad_norm: float = 0.0  # 0: off (see `Stage.step`)
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -186,6 +187,10 @@ class Stage:
         self._stash = Stash()
         # memory accounting (paci.runtime.memory): (pack, unpack) entered around every training forward
         self.saved_tensors_hooks: tuple[Callable, Callable] | None = None
+        # clipping (spec.clip_grad_norm): this stage's gradient norm before its last step, and, for the
+        # global rule of a flush schedule, `exchange(step, norm)` -> every stage's norm, in stage order
+        self.grad_norm: float | None = None
+        self.exchange: Callable[[int, torch.Tensor], Sequence[torch.Tensor]] | None = None
         self._params = dict(self.module.named_parameters())
         self._shadows = {name: nn.Parameter(p.data) for name, p in self._params.items()}
         self.optimizer, self.scheduler = optim.build(list(self._shadows.values()))
@@ -366,6 +371,8 @@ class Stage:
         schedule puts it."""
         grads = [p.grad for p in self._params.values() if p.grad is not None]
         finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if self.spec.clip_grad_norm:
+            self._clip(grads, finite)
         if self.policy is WeightPolicy.STASHED:
             self._copy_on_update()
         for name, p in self._params.items():
@@ -384,6 +391,27 @@ class Stage:
         self.version += 1
         if not finite:
             self._check_limit(f"step {self.version} has a non-finite gradient")
+
+    def local_grad_norm(self) -> torch.Tensor:
+        """The 2-norm of this stage's accumulated gradient (as torch.nn.utils.clip_grad_norm_ takes it);
+        0 where it is not finite, since such a step is skipped and must not shrink anyone else's."""
+        grads = [p.grad for p in self._params.values() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        return torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
+
+    def _clip(self, grads: list[torch.Tensor], finite: bool) -> None:
+        """Scale the gradient to norm `clip_grad_norm` where it is larger. The norm is this stage's own
+        (asynchronous schedules: no stage waits for another), or with `exchange` the global one over
+        every stage's norm (a flush schedule, where all stages step together anyway)."""
+        norm = self.local_grad_norm()
+        self.grad_norm = float(norm) if finite else math.nan
+        total = torch.linalg.vector_norm(torch.stack(list(self.exchange(self.version, norm)))) \
+            if self.exchange is not None else norm
+        coefficient = torch.clamp(self.spec.clip_grad_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coefficient)
 
     @property
     def lr(self) -> float:

@@ -1,3 +1,12 @@
 """paci: pipeline-parallel training of PyTorch models, built around PACI (arXiv 2606.07881)."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`paci.Pipeline` (paci.api), imported on first use so that the command line starts fast."""
+    if name == "Pipeline":
+        from paci.api import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module 'paci' has no attribute {name!r}")

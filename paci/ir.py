@@ -284,6 +284,12 @@ def stage_delay(schedule: Schedule, stage: int) -> int:
     return max((v_b - v_f for _, v_f, v_b in stage_versions(schedule, stage)), default=0)
 
 
+def steps_together(schedule: Schedule) -> bool:
+    """Do all stages step together, i.e. does no backward anywhere cross an update (Δ = 0 at every
+    stage)? True for the flush schedules and for any schedule on one stage."""
+    return all(stage_delay(schedule, s) == 0 for s in range(schedule.num_stages))
+
+
 def updates_ahead(schedule: Schedule, stage: int) -> Callable[[int], int]:
     """mb -> how many updates of `stage` come between F(mb) and its backward (v_b - v_f), read
     lazily from the schedule as the forwards ask for them (each micro-batch once)."""

@@ -29,7 +29,7 @@ from paci.config import RunConfig
 from paci.data import TokenData, load_data
 from paci.files import check_writable, write_text
 from paci.ir import (Action, Message, Op, Schedule, WeightPolicy, evaluation_rounds, from_step,
-                     stage_delay, stage_versions,
+                     stage_delay, stage_versions, steps_together,
                      updates_ahead, with_evaluation)
 from paci.metrics import Record, Recorder, StatsEvent, StepStats, to_json
 from paci.model import PRESETS, GPTConfig, autocast, build_units, num_units
@@ -84,8 +84,7 @@ class Plan:
     def clips_globally(self) -> bool:
         """--clip-grad-norm by the global norm over every stage: only where all stages step together
         (Δ = 0 at every stage: the flush schedules); otherwise each stage clips by its own norm."""
-        return bool(self.optimizer.clip_grad_norm) and self.num_stages > 1 and \
-            all(stage_delay(self.schedule, s) == 0 for s in range(self.num_stages))
+        return bool(self.optimizer.clip_grad_norm) and self.num_stages > 1 and steps_together(self.schedule)
 
     def identity(self) -> dict:
         """What fixes the computation: a checkpoint resumes only a run that agrees on all of it."""

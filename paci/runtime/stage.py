@@ -39,6 +39,9 @@ from paci.model import autocast, lm_loss
 from paci.runtime import split
 
 Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # index -> (inputs, targets)
+# parameters -> (optimizer, LR scheduler or None)
+MakeOptimizer = Callable[[list[nn.Parameter]],
+                         tuple[torch.optim.Optimizer, "torch.optim.lr_scheduler.LRScheduler | None"]]
 
 
 OPTIMIZERS = ("adamw", "nadamw")
@@ -155,7 +158,12 @@ class Stage:
                  optim: OptimizerSpec, loss_scale: float, train_batch: Batch, val_batch: Batch,
                  device: torch.device | str = "cpu", recompute: bool = False,
                  updates_ahead: Callable[[int], int] | None = None, precision: str = "fp32",
-                 nonfinite_limit: int = 20, poison: Sequence[int] = ()) -> None:
+                 nonfinite_limit: int = 20, poison: Sequence[int] = (),
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss,
+                 make_optimizer: MakeOptimizer | None = None) -> None:
+        """`loss_fn(output, targets)` is the last stage's loss (the GPT's by default); `make_optimizer`
+        builds the optimizer (and LR scheduler, or None) over the parameters it is given, in place of
+        `optim.build` (a user's own: `optim` then only carries clipping)."""
         self.index, self.num_stages = index, num_stages
         # non-finite values never reach the weights (docs/design.md §4): micro-batches dropped here,
         # versions whose update was skipped, the most of both together before the run stops, and
@@ -193,7 +201,8 @@ class Stage:
         self.exchange: Callable[[int, torch.Tensor], Sequence[torch.Tensor]] | None = None
         self._params = dict(self.module.named_parameters())
         self._shadows = {name: nn.Parameter(p.data) for name, p in self._params.items()}
-        self.optimizer, self.scheduler = optim.build(list(self._shadows.values()))
+        self.loss_fn = loss_fn
+        self.optimizer, self.scheduler = (make_optimizer or optim.build)(list(self._shadows.values()))
 
     # ------------------------------------------------------------------------------------------
     # forward
@@ -255,7 +264,7 @@ class Stage:
             if mb in self.poison:
                 output = output * math.nan
             if self.is_last:
-                loss = lm_loss(output, self.train_batch(mb)[1].to(self.device))
+                loss = self.loss_fn(output, self.train_batch(mb)[1].to(self.device))
                 if record:
                     self.losses[mb] = loss.detach()
                 output = loss * self.loss_scale
@@ -280,7 +289,7 @@ class Stage:
         with torch.no_grad(), autocast(self.precision, self.device):
             output = self.module(inputs.to(self.device) if self.is_first else received)
             if self.is_last:
-                self.eval_losses[index] = lm_loss(output, targets.to(self.device)).item()
+                self.eval_losses[index] = self.loss_fn(output, targets.to(self.device)).item()
                 return None
         return output
 
@@ -379,18 +388,30 @@ class Stage:
             self._shadows[name].grad = p.grad
         if finite:
             self.optimizer.step()
-            self.scheduler.step()
+            self._check_in_place()
+            if self.scheduler is not None:
+                self.scheduler.step()
         else:
             self.skipped.append(self.version + 1)
             with warnings.catch_warnings():  # torch warns about a scheduler step with no optimizer step: intended
                 warnings.simplefilter("ignore", UserWarning)
-                self.scheduler.step()
+                if self.scheduler is not None:
+                    self.scheduler.step()
         for name, p in self._params.items():
             p.grad = None
             self._shadows[name].grad = None
         self.version += 1
         if not finite:
             self._check_limit(f"step {self.version} has a non-finite gradient")
+
+    def _check_in_place(self) -> None:
+        """Live weights need the optimizer to write into the parameters' storage (the module reads
+        it); one that rebinds `.data` would train a copy the model never sees."""
+        for name, p in self._params.items():
+            if self._shadows[name].data_ptr() != p.data_ptr():
+                raise RuntimeError(f"stage {self.index}: the optimizer replaced the storage of parameter {name!r} "
+                                   "instead of updating it in place; paci needs in-place updates (torch.optim's "
+                                   "optimizers all do)")
 
     def local_grad_norm(self) -> torch.Tensor:
         """The 2-norm of this stage's accumulated gradient (as torch.nn.utils.clip_grad_norm_ takes it);
@@ -467,7 +488,8 @@ class Stage:
             raise RuntimeError(f"stage {self.index}: a checkpoint needs an empty pipeline, but micro-batches "
                                f"{sorted(self._inflight)} are in flight")
         state = {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "version": self.version, "rng": torch.get_rng_state()}
+                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+                 "version": self.version, "rng": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
@@ -477,7 +499,8 @@ class Stage:
         optimizer's moments, the LR schedule's position, the version and the RNG."""
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.version = int(state["version"])
         torch.set_rng_state(state["rng"].cpu())
         if "cuda_rng" in state:

@@ -1,0 +1,180 @@
+"""Pipeline your own model: the public Python API.
+
+    import paci, torch
+    from torch import nn
+
+    units = [nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)]
+    pipe = paci.Pipeline(units, loss_fn=nn.functional.mse_loss,
+                         optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+                         schedule="paci", stages=2, microbatches=4)
+    losses = pipe.fit(loader, steps=100)   # loader: any iterable of (inputs, targets) mini-batches
+
+The model is an ordered list of modules ("units"), cut into `stages` contiguous stages (evenly by
+count, or by `split`); each stage gets its own optimizer from the factory, over the stage's
+parameters, and steps it after every K backwards (K = `accumulation`, by default the schedule's:
+m for PACI, 2BW and the flush schedules, 1 for PipeDream and naive async). Every schedule of
+`paci.schedules` runs with the exact semantics of docs/design.md §2: live weights for PACI, so the
+optimizer must update its parameters in place (every torch.optim optimizer does; one that rebinds
+`.data` is refused at its first step).
+
+Data: each mini-batch is cut into `microbatches` equal micro-batches along dimension 0; the first
+stage reads the inputs, the last the targets. `fit` pulls mini-batches as the schedule needs them
+and keeps only those still in flight. The units themselves are trained in place.
+
+This version runs every stage in this process (one device) and passes one tensor between stages;
+one stage per rank under torchrun, several tensors per message and data parallelism are issue 10's
+next steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from paci.ir import Action, Op, steps_together
+from paci.partition import parse_split, uniform_split
+from paci.runtime.executor import NormExchange, StageFailure, run_local
+from paci.runtime.stage import OptimizerSpec, Stage
+from paci.runtime.transport import LocalTransport
+from paci.schedules import REGISTRY, build
+
+__all__ = ["DataError", "Pipeline"]
+
+
+class DataError(ValueError):
+    """The data given to `Pipeline.fit` ran out, or a mini-batch has the wrong form."""
+
+
+class Pipeline:
+    def __init__(self, units: Sequence[nn.Module], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer], *, schedule: str = "paci",
+                 stages: int = 2, microbatches: int = 4, accumulation: int | None = None,
+                 split: str | Sequence[tuple[int, int]] | None = None,
+                 lr_scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
+                 clip_grad_norm: float = 0.0, device: torch.device | str = "cpu") -> None:
+        """`loss_fn(output, targets)` -> a scalar, the mean over the micro-batch (paci scales it by 1/K);
+        `optimizer(params)` and `lr_scheduler(optimizer)` are called once per stage; `split` is
+        "0:3,3:5"-style text or a list of (start, stop) unit ranges; `clip_grad_norm` as
+        `paci train --clip-grad-norm` (the global norm on flush schedules, each stage's own otherwise)."""
+        self.units = list(units)
+        if not self.units or not all(isinstance(u, nn.Module) for u in self.units):
+            raise ValueError("units must be a non-empty list of torch.nn.Module, in the order the model runs them")
+        if schedule not in REGISTRY:
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(REGISTRY)}")
+        if not clip_grad_norm >= 0:
+            raise ValueError(f"clip_grad_norm must be >= 0 (0: off), got {clip_grad_norm}")
+        build(schedule, stages, microbatches, 1, accumulation)  # checks stages, microbatches and accumulation
+        if isinstance(split, str):
+            self.split = parse_split(split, len(self.units), stages)
+        else:
+            self.split = uniform_split(len(self.units), stages) if split is None else [tuple(r) for r in split]
+            parse_split(",".join(f"{a}:{b}" for a, b in self.split), len(self.units), stages)  # checks it
+        self.loss_fn, self.optimizer, self.lr_scheduler = loss_fn, optimizer, lr_scheduler
+        self.schedule, self.num_stages, self.microbatches = schedule, stages, microbatches
+        self.accumulation, self.clip_grad_norm, self.device = accumulation, clip_grad_norm, torch.device(device)
+        self._stages: list[Stage] | None = None
+
+    @property
+    def stage_modules(self) -> list[nn.Module]:
+        """Each stage's units as one nn.Sequential (the user's own modules, trained in place)."""
+        return [nn.Sequential(*self.units[a:b]) for a, b in self.split]
+
+    def fit(self, data: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int,
+            on_step: Callable[[int, float], None] | None = None) -> list[float]:
+        """Train on `steps` mini-batches from `data`; returns the mean training loss of each optimizer
+        step (and calls `on_step(step, loss)` as each completes). Calling `fit` again continues:
+        weights, optimizer and scheduler state carry over; the pipeline fills and drains per call."""
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        schedule = build(self.schedule, self.num_stages, self.microbatches, steps, self.accumulation)
+        feeder = _Feeder(iter(data), self.microbatches, steps)
+        if self._stages is None:
+            self._stages = [self._stage(s, schedule.weight_policy, schedule.accumulation, feeder)
+                            for s in range(self.num_stages)]
+        for stage in self._stages:
+            stage.train_batch = feeder.view(stage.is_first, stage.is_last)
+        exchange = NormExchange(self._stages) if self.clip_grad_norm and steps_together(schedule) else None
+        losses: list[float] = []
+
+        def listener(stage: Stage, action: Action) -> None:
+            if action.op in (Op.B, Op.I):
+                stage.versions.pop(action.microbatch)
+            if action.op is Op.U and stage.is_last:
+                window = sorted(stage.losses)[:schedule.accumulation]
+                losses.append(float(torch.stack([stage.losses.pop(mb) for mb in window]).mean()))
+                if on_step is not None:
+                    on_step(len(losses), losses[-1])
+
+        try:
+            run_local(self._stages, schedule, LocalTransport(), listener,
+                      gate=exchange.gate if exchange is not None else None)
+        except StageFailure as exc:
+            if isinstance(exc.__cause__, DataError):  # the data's fault, not the stage's: say just that
+                raise exc.__cause__ from None
+            raise
+        return losses
+
+    def _stage(self, index: int, policy, accumulation: int, feeder: _Feeder) -> Stage:
+        start, stop = self.split[index]
+
+        def make_optimizer(params: list[nn.Parameter]):
+            optimizer = self.optimizer(params)
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(f"optimizer(params) must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            return optimizer, self.lr_scheduler(optimizer) if self.lr_scheduler is not None else None
+
+        return Stage(index, self.num_stages, self.units[start:stop], policy=policy,
+                     optim=OptimizerSpec(clip_grad_norm=self.clip_grad_norm), loss_scale=1.0 / accumulation,
+                     train_batch=feeder.view(index == 0, index == self.num_stages - 1), val_batch=_no_evaluation,
+                     device=self.device, loss_fn=self.loss_fn, make_optimizer=make_optimizer)
+
+
+class _Feeder:
+    """Micro-batch mb -> its slice of mini-batch mb // m, pulled from `data` when first asked for;
+    a mini-batch is dropped once the first stage (inputs) and the last (targets) are both past it."""
+
+    def __init__(self, data: Iterator, microbatches: int, steps: int) -> None:
+        self.data, self.m, self.steps = data, microbatches, steps
+        self.loaded: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.pulled = 0
+        self.position = {"inputs": 0, "targets": 0}  # the next mini-batch each end will ask for
+
+    def view(self, inputs: bool, targets: bool) -> Callable[[int], tuple[torch.Tensor | None, torch.Tensor | None]]:
+        def batch(mb: int):
+            x, y = self._get(mb, "inputs" if inputs else "targets")
+            return x if inputs else None, y if targets else None
+        return batch
+
+    def _get(self, mb: int, end: str) -> tuple[torch.Tensor, torch.Tensor]:
+        k = mb // self.m
+        while self.pulled <= k:
+            self.loaded[self.pulled] = self._cut(self._next())
+            self.pulled += 1
+        self.position[end] = k
+        for old in [j for j in self.loaded if j < min(self.position.values())]:
+            del self.loaded[old]
+        return self.loaded[k][mb % self.m]
+
+    def _next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            item = next(self.data)
+        except StopIteration:
+            raise DataError(f"the data ran out after {self.pulled} mini-batches; fit(steps={self.steps}) needs "
+                             f"{self.steps}") from None
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(torch.is_tensor(t) for t in item)):
+            raise DataError(f"each mini-batch must be an (inputs, targets) pair of tensors, got {type(item).__name__}")
+        return item[0], item[1]
+
+    def _cut(self, batch: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        inputs, targets = batch
+        if inputs.shape[0] != targets.shape[0] or inputs.shape[0] % self.m:
+            raise DataError(f"mini-batch {self.pulled}: inputs of {inputs.shape[0]} and targets of {targets.shape[0]} "
+                             f"rows; both must be one size, divisible into {self.m} micro-batches")
+        size = inputs.shape[0] // self.m
+        return list(zip(inputs.split(size), targets.split(size)))
+
+
+def _no_evaluation(index: int):
+    raise RuntimeError("Pipeline.fit runs no evaluation rounds")

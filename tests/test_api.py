@@ -1,0 +1,151 @@
+"""paci.Pipeline: a user's model, loss and optimizer through every schedule, with the exact semantics."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import paci
+import paci.api
+from paci.ir import WeightPolicy
+from paci.runtime.stage import OptimizerSpec, Stage
+from paci.schedules import REGISTRY, build
+
+STEPS, M = 3, 4
+
+
+def _units(seed: int = 0) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    return [nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)]
+
+
+def _data(steps: int = STEPS, rows: int = 8):
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        x = torch.randn(rows, 6, generator=gen)
+        yield x, x.sum(dim=1, keepdim=True).sin()
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+
+def _reference(units, make_optimizer, accumulation: int = M, steps: int = STEPS) -> tuple[nn.Module, list[float]]:
+    """The unsplit model, plain accumulation over the same micro-batches."""
+    model = nn.Sequential(*units)
+    optimizer = make_optimizer(list(model.parameters()))
+    losses = []
+    for x, y in _data(steps):
+        total = 0.0
+        for xs, ys in zip(x.split(len(x) // M), y.split(len(y) // M)):
+            loss = nn.functional.mse_loss(model(xs), ys)
+            (loss / accumulation).backward()
+            total += loss.item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total / M)
+    return model, losses
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe", "zb-h1"])
+@pytest.mark.parametrize("make_optimizer", [_sgd, lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True)],
+                         ids=["sgd-momentum", "adamw-foreach"])
+def test_flush_schedules_equal_the_unsplit_model_with_the_users_optimizer(schedule, make_optimizer):
+    units = _units()
+    reference, expected = _reference(copy.deepcopy(units), make_optimizer)
+    pipe = paci.Pipeline(units, nn.functional.mse_loss, make_optimizer, schedule=schedule, stages=3, microbatches=M)
+    losses = pipe.fit(_data(), steps=STEPS)
+    assert losses == pytest.approx(expected, rel=1e-6)
+    trained = [p for module in pipe.stage_modules for p in module.parameters()]
+    assert max((a - b).abs().max().item() for a, b in zip(trained, reference.parameters())) <= 1e-6
+    assert all(a is b for a, b in zip(trained, nn.Sequential(*units).parameters()))  # trained in place
+
+
+@pytest.mark.parametrize("schedule", list(REGISTRY))
+def test_every_schedule_trains(schedule):
+    """One loss per optimizer step (K = m, or 1 for pipedream and async-1f1b); PACI's falls."""
+    pipe = paci.Pipeline(_units(), nn.functional.mse_loss, _sgd, schedule=schedule, stages=2, microbatches=M)
+    losses = pipe.fit(_data(12), steps=12)
+    assert len(losses) == build(schedule, 2, M, 12).num_steps
+    assert all(torch.isfinite(torch.tensor(losses)))
+    if schedule == "paci":
+        assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_sgd_momentum_live_weights_by_hand():
+    """A Linear stage, one SGD-momentum update between F(0) and its backward: the update is
+    w - lr * g (the first momentum buffer is the gradient) in the parameters' own storage, and the
+    delayed backward's input gradient uses the updated weights."""
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 3)
+    storage = linear.weight.data_ptr()
+
+    def feed(mb):
+        raise AssertionError("a middle stage reads no data")
+
+    stage = Stage(1, 3, [linear], policy=WeightPolicy.LIVE, optim=OptimizerSpec(), loss_scale=1.0,
+                  train_batch=feed, val_batch=feed, make_optimizer=lambda ps: (torch.optim.SGD(ps, lr=0.1,
+                                                                                               momentum=0.9), None))
+    x0, x1 = torch.randn(2, 4), torch.randn(2, 4)
+    g0, g1 = torch.randn(2, 3), torch.randn(2, 3)
+    w_old = linear.weight.detach().clone()
+    stage.forward(0, x0.clone())
+    stage.forward(1, x1.clone())
+    stage.backward(1, g1)
+    stage.step()
+    w_new = w_old - 0.1 * (g1.T @ x1)
+    torch.testing.assert_close(linear.weight.detach(), w_new)
+    assert linear.weight.data_ptr() == storage
+    torch.testing.assert_close(stage.backward(0, g0), g0 @ w_new)
+
+
+def test_an_optimizer_that_rebinds_the_weights_is_refused():
+    class Rebinding(torch.optim.SGD):
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.data = p.data - group["lr"] * p.grad
+
+    pipe = paci.Pipeline(_units(), nn.functional.mse_loss, lambda ps: Rebinding(ps, lr=0.1), schedule="paci",
+                         stages=2, microbatches=M)
+    with pytest.raises(RuntimeError, match="in place"):
+        pipe.fit(_data(), steps=STEPS)
+
+
+def test_fit_continues_where_it_stopped():
+    """Two fits of 2 and 1 steps equal one fit of 3 on a flush schedule (state carries over)."""
+    units = _units()
+    one = paci.Pipeline(copy.deepcopy(units), nn.functional.mse_loss, _sgd, schedule="1f1b", stages=2, microbatches=M)
+    whole = one.fit(_data(), steps=3)
+    two = paci.Pipeline(units, nn.functional.mse_loss, _sgd, schedule="1f1b", stages=2, microbatches=M)
+    data = _data()
+    parts = two.fit(data, steps=2) + two.fit(data, steps=1)
+    assert parts == whole
+    assert all(torch.equal(a, b) for a, b in zip(nn.Sequential(*units).parameters(),
+                                                 [p for m in one.stage_modules for p in m.parameters()]))
+
+
+@pytest.mark.parametrize("data, message", [
+    (lambda: _data(2), "ran out after 2 mini-batches"),
+    (lambda: _data(3, rows=6), "divisible into 4 micro-batches"),
+    (lambda: iter([(torch.zeros(8, 6), [0.0] * 8)] * 3), "pair of tensors"),
+])
+def test_bad_data_gets_one_clear_error(data, message):
+    pipe = paci.Pipeline(_units(), nn.functional.mse_loss, _sgd, schedule="paci", stages=2, microbatches=M)
+    with pytest.raises(paci.api.DataError, match=message):
+        pipe.fit(data(), steps=3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"schedule": "nope"}, "unknown schedule"),
+    ({"stages": 9}, "stage"),
+    ({"split": "0:1,1:9"}, "split"),
+    ({"clip_grad_norm": -1.0}, "clip_grad_norm"),
+])
+def test_bad_settings_get_one_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        paci.Pipeline(_units(), nn.functional.mse_loss, _sgd, **kwargs)

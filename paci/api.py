@@ -21,24 +21,31 @@ Data: each mini-batch is cut into `microbatches` equal micro-batches along dimen
 stage reads the inputs, the last the targets. `fit` pulls mini-batches as the schedule needs them
 and keeps only those still in flight. The units themselves are trained in place.
 
-This version runs every stage in this process (one device) and passes one tensor between stages;
-one stage per rank under torchrun, several tensors per message and data parallelism are issue 10's
-next steps.
+The same script runs every stage in this process (`python train.py`) or one stage per rank under
+`torchrun --nproc-per-node P train.py` (gloo on CPU, NCCL on GPU), with the same numbers bit for
+bit; under torchrun give every rank the same data (rank 0 reads the inputs, the last rank the
+targets) and `fit` returns the losses on every rank. One tensor passes between stages; several
+tensors per message and data parallelism are issue 10's next steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from paci.ir import Action, Op, steps_together
 from paci.partition import parse_split, uniform_split
-from paci.runtime.executor import NormExchange, StageFailure, run_local
+from paci.runtime.executor import Executor, NormExchange, StageFailure, dist_norm_exchange, run_local
+from paci.runtime.launch import RankInfo, env_rank, init_distributed, rank_device
 from paci.runtime.stage import OptimizerSpec, Stage
-from paci.runtime.transport import LocalTransport
+from paci.runtime.transport import DistTransport, LocalTransport
 from paci.schedules import REGISTRY, build
+from paci.trace import Trace
 
 __all__ = ["DataError", "Pipeline"]
 
@@ -53,11 +60,14 @@ class Pipeline:
                  stages: int = 2, microbatches: int = 4, accumulation: int | None = None,
                  split: str | Sequence[tuple[int, int]] | None = None,
                  lr_scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
-                 clip_grad_norm: float = 0.0, device: torch.device | str = "cpu") -> None:
+                 clip_grad_norm: float = 0.0, device: torch.device | str | None = None,
+                 timeout_s: float = 45.0) -> None:
         """`loss_fn(output, targets)` -> a scalar, the mean over the micro-batch (paci scales it by 1/K);
         `optimizer(params)` and `lr_scheduler(optimizer)` are called once per stage; `split` is
         "0:3,3:5"-style text or a list of (start, stop) unit ranges; `clip_grad_norm` as
-        `paci train --clip-grad-norm` (the global norm on flush schedules, each stage's own otherwise)."""
+        `paci train --clip-grad-norm` (the global norm on flush schedules, each stage's own otherwise);
+        `device` defaults to the CPU in one process and to this rank's GPU (else CPU) under torchrun;
+        `timeout_s` is how long a rank waits for a peer."""
         self.units = list(units)
         if not self.units or not all(isinstance(u, nn.Module) for u in self.units):
             raise ValueError("units must be a non-empty list of torch.nn.Module, in the order the model runs them")
@@ -73,8 +83,10 @@ class Pipeline:
             parse_split(",".join(f"{a}:{b}" for a, b in self.split), len(self.units), stages)  # checks it
         self.loss_fn, self.optimizer, self.lr_scheduler = loss_fn, optimizer, lr_scheduler
         self.schedule, self.num_stages, self.microbatches = schedule, stages, microbatches
-        self.accumulation, self.clip_grad_norm, self.device = accumulation, clip_grad_norm, torch.device(device)
-        self._stages: list[Stage] | None = None
+        self.accumulation, self.clip_grad_norm, self.timeout_s = accumulation, clip_grad_norm, timeout_s
+        self.device = None if device is None else torch.device(device)
+        self._stages: list[Stage] | None = None  # every stage in one process; this rank's alone under torchrun
+        self._norm_group = None
 
     @property
     def stage_modules(self) -> list[nn.Module]:
@@ -90,33 +102,56 @@ class Pipeline:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         schedule = build(self.schedule, self.num_stages, self.microbatches, steps, self.accumulation)
         feeder = _Feeder(iter(data), self.microbatches, steps)
+        info = env_rank()
+        if info is not None and info.world_size > 1:
+            return self._fit_rank(info, schedule, feeder, on_step)
         if self._stages is None:
-            self._stages = [self._stage(s, schedule.weight_policy, schedule.accumulation, feeder)
-                            for s in range(self.num_stages)]
+            self._stages = [self._stage(s, schedule.weight_policy, schedule.accumulation, feeder,
+                                        self.device or torch.device("cpu")) for s in range(self.num_stages)]
         for stage in self._stages:
             stage.train_batch = feeder.view(stage.is_first, stage.is_last)
         exchange = NormExchange(self._stages) if self.clip_grad_norm and steps_together(schedule) else None
         losses: list[float] = []
-
-        def listener(stage: Stage, action: Action) -> None:
-            if action.op in (Op.B, Op.I):
-                stage.versions.pop(action.microbatch)
-            if action.op is Op.U and stage.is_last:
-                window = sorted(stage.losses)[:schedule.accumulation]
-                losses.append(float(torch.stack([stage.losses.pop(mb) for mb in window]).mean()))
-                if on_step is not None:
-                    on_step(len(losses), losses[-1])
-
-        try:
-            run_local(self._stages, schedule, LocalTransport(), listener,
+        with _data_errors():
+            run_local(self._stages, schedule, LocalTransport(), _listener(schedule, losses, on_step),
                       gate=exchange.gate if exchange is not None else None)
-        except StageFailure as exc:
-            if isinstance(exc.__cause__, DataError):  # the data's fault, not the stage's: say just that
-                raise exc.__cause__ from None
-            raise
         return losses
 
-    def _stage(self, index: int, policy, accumulation: int, feeder: _Feeder) -> Stage:
+    def _fit_rank(self, info: RankInfo, schedule, feeder: _Feeder, on_step) -> list[float]:
+        """Under torchrun (or any launcher that sets RANK and WORLD_SIZE): this rank runs its stage
+        only. Every rank is given the same data; rank 0 reads the inputs, the last rank the targets.
+        Message shapes come from a first forward of micro-batch 0, handed down the pipeline."""
+        if info.world_size != self.num_stages:
+            raise ValueError(f"the world has {info.world_size} ranks but the pipeline has {self.num_stages} stages; "
+                             f"launch one rank per stage")
+        rank = info.rank
+        device = self.device or rank_device(info)
+        if not dist.is_initialized():
+            init_distributed(device, self.timeout_s)
+        if self._stages is None:
+            self._stages = [self._stage(rank, schedule.weight_policy, schedule.accumulation, feeder, device)]
+            if self.clip_grad_norm and steps_together(schedule):
+                self._norm_group = dist.new_group(list(range(self.num_stages)),
+                                                  timeout=timedelta(seconds=self.timeout_s))
+                self._stages[0].exchange = dist_norm_exchange(self._norm_group, self.num_stages)
+        stage = self._stages[0]
+        stage.train_batch = feeder.view(stage.is_first, stage.is_last)
+        received, sent = _shapes(stage, device)
+        transport = DistTransport(schedule, rank, lambda msg: sent if msg.kind == "B" else received, device,
+                                  self.timeout_s)
+        trace = Trace(schedule.name, self.num_stages, schedule.num_microbatches, schedule.weight_policy, "measured")
+        losses: list[float] = []
+        executor = Executor(stage, schedule.actions(rank), transport, trace.stages[rank],
+                            listener=_listener(schedule, losses, on_step))
+        with _data_errors():
+            while not executor.done:
+                executor.run_next()
+        transport.flush()
+        box = [losses]
+        dist.broadcast_object_list(box, src=self.num_stages - 1)  # every rank returns the losses
+        return box[0]
+
+    def _stage(self, index: int, policy, accumulation: int, feeder: _Feeder, device: torch.device) -> Stage:
         start, stop = self.split[index]
 
         def make_optimizer(params: list[nn.Parameter]):
@@ -128,7 +163,61 @@ class Pipeline:
         return Stage(index, self.num_stages, self.units[start:stop], policy=policy,
                      optim=OptimizerSpec(clip_grad_norm=self.clip_grad_norm), loss_scale=1.0 / accumulation,
                      train_batch=feeder.view(index == 0, index == self.num_stages - 1), val_batch=_no_evaluation,
-                     device=self.device, loss_fn=self.loss_fn, make_optimizer=make_optimizer)
+                     device=device, loss_fn=self.loss_fn, make_optimizer=make_optimizer)
+
+
+def _listener(schedule, losses: list[float], on_step) -> Callable[[Stage, Action], None]:
+    """Per optimizer step of the last stage, the mean loss of its K micro-batches; and each
+    stage's recorded versions let go as its backwards happen (nothing grows with the run)."""
+    def listener(stage: Stage, action: Action) -> None:
+        if action.op in (Op.B, Op.I):
+            stage.versions.pop(action.microbatch)
+        if action.op is Op.U and stage.is_last:
+            window = sorted(stage.losses)[:schedule.accumulation]
+            losses.append(float(torch.stack([stage.losses.pop(mb) for mb in window]).mean()))
+            if on_step is not None:
+                on_step(len(losses), losses[-1])
+    return listener
+
+
+@contextlib.contextmanager
+def _data_errors() -> Iterator[None]:
+    """A DataError raised inside a stage's action is the data's fault: re-raise it alone."""
+    try:
+        yield
+    except StageFailure as exc:
+        if isinstance(exc.__cause__, DataError):
+            raise exc.__cause__ from None
+        raise
+
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool]
+_MAX_DIMS = 8
+
+
+def _shapes(stage: Stage, device: torch.device) -> tuple[tuple[tuple[int, ...], torch.dtype] | None, ...]:
+    """(shape, dtype) of the tensor this stage receives and of the one it sends, from one forward of
+    micro-batch 0 (stage 0) or of zeros shaped as the stage before reported, handed down rank by rank."""
+    received = None
+    if not stage.is_first:
+        header = torch.empty(_MAX_DIMS + 2, dtype=torch.int64, device=device)
+        dist.recv(header, src=stage.index - 1)
+        ndim, *dims = header.tolist()
+        received = (tuple(dims[:ndim]), _DTYPES[dims[-1]])
+        x = torch.zeros(received[0], dtype=received[1], device=device)
+    else:
+        x = stage.train_batch(0)[0].to(device)
+    if stage.is_last:
+        return received, None
+    with torch.no_grad():
+        output = stage.module(x)
+    if not torch.is_tensor(output) or output.dim() > _MAX_DIMS or output.dtype not in _DTYPES:
+        raise TypeError(f"stage {stage.index} returns {type(output).__name__}; between stages paci passes one "
+                        f"tensor of at most {_MAX_DIMS} dimensions and a dtype among {_DTYPES}")
+    header = torch.tensor([output.dim(), *output.shape, *[0] * (_MAX_DIMS - output.dim()), _DTYPES.index(output.dtype)],
+                          dtype=torch.int64, device=device)
+    dist.send(header, dst=stage.index + 1)
+    return received, (tuple(output.shape), output.dtype)
 
 
 class _Feeder:

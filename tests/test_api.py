@@ -12,21 +12,19 @@ import paci
 import paci.api
 from paci.ir import WeightPolicy
 from paci.runtime.stage import OptimizerSpec, Stage
+from paci.runtime.launch import spawn
 from paci.schedules import REGISTRY, build
+from dist_helpers import fit_pipeline, mlp_units, regression_data
 
 STEPS, M = 3, 4
 
 
 def _units(seed: int = 0) -> list[nn.Module]:
-    torch.manual_seed(seed)
-    return [nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)]
+    return mlp_units(seed)
 
 
 def _data(steps: int = STEPS, rows: int = 8):
-    gen = torch.Generator().manual_seed(7)
-    for _ in range(steps):
-        x = torch.randn(rows, 6, generator=gen)
-        yield x, x.sum(dim=1, keepdim=True).sin()
+    return regression_data(steps, rows)
 
 
 def _sgd(params):
@@ -149,3 +147,21 @@ def test_bad_data_gets_one_clear_error(data, message):
 def test_bad_settings_get_one_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         paci.Pipeline(_units(), nn.functional.mse_loss, _sgd, **kwargs)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("options", [{"schedule": "paci", "stages": 3},
+                                     {"schedule": "1f1b", "stages": 2, "clip_grad_norm": 0.05}],
+                         ids=["paci-3", "1f1b-clip-2"])
+def test_one_rank_per_stage_is_bit_identical_to_one_process(tmp_path, options):
+    """The same script under a launcher (RANK, WORLD_SIZE set: torchrun's contract) runs one stage
+    per rank over gloo and gives the single-process losses and parameters bit for bit."""
+    options = {**options, "microbatches": M}
+    assert spawn(fit_pipeline, (options, 6, str(tmp_path)), options["stages"], threads=1) == 0
+    pipe = paci.Pipeline(_units(), nn.functional.mse_loss, _sgd, **options)
+    losses = pipe.fit(_data(6), steps=6)
+    for rank, module in enumerate(pipe.stage_modules):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert saved["losses"] == losses
+        assert all(torch.equal(a, b) for a, b in zip(saved["params"], module.parameters()))

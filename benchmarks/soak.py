@@ -23,6 +23,7 @@ from pathlib import Path
 from common import machine
 
 EVERY = 100
+NPROC = 2
 WARMUP = 1000
 
 
@@ -69,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "paci", "train", "--preset", "tiny", "--nproc", "2", "--microbatches", "4",
+        cmd = [sys.executable, "-m", "paci", "train", "--preset", "tiny", "--nproc", str(NPROC), "--microbatches", "4",
                "--batch-size", "4", "--seq-len", "32", "--steps", str(args.steps), "--eval-every", "1000",
                "--eval-batches", "2", "--checkpoint-every", str(EVERY), "--split", "uniform", "--out", str(run)]
         started = time.perf_counter()
@@ -78,9 +79,9 @@ def main() -> None:
         ranks: list[int] = []
         next_step = EVERY
         while proc.poll() is None:
-            ranks = ranks or rank_pids(proc.pid)
+            ranks = ranks if len(ranks) == NPROC else rank_pids(proc.pid)  # until both have started
             step = last_step(run / "metrics.jsonl")
-            if ranks and step >= next_step:
+            if len(ranks) == NPROC and step >= next_step:
                 try:
                     samples.append((step, [rss(pid) for pid in ranks]))
                 except (OSError, RuntimeError):  # a rank finished between the two reads

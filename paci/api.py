@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from paci.ir import Action, Op, steps_together
+from paci.metrics import mean_loss
 from paci.partition import parse_split, uniform_split
 from paci.runtime.executor import Executor, NormExchange, StageFailure, dist_norm_exchange, run_local
 from paci.runtime.launch import RankInfo, env_rank, init_distributed, rank_device
@@ -167,14 +168,15 @@ class Pipeline:
 
 
 def _listener(schedule, losses: list[float], on_step) -> Callable[[Stage, Action], None]:
-    """Per optimizer step of the last stage, the mean loss of its K micro-batches; and each
+    """Per optimizer step of the last stage, the mean loss of its K micro-batches (as metrics.jsonl
+    has it: the finite ones); and each
     stage's recorded versions let go as its backwards happen (nothing grows with the run)."""
     def listener(stage: Stage, action: Action) -> None:
         if action.op in (Op.B, Op.I):
             stage.versions.pop(action.microbatch)
         if action.op is Op.U and stage.is_last:
             window = sorted(stage.losses)[:schedule.accumulation]
-            losses.append(float(torch.stack([stage.losses.pop(mb) for mb in window]).mean()))
+            losses.append(mean_loss([stage.losses.pop(mb) for mb in window])[0])
             if on_step is not None:
                 on_step(len(losses), losses[-1])
     return listener

@@ -46,6 +46,14 @@ class StatsEvent(NamedTuple):
     dropped: int = 0  # STEP: micro-batches of the step whose loss was not finite (left out of the mean and the update)
 
 
+def mean_loss(losses) -> tuple[float, int]:
+    """A step's training loss: the mean of its micro-batches' finite losses (NaN if none), and how
+    many were left out for not being finite (they were dropped from the update too)."""
+    values = [float(loss) for loss in losses]
+    finite = [v for v in values if math.isfinite(v)]
+    return (float(np.mean(finite)) if finite else math.nan), len(values) - len(finite)
+
+
 class StepStats:
     """Listens to the last stage; yields a StatsEvent when a step or an evaluation round completes."""
 
@@ -57,10 +65,8 @@ class StepStats:
             return []
         if action.op is Op.U:
             step, k = stage.version, self.accumulation
-            losses = [float(stage.losses.pop(mb)) for mb in range((step - 1) * k, step * k)]
-            finite = [loss for loss in losses if math.isfinite(loss)]
-            mean = float(np.mean(finite)) if finite else math.nan
-            return [StatsEvent(STEP, step, mean, len(losses) - len(finite))]
+            mean, dropped = mean_loss([stage.losses.pop(mb) for mb in range((step - 1) * k, step * k)])
+            return [StatsEvent(STEP, step, mean, dropped)]
         if action.op is Op.E and (action.microbatch + 1) % self.eval_batches == 0:
             index = action.microbatch // self.eval_batches
             first = index * self.eval_batches

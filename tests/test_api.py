@@ -165,3 +165,29 @@ def test_one_rank_per_stage_is_bit_identical_to_one_process(tmp_path, options):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         assert saved["losses"] == losses
         assert all(torch.equal(a, b) for a, b in zip(saved["params"], module.parameters()))
+
+
+def test_the_built_in_gpt_through_the_api_equals_paci_train(tmp_path):
+    """examples/gpt_api.py's pipeline: the losses of `paci train --schedule paci --compensate none`
+    with the same settings, bit for bit (the API and the command line run the same machinery)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from paci.config import load_config
+    from paci.train import train
+
+    spec = importlib.util.spec_from_file_location("gpt_api", Path(__file__).parents[1] / "examples" / "gpt_api.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    steps, seq_len = 4, 16
+    train(load_config(None, {
+        "model": {"preset": "tiny"}, "data": {"batch_size": example.SEQUENCES, "seq_len": seq_len},
+        "pipeline": {"schedule": "paci", "stages": example.STAGES, "microbatches": example.MICROBATCHES,
+                     "split": "uniform"},
+        "optim": {"compensate": "none"},
+        "train": {"steps": steps, "eval_every": steps, "eval_batches": 1, "out": str(tmp_path)}}))
+    recorded = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    pipe = example.gpt_pipeline("tiny", steps, seq_len)
+    losses = pipe.fit(example.corpus_batches(steps, seq_len), steps=steps)
+    assert losses == [r["loss"] for r in recorded if "loss" in r and not r.get("final")]

@@ -31,6 +31,7 @@ tensors per message and data parallelism are issue 10's next steps.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import timedelta
 
@@ -40,7 +41,8 @@ from torch import nn
 
 from paci.ir import Action, Op, steps_together
 from paci.metrics import mean_loss
-from paci.partition import parse_split, uniform_split
+from paci.partition import parse_split, partition, stage_memory_model, uniform_split
+from paci.profiler import default_budget, profile_modules
 from paci.runtime.executor import Executor, NormExchange, StageFailure, dist_norm_exchange, run_local
 from paci.runtime.launch import RankInfo, env_rank, init_distributed, rank_device
 from paci.runtime.stage import OptimizerSpec, Stage
@@ -49,6 +51,8 @@ from paci.schedules import REGISTRY, build
 from paci.trace import Trace
 
 __all__ = ["DataError", "Pipeline"]
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -65,7 +69,9 @@ class Pipeline:
                  timeout_s: float = 45.0) -> None:
         """`loss_fn(output, targets)` -> a scalar, the mean over the micro-batch (paci scales it by 1/K);
         `optimizer(params)` and `lr_scheduler(optimizer)` are called once per stage; `split` is
-        "0:3,3:5"-style text or a list of (start, stop) unit ranges; `clip_grad_norm` as
+        "uniform" (the default: as even a count of units per stage as can be), "profile" (time every
+        unit on the first micro-batch, then paci's partitioner: the fastest split that fits; on rank 0
+        under torchrun), "0:3,3:5"-style text or a list of (start, stop) unit ranges; `clip_grad_norm` as
         `paci train --clip-grad-norm` (the global norm on flush schedules, each stage's own otherwise);
         `device` defaults to the CPU in one process and to this rank's GPU (else CPU) under torchrun;
         `timeout_s` is how long a rank waits for a peer."""
@@ -77,7 +83,12 @@ class Pipeline:
         if not clip_grad_norm >= 0:
             raise ValueError(f"clip_grad_norm must be >= 0 (0: off), got {clip_grad_norm}")
         build(schedule, stages, microbatches, 1, accumulation)  # checks stages, microbatches and accumulation
-        if isinstance(split, str):
+        self.split: list[tuple[int, int]] | None = None  # "profile": chosen at the first fit
+        if split == "profile":
+            uniform_split(len(self.units), stages)  # checks there are enough units
+        elif split == "uniform":
+            self.split = uniform_split(len(self.units), stages)
+        elif isinstance(split, str):
             self.split = parse_split(split, len(self.units), stages)
         else:
             self.split = uniform_split(len(self.units), stages) if split is None else [tuple(r) for r in split]
@@ -92,7 +103,21 @@ class Pipeline:
     @property
     def stage_modules(self) -> list[nn.Module]:
         """Each stage's units as one nn.Sequential (the user's own modules, trained in place)."""
+        if self.split is None:
+            raise RuntimeError('split="profile" is chosen at the first fit(); call it first')
         return [nn.Sequential(*self.units[a:b]) for a, b in self.split]
+
+    def _profile_split(self, feeder: _Feeder, device: torch.device) -> list[tuple[int, int]]:
+        """Time every unit on micro-batch 0 (copies of the units), then the partitioner's fastest
+        split whose stages fit the device (the memory model of this schedule: in-flight micro-batches
+        and weight copies per stage)."""
+        inputs, targets = feeder.first()
+        profiles = profile_modules(self.units, inputs, targets, self.loss_fn, self.optimizer, device)
+        inflight, copies = stage_memory_model(self.schedule, self.num_stages, self.microbatches, self.accumulation)
+        split = partition(profiles, self.num_stages, inflight, copies, default_budget(device))
+        log.info("profiled split %s (slowest stage %d: %.2f ms forward + backward per micro-batch)", split.spec,
+                 split.bottleneck, 1e3 * split.max_time)
+        return list(split.ranges)
 
     def fit(self, data: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int,
             on_step: Callable[[int, float], None] | None = None) -> list[float]:
@@ -107,8 +132,12 @@ class Pipeline:
         if info is not None and info.world_size > 1:
             return self._fit_rank(info, schedule, feeder, on_step)
         if self._stages is None:
-            self._stages = [self._stage(s, schedule.weight_policy, schedule.accumulation, feeder,
-                                        self.device or torch.device("cpu")) for s in range(self.num_stages)]
+            device = self.device or torch.device("cpu")
+            if self.split is None:
+                with _data_errors():
+                    self.split = self._profile_split(feeder, device)
+            self._stages = [self._stage(s, schedule.weight_policy, schedule.accumulation, feeder, device)
+                            for s in range(self.num_stages)]
         for stage in self._stages:
             stage.train_batch = feeder.view(stage.is_first, stage.is_last)
         exchange = NormExchange(self._stages) if self.clip_grad_norm and steps_together(schedule) else None
@@ -130,6 +159,10 @@ class Pipeline:
         if not dist.is_initialized():
             init_distributed(device, self.timeout_s)
         if self._stages is None:
+            if self.split is None:  # measured once, on rank 0; every rank takes rank 0's
+                box = [self._profile_split(feeder, device) if rank == 0 else None]
+                dist.broadcast_object_list(box, src=0)
+                self.split = box[0]
             self._stages = [self._stage(rank, schedule.weight_policy, schedule.accumulation, feeder, device)]
             if self.clip_grad_norm and steps_together(schedule):
                 self._norm_group = dist.new_group(list(range(self.num_stages)),
@@ -237,6 +270,13 @@ class _Feeder:
             x, y = self._get(mb, "inputs" if inputs else "targets")
             return x if inputs else None, y if targets else None
         return batch
+
+    def first(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch 0, inputs and targets (for profiling; it stays loaded for the run)."""
+        if not self.loaded and self.pulled == 0:
+            self.loaded[0] = self._cut(self._next())
+            self.pulled = 1
+        return self.loaded[0][0]
 
     def _get(self, mb: int, end: str) -> tuple[torch.Tensor, torch.Tensor]:
         k = mb // self.m

@@ -111,34 +111,69 @@ def _measure(config: GPTConfig, batch_size: int, seq_len: int, device: torch.dev
     generator = torch.Generator().manual_seed(0)  # inputs and output gradients; the global RNG is untouched
     x = torch.randint(config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
     targets = torch.randint(config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
-    last = num_units(config) - 1
-    units, inputs = [], []
-    for index in range(last + 1):
-        units.append(build_unit(config, index, seed=0).to(device))
+    units = [build_unit(config, index, seed=0).to(device) for index in range(num_units(config))]
+    return _profile(units, unit_names(config), x, targets, lm_loss, _adamw, device, precision, repeats, warmup,
+                    generator)
+
+
+def profile_modules(units: Sequence[nn.Module], inputs: torch.Tensor, targets: torch.Tensor,
+                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+                    device: torch.device | str = "cpu", repeats: int = 10, warmup: int = 2) -> list[UnitProfile]:
+    """Profile any model given as a list of units (paci.Pipeline's), on one micro-batch (`inputs`,
+    `targets`), measured as `profile_units` measures the GPT's; the optimizer's state and step are
+    `make_optimizer`'s (default AdamW). Copies are profiled: the user's weights stay as they are.
+    Noisy timings are logged as a warning, as for the GPT."""
+    import copy
+
+    device = torch.device(device)
+    copies = [copy.deepcopy(unit).to(device) for unit in units]
+    names = [f"{i}:{type(unit).__name__}" for i, unit in enumerate(units)]
+    profiles, spread = _profile(copies, names, inputs.to(device), targets.to(device), loss_fn,
+                                make_optimizer or _adamw, device, "fp32", repeats, warmup, torch.Generator().manual_seed(0))
+    if spread > NOISE_LIMIT:
+        logger.warning("unit timings are noisy (round times spread %.0f%% around their median; is another process "
+                       "using these cores?): the split may be off", 100 * spread)
+    return profiles
+
+
+def _adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, foreach=False)  # as the runtime builds it
+
+
+def _profile(units: list[nn.Module], names: Sequence[str], x: torch.Tensor, targets: torch.Tensor, loss_fn,
+             make_optimizer, device: torch.device, precision: str, repeats: int, warmup: int,
+             generator: torch.Generator) -> tuple[list[UnitProfile], float]:
+    """Unit i gets what units 0..i-1 make of `x`; the last unit's run includes the loss."""
+    last = len(units) - 1
+    inputs = []
+    for index, unit in enumerate(units):
         if x.is_floating_point():
             x = x.detach().requires_grad_(True)  # a stage's received activation: a leaf that wants its grad
         inputs.append(x)
         if index < last:
             with torch.no_grad(), autocast(precision, device):
-                x = units[-1](x)
-    runs = [_runner(unit, inputs[i], targets if i == last else None, precision) for i, unit in enumerate(units)]
+                x = unit(x)
+    runs = [_runner(unit, inputs[i], targets if i == last else None, precision, loss_fn)
+            for i, unit in enumerate(units)]
     activation = [saved_activation_bytes(run, exclude=[*unit.parameters(), *unit.buffers()])
                   for unit, run in zip(units, runs)]
     times, spread = _time(runs, inputs, device, repeats, warmup, generator)
-    static = [static_bytes(unit, run) for unit, run in zip(units, runs)]  # last: the AdamW step changes weights
-    updates = [update_seconds(unit, device, repeats, warmup) for unit in units]
+    # the optimizer steps below change the units' weights: they are throwaway units or copies
+    static = [static_bytes(unit, run, make_optimizer) for unit, run in zip(units, runs)]
+    updates = [update_seconds(unit, device, repeats, warmup, make_optimizer) for unit in units]
     return [UnitProfile(name, forward_s, backward_s, static_total, saved, weights, input_s, update_s)
             for name, (forward_s, backward_s, input_s), (weights, static_total), saved, update_s
-            in zip(unit_names(config), times, static, activation, updates)], spread
+            in zip(names, times, static, activation, updates)], spread
 
 
-def _runner(unit: nn.Module, x: torch.Tensor, targets: torch.Tensor | None,
-            precision: str) -> Callable[[], torch.Tensor]:
+def _runner(unit: nn.Module, x: torch.Tensor, targets: torch.Tensor | None, precision: str,
+            loss_fn=lm_loss) -> Callable[[], torch.Tensor]:
     """The unit's forward as a stage runs it, under its precision: the last unit also computes the loss."""
     def run() -> torch.Tensor:
         with autocast(precision, x.device):
             output = unit(x)
-            return output if targets is None else lm_loss(output, targets)
+            return output if targets is None else loss_fn(output, targets)
 
     return run
 
@@ -164,17 +199,18 @@ def saved_activation_bytes(run: Callable[[], torch.Tensor], exclude: Sequence[to
     return sum(storages.values())
 
 
-def static_bytes(unit: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[int, int]:
-    """(parameter + buffer bytes, those + gradients + AdamW state), after one real AdamW step.
+def static_bytes(unit: nn.Module, run: Callable[[], torch.Tensor], make_optimizer=_adamw) -> tuple[int, int]:
+    """(parameter + buffer bytes, those + gradients + optimizer state), after one real step.
 
-    The optimizer is built as the runtime builds it (foreach=False); its state's shapes and dtypes
-    are read back, not assumed. The step changes the unit's weights: profile a throwaway unit.
+    The optimizer is built as the runtime builds it (AdamW, foreach=False, unless `make_optimizer`
+    says otherwise); its state's shapes and dtypes are read back, not assumed. The step changes the
+    unit's weights: profile a throwaway unit.
     """
     params = [p for p in unit.parameters() if p.requires_grad]
     weights = sum(t.nbytes for t in (*unit.parameters(), *unit.buffers()))
     if not params:
         return weights, weights
-    optimizer = torch.optim.AdamW(params, foreach=False)
+    optimizer = make_optimizer(params)
     output = run()
     output.backward(torch.ones_like(output))
     optimizer.step()
@@ -183,15 +219,16 @@ def static_bytes(unit: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[int,
     return weights, weights + grads + state
 
 
-def update_seconds(unit: nn.Module, device: torch.device, repeats: int, warmup: int) -> float:
-    """Median time of one AdamW step (foreach=False, as the runtime builds it) over the unit's
-    parameters, with gradients present; on a throwaway unit, since the steps change its weights."""
+def update_seconds(unit: nn.Module, device: torch.device, repeats: int, warmup: int, make_optimizer=_adamw) -> float:
+    """Median time of one optimizer step (AdamW, foreach=False, as the runtime builds it, unless
+    `make_optimizer` says otherwise) over the unit's parameters, with gradients present; on a
+    throwaway unit, since the steps change its weights."""
     params = [p for p in unit.parameters() if p.requires_grad]
     if not params:
         return 0.0
     for p in params:
         p.grad = torch.full_like(p, 1e-3)
-    optimizer = torch.optim.AdamW(params, foreach=False)
+    optimizer = make_optimizer(params)
     samples = []
     for i in range(max(warmup, 1) + repeats):
         _sync(device)

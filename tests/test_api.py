@@ -191,3 +191,25 @@ def test_the_built_in_gpt_through_the_api_equals_paci_train(tmp_path):
     pipe = example.gpt_pipeline("tiny", steps, seq_len)
     losses = pipe.fit(example.corpus_batches(steps, seq_len), steps=steps)
     assert losses == [r["loss"] for r in recorded if "loss" in r and not r.get("final")]
+
+
+def test_a_profiled_split_goes_by_the_units_costs_and_changes_nothing_else():
+    """split="profile" times every unit (on copies) on the first micro-batch and runs paci's
+    partitioner: the wide layers at the end get a stage of their own; and the run equals one given
+    that split by hand, bit for bit (profiling touched neither the weights nor the data)."""
+    def wide() -> list[nn.Module]:
+        torch.manual_seed(0)
+        return [nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 512), nn.Linear(512, 512),
+                nn.Linear(512, 1)]
+
+    profiled = paci.Pipeline(wide(), nn.functional.mse_loss, _sgd, schedule="1f1b", stages=2, microbatches=M,
+                             split="profile")
+    with pytest.raises(RuntimeError, match="first fit"):
+        profiled.stage_modules
+    losses = profiled.fit(regression_data(3, rows=32), steps=3)
+    assert profiled.split[1][0] >= 4
+    by_hand = paci.Pipeline(wide(), nn.functional.mse_loss, _sgd, schedule="1f1b", stages=2, microbatches=M,
+                            split=profiled.split)
+    assert by_hand.fit(regression_data(3, rows=32), steps=3) == losses
+    assert all(torch.equal(a, b) for a, b in zip(nn.Sequential(*profiled.units).parameters(),
+                                                 nn.Sequential(*by_hand.units).parameters()))

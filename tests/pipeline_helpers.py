@@ -35,8 +35,9 @@ def make_stages(schedule: Schedule, config: GPTConfig = TINY, seed: int = SEED,
 
 
 def reference_training(schedule: Schedule, config: GPTConfig = TINY, seed: int = SEED,
-                       spec: OptimizerSpec | None = None) -> GPT:
-    """The unsplit model trained with plain gradient accumulation over the same micro-batches."""
+                       spec: OptimizerSpec | None = None, before_step=None) -> GPT:
+    """The unsplit model trained with plain gradient accumulation over the same micro-batches;
+    `before_step(model)` runs before each optimizer step (e.g. clipping)."""
     model = GPT(config, seed)
     spec = spec or optimizer_spec(schedule)
     opt, sched = spec.build(list(model.parameters()))
@@ -45,6 +46,8 @@ def reference_training(schedule: Schedule, config: GPTConfig = TINY, seed: int =
         for mb in range(step * k, (step + 1) * k):
             x, y = feed(mb)
             (lm_loss(model(x), y) * (1.0 / k)).backward()
+        if before_step is not None:
+            before_step(model)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

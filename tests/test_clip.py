@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from paci.config import load_config
-from paci.model import GPT, lm_loss
+from paci.model import GPT
 from paci.runtime.executor import NormExchange, run_local
 from paci.runtime.transport import LocalTransport
 from paci.schedules import build
 from paci.train import train
-from pipeline_helpers import SEED, TINY, feed, make_stages, optimizer_spec, stage_parameters
+from pipeline_helpers import make_stages, optimizer_spec, reference_training, stage_parameters
 
 CLIP = 0.05  # well below the tiny GPT's gradient norms (about 1), so every step clips
 
@@ -24,20 +24,12 @@ CLIP = 0.05  # well below the tiny GPT's gradient norms (about 1), so every step
 def _clipped_reference(schedule, groups_of=None) -> GPT:
     """The unsplit model, plain accumulation, clip_grad_norm_ before each step: over all parameters,
     or over each group of `groups_of(model)` separately (the per-stage rule)."""
-    model = GPT(TINY, SEED)
-    spec = dataclasses.replace(optimizer_spec(schedule), clip_grad_norm=CLIP)
-    opt, sched = spec.build(list(model.parameters()))
-    k = schedule.accumulation
-    for step in range(schedule.num_steps):
-        for mb in range(step * k, (step + 1) * k):
-            x, y = feed(mb)
-            (lm_loss(model(x), y) * (1.0 / k)).backward()
+    def clip(model: GPT) -> None:
         for group in (groups_of(model) if groups_of else [list(model.parameters())]):
             torch.nn.utils.clip_grad_norm_(group, CLIP)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    return model
+
+    return reference_training(schedule, spec=dataclasses.replace(optimizer_spec(schedule), clip_grad_norm=CLIP),
+                              before_step=clip)
 
 
 def _run(name: str, stages: int, exchange: bool, clip: float = CLIP):

@@ -177,7 +177,7 @@ def report(study: Study) -> list[str]:
     lines += ["", "The best rates again: a 20% warm-up, P = 4, 3 seeds, and a 4x longer run:", "",
               "| variant | lr | warm-up 20% | P = 4 | seeds (mean ± std) | 4x steps |", "|---|---|---|---|---|---|"]
     warmup = max(1, round(LONG_WARMUP * st.steps))
-    for v in (FLUSH, PACI, *COMPENSATED):
+    for v in (FLUSH, PACI, *COMPENSATED, CONTROLS[0]):  # NAdamW on every stage runs long beside its flush control
         lr = study.best_lr(v)
         if lr is None:
             continue
@@ -210,7 +210,7 @@ def plot(study: Study, path: Path) -> None:
     left.set_xlabel("peak learning rate")
     left.set_ylabel(f"final validation loss ({st.steps} steps)")
     left.set_title("Each variant across the learning rate")
-    for v in (FLUSH, PACI, *COMPENSATED):
+    for v in (FLUSH, PACI, *COMPENSATED, CONTROLS[0]):  # NAdamW on every stage runs long beside its flush control
         lr = study.best_lr(v)
         if lr and (r := study.get(v.cell(st, lr))):
             right.plot(*zip(*r["eval"]), label=f"{v.label}, lr {lr:g}")

@@ -43,7 +43,8 @@ from paci.ir import Action, Op, steps_together
 from paci.metrics import mean_loss
 from paci.partition import parse_split, partition, stage_memory_model, uniform_split
 from paci.profiler import default_budget, profile_modules
-from paci.runtime.executor import Executor, NormExchange, StageFailure, dist_norm_exchange, run_local
+from paci.runtime.executor import (Executor, NormExchange, StageFailure, VersionCheck, dist_norm_exchange,
+                                   run_local)
 from paci.runtime.launch import RankInfo, env_rank, init_distributed, rank_device
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.runtime.transport import DistTransport, LocalTransport
@@ -142,9 +143,11 @@ class Pipeline:
             stage.train_batch = feeder.view(stage.is_first, stage.is_last)
         exchange = NormExchange(self._stages) if self.clip_grad_norm and steps_together(schedule) else None
         losses: list[float] = []
+        listener = _listener(schedule, self._stages, losses, on_step)
         with _data_errors():
-            run_local(self._stages, schedule, LocalTransport(), _listener(schedule, losses, on_step),
+            run_local(self._stages, schedule, LocalTransport(), listener,
                       gate=exchange.gate if exchange is not None else None)
+        listener.finish()
         return losses
 
     def _fit_rank(self, info: RankInfo, schedule, feeder: _Feeder, on_step) -> list[float]:
@@ -175,12 +178,13 @@ class Pipeline:
                                   self.timeout_s)
         trace = Trace(schedule.name, self.num_stages, schedule.num_microbatches, schedule.weight_policy, "measured")
         losses: list[float] = []
-        executor = Executor(stage, schedule.actions(rank), transport, trace.stages[rank],
-                            listener=_listener(schedule, losses, on_step))
+        listener = _listener(schedule, [stage], losses, on_step)
+        executor = Executor(stage, schedule.actions(rank), transport, trace.stages[rank], listener=listener)
         with _data_errors():
             while not executor.done:
                 executor.run_next()
         transport.flush()
+        listener.finish()
         box = [losses]
         dist.broadcast_object_list(box, src=self.num_stages - 1)  # every rank returns the losses
         return box[0]
@@ -200,18 +204,21 @@ class Pipeline:
                      device=device, loss_fn=self.loss_fn, make_optimizer=make_optimizer)
 
 
-def _listener(schedule, losses: list[float], on_step) -> Callable[[Stage, Action], None]:
+def _listener(schedule, stages: list[Stage], losses: list[float], on_step) -> Callable[[Stage, Action], None]:
     """Per optimizer step of the last stage, the mean loss of its K micro-batches (as metrics.jsonl
-    has it: the finite ones); and each
-    stage's recorded versions let go as its backwards happen (nothing grows with the run)."""
+    has it: the finite ones); and every recorded (v_f, v_b) checked against the schedule as it
+    happens (`VersionCheck`; `listener.finish()` after the run checks none is missing)."""
+    checks = {stage.index: VersionCheck(schedule, stage.index, base=stage.version) for stage in stages}
+
     def listener(stage: Stage, action: Action) -> None:
-        if action.op in (Op.B, Op.I):
-            stage.versions.pop(action.microbatch)
+        checks[stage.index](stage, action)
         if action.op is Op.U and stage.is_last:
             window = sorted(stage.losses)[:schedule.accumulation]
             losses.append(mean_loss([stage.losses.pop(mb) for mb in window])[0])
             if on_step is not None:
                 on_step(len(losses), losses[-1])
+
+    listener.finish = lambda: [check.finish() for check in checks.values()]
     return listener
 
 

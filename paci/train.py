@@ -29,14 +29,15 @@ from paci.config import RunConfig
 from paci.data import TokenData, load_data
 from paci.files import check_writable, write_text
 from paci.ir import (Action, Message, Op, Schedule, WeightPolicy, evaluation_rounds, from_step,
-                     stage_delay, stage_versions, steps_together,
+                     stage_delay, steps_together,
                      updates_ahead, with_evaluation)
 from paci.metrics import Record, Recorder, StatsEvent, StepStats, to_json
 from paci.model import PRESETS, GPTConfig, autocast, build_units, num_units
 from paci.partition import check_split, choose_split, parse_bytes, split_spec
 from paci.profiler import check_memory
 from paci.report import render_png, write_chrome_trace
-from paci.runtime.executor import Executor, NormExchange, dist_norm_exchange, gather_trace, run_local
+from paci.runtime.executor import (Executor, NormExchange, VersionCheck, dist_norm_exchange, gather_trace,
+                                   run_local)
 from paci.runtime.launch import env_rank, init_distributed, rank_device
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.runtime.transport import DistTransport, LocalTransport, StatsChannel
@@ -189,32 +190,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class VersionCheck:
-    """Every (v_f, v_b) a stage records must equal the schedule's prediction; a mismatch is a runtime
-    bug. Checked as each backward happens (the stage's record is consumed), so nothing grows with
-    the length of the run; `finish` checks that every backward was seen. A resumed run checks the
-    micro-batches it ran."""
-
-    def __init__(self, plan: Plan, stage: int) -> None:
-        self.stage, self.first = stage, plan.start_step * plan.schedule.accumulation
-        self.expected = (item for item in stage_versions(plan.schedule, stage) if item[0] >= self.first)
-        self.checked, self.total = 0, plan.schedule.num_microbatches - self.first
-
-    def __call__(self, stage: Stage, action: Action) -> None:
-        if action.op not in (Op.B, Op.I):
-            return
-        mb, v_f, v_b = next(self.expected, (None, None, None))
-        recorded = stage.versions.pop(action.microbatch)
-        if mb != action.microbatch or recorded != (v_f, v_b):
-            raise RuntimeError(f"stage {self.stage}, micro-batch {action.microbatch}: recorded (v_f, v_b) = "
-                               f"{recorded}, the schedule predicts micro-batch {mb} with {(v_f, v_b)}")
-        self.checked += 1
-
-    def finish(self) -> None:
-        if self.checked != self.total:
-            raise RuntimeError(f"stage {self.stage} ran {self.checked} backwards, the schedule has {self.total}")
-
-
 def save_stage(plan: Plan, stage: Stage) -> dict:
     """This stage's file of the checkpoint at its current step; returns the manifest entry."""
     payload = {**stage.state_dict(), "stage": stage.index, "units": list(plan.split[stage.index])}
@@ -298,7 +273,8 @@ def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
         on_plan(plan)
     recorder = make_recorder(plan, on_record)
     stats = StepStats(plan.schedule.accumulation, plan.eval_batches)
-    checks = [VersionCheck(plan, s) for s in range(plan.num_stages)]
+    first = plan.start_step * plan.schedule.accumulation
+    checks = [VersionCheck(plan.schedule, s, first) for s in range(plan.num_stages)]
 
     exchange = NormExchange(stages) if plan.clips_globally else None
 
@@ -410,7 +386,7 @@ def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: Stats
     trace = Trace(plan.schedule.name, plan.num_stages, plan.schedule.num_microbatches,
                   plan.schedule.weight_policy, kind="measured")
     stats = StepStats(plan.schedule.accumulation, plan.eval_batches)
-    check = VersionCheck(plan, stage.index)
+    check = VersionCheck(plan.schedule, stage.index, plan.start_step * plan.schedule.accumulation)
     due = _stats_order(plan)  # on rank 0: the step after which each stats message is sent
     next_due = next(due, None)
 

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from paci.ir import Action, Op, Schedule, ScheduleError, needs, render_grid, sends
+from paci.ir import (INPUT_GRAD_OPS, Action, Op, Schedule, ScheduleError, needs, render_grid, sends,
+                     stage_versions)
 from paci.runtime.stage import Stage
 from paci.runtime.transport import Transport
 from paci.trace import StageTrace, Trace
@@ -117,6 +118,34 @@ def run_local(stages: list[Stage], schedule: Schedule, transport: Transport,
             detail = ", ".join(f"stage {s} waits at {executors[s].head}" for s in marks)
             raise ScheduleError(f"deadlock: {detail}\n{render_grid(schedule, marks)}")
     return trace
+
+
+class VersionCheck:
+    """Every (v_f, v_b) a stage records must equal the schedule's prediction; a mismatch is a runtime
+    bug. Checked as each backward happens (the stage's record is consumed), so nothing grows with
+    the length of the run; `finish` checks that every backward was seen. `first`: the first
+    micro-batch run (a resumed run checks those it ran); `base`: the stage's version when the
+    schedule started (a Pipeline fitted again continues its versions)."""
+
+    def __init__(self, schedule: Schedule, stage: int, first: int = 0, base: int = 0) -> None:
+        self.stage, self.first, self.base = stage, first, base
+        self.expected = (item for item in stage_versions(schedule, stage) if item[0] >= first)
+        self.checked, self.total = 0, schedule.num_microbatches - first
+
+    def __call__(self, stage: Stage, action: Action) -> None:
+        if action.op not in INPUT_GRAD_OPS:
+            return
+        mb, v_f, v_b = next(self.expected, (None, None, None))
+        v_f_run, v_b_run = stage.versions.pop(action.microbatch)
+        recorded = (v_f_run - self.base, v_b_run - self.base)
+        if mb != action.microbatch or recorded != (v_f, v_b):
+            raise RuntimeError(f"stage {self.stage}, micro-batch {action.microbatch}: recorded (v_f, v_b) = "
+                               f"{recorded}, the schedule predicts micro-batch {mb} with {(v_f, v_b)}")
+        self.checked += 1
+
+    def finish(self) -> None:
+        if self.checked != self.total:
+            raise RuntimeError(f"stage {self.stage} ran {self.checked} backwards, the schedule has {self.total}")
 
 
 class NormExchange:

@@ -185,9 +185,7 @@ class Pipeline:
                 executor.run_next()
         transport.flush()
         listener.finish()
-        box = [losses]
-        dist.broadcast_object_list(box, src=self.num_stages - 1)  # every rank returns the losses
-        return box[0]
+        return _from_last_rank(losses, schedule.num_steps, rank, self.num_stages)
 
     def _stage(self, index: int, policy, accumulation: int, feeder: _Feeder, device: torch.device) -> Stage:
         start, stop = self.split[index]
@@ -235,6 +233,20 @@ def _data_errors() -> Iterator[None]:
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool]
 _MAX_DIMS = 8
+
+
+def _from_last_rank(losses: list[float], steps: int, rank: int, num_stages: int) -> list[float]:
+    """The last rank's losses on every rank, exact (a Python float is a float64). Point to point on
+    purpose: a collective's tensors are released by a gloo worker thread that needs the GIL, and a
+    process exiting right after its last collective can abort while that thread waits for it."""
+    last = num_stages - 1
+    box = torch.tensor(losses if rank == last else [0.0] * steps, dtype=torch.float64)
+    if rank == last:
+        for peer in range(last):
+            dist.send(box, dst=peer)
+    else:
+        dist.recv(box, src=last)
+    return box.tolist()
 
 
 def _shapes(stage: Stage, device: torch.device) -> tuple[tuple[tuple[int, ...], torch.dtype] | None, ...]:

@@ -7,6 +7,7 @@ rendezvous (MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE), which torchrun sets 
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import logging
@@ -63,6 +64,18 @@ def init_distributed(device: torch.device, timeout_s: float) -> None:
                  "world_size": int(os.environ["WORLD_SIZE"])}
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None, **store)
+    atexit.register(_destroy_at_exit)
+
+
+def _destroy_at_exit() -> None:
+    """Registered by init_distributed; runs while the interpreter is still whole. Destroys the
+    process group if the script did not (torchrun scripts rarely do), then waits a moment with the
+    GIL released: a gloo worker thread releases a finished collective's tensors only once it holds
+    the GIL, and one still waiting for it when the interpreter shuts down aborts the process
+    ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    time.sleep(0.05)
 
 
 def free_port() -> int:

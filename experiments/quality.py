@@ -140,6 +140,8 @@ def planned_cells(setting: Setting, done: dict[str, dict]) -> list[Cell]:
         cells += [v.cell(setting, lr) for v in PIPEMARE for lr in lrs[:2]]
     if study.swept(NESTEROV_ALL) and study.swept(CONTROLS[0]):  # does NAdamW catch up over a longer run?
         cells += [v.cell(setting, study.best_lr(v), steps=HORIZON * setting.steps) for v in (NESTEROV_ALL, CONTROLS[0])]
+    if best_comp is not None:  # last, the costliest: 3 seeds of the longer runs too
+        cells += [v.cell(setting, lr, steps=HORIZON * setting.steps, seed=s) for v, lr in best.items() for s in setting.seeds]
     return [c for c in dict.fromkeys(cells) if c.name not in done]
 
 
@@ -175,7 +177,7 @@ def report(study: Study) -> list[str]:
         lines.append(f"| {v.label} | " + " | ".join(_loss(study.get(v.cell(st, lr))) for lr in lrs) +
                      f" | {best or '-'} | {_gap(at_best, flush)} | {_gap(at_flush, flush)} |")
     lines += ["", "The best rates again: a 20% warm-up, P = 4, 3 seeds, and a 4x longer run:", "",
-              "| variant | lr | warm-up 20% | P = 4 | seeds (mean ± std) | 4x steps |", "|---|---|---|---|---|---|"]
+              "| variant | lr | warm-up 20% | P = 4 | seeds (mean ± std) | 4x steps, seeds |", "|---|---|---|---|---|---|"]
     warmup = max(1, round(LONG_WARMUP * st.steps))
     for v in (FLUSH, PACI, *COMPENSATED, CONTROLS[0]):  # NAdamW on every stage runs long beside its flush control
         lr = study.best_lr(v)
@@ -184,7 +186,7 @@ def report(study: Study) -> list[str]:
         p4 = "-" if v.schedule == "1f1b" else " / ".join(
             f"{_loss(study.get(v.cell(st, x, stages=4)))} @{x:g}" for x in sweep(st)[:3])
         lines.append(f"| {v.label} | {lr:g} | {_loss(study.get(v.cell(st, lr, warmup=warmup)))} | {p4} | "
-                     f"{_mean_std(study.seeds(v, lr))} | {_loss(study.get(v.cell(st, lr, steps=HORIZON * st.steps)))} |")
+                     f"{_mean_std(study.seeds(v, lr))} | {_mean_std(study.seeds(v, lr, steps=HORIZON * st.steps))} |")
     return lines
 
 

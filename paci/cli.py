@@ -43,8 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _terminate(signum, frame) -> None:
-    """SIGTERM stops a run the way Ctrl-C does; a second SIGTERM kills at once."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """SIGTERM stops a run the way Ctrl-C does (a training run: at its next checkpoint; again: at once)."""
     raise KeyboardInterrupt
 
 

@@ -8,6 +8,7 @@ one stage per rank, producing the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -38,7 +39,7 @@ from paci.profiler import check_memory
 from paci.report import render_png, write_chrome_trace
 from paci.runtime.executor import (Executor, NormExchange, VersionCheck, dist_norm_exchange, gather_trace,
                                    run_local)
-from paci.runtime.launch import env_rank, init_distributed, rank_device
+from paci.runtime.launch import StopRequest, Stopped, env_rank, init_distributed, rank_device
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.runtime.transport import DistTransport, LocalTransport, StatsChannel
 from paci.sim import CostModel, check_size, simulate
@@ -80,6 +81,11 @@ class Plan:
         validation), so that a run restarted before its first interval resumes rather than fails."""
         last = self.schedule.num_steps
         return step in (0, last) or (self.checkpoint_every > 0 and step % self.checkpoint_every == 0)
+
+    @property
+    def drains_midway(self) -> bool:
+        """Are there drain points before the end (where a requested stop can save and stop)?"""
+        return 0 < self.checkpoint_every < self.schedule.num_steps
 
     @functools.cached_property
     def clips_globally(self) -> bool:
@@ -257,9 +263,11 @@ def write_summary(plan: Plan, recorder: Recorder, extra: Record) -> Record:
 
 
 def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
-          on_plan: Callable[[Plan], None] | None = None, resume: bool = False) -> tuple[Record, Trace]:
+          on_plan: Callable[[Plan], None] | None = None, resume: bool = False,
+          stop: StopRequest | None = None) -> tuple[Record, Trace]:
     """Train with every stage in this process. Returns the summary and the measured trace. With
-    `resume`, continue the run in `config.train.out` from its newest complete checkpoint."""
+    `resume`, continue the run in `config.train.out` from its newest complete checkpoint. Once
+    `stop` is requested, the run raises Stopped at its next checkpoint, once that is complete."""
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)  # before profiling the split
     plan = make_plan(config, resume=resume)
     device = default_device()
@@ -292,10 +300,13 @@ def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
         entries.append(save_stage(plan, stage))
         if len(entries) == plan.num_stages:
             finish_checkpoint(plan, stage.version, saved.pop(stage.version))
+            if stop is not None and stop.requested:
+                raise Stopped(stage.version)
 
     try:
-        trace = run_local(stages, from_step(plan.schedule, plan.start_step), LocalTransport(), listener,
-                          plan.is_drain, on_drain, exchange.gate if exchange is not None else None)
+        with stop.armed(plan.drains_midway) if stop is not None else contextlib.nullcontext():
+            trace = run_local(stages, from_step(plan.schedule, plan.start_step), LocalTransport(), listener,
+                              plan.is_drain, on_drain, exchange.gate if exchange is not None else None)
         for check in checks:
             check.finish()
     finally:
@@ -320,8 +331,10 @@ def message_spec(plan: Plan) -> Callable[[Message], tuple[tuple[int, ...], torch
 
 
 def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = None,
-               on_plan: Callable[[Plan], None] | None = None, resume: bool = False) -> Record | None:
-    """This rank's part of a multi-process run. Rank 0 writes the run directory and returns the summary."""
+               on_plan: Callable[[Plan], None] | None = None, resume: bool = False,
+               stop: StopRequest | None = None) -> Record | None:
+    """This rank's part of a multi-process run. Rank 0 writes the run directory and returns the
+    summary. At each checkpoint the ranks agree whether any was asked to `stop` (Stopped)."""
     info = env_rank()
     device = rank_device(info)
     if config.pipeline.stages != info.world_size:
@@ -362,7 +375,8 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
         recorder = make_recorder(plan, on_record)
     plan.run_dir = Path(_broadcast(str(plan.run_dir)))
     try:
-        trace = _run_rank(plan, stage, transport, channel, recorder, checkpoint_group, norm_channels)
+        with stop.armed(plan.drains_midway) if stop is not None else contextlib.nullcontext():
+            trace = _run_rank(plan, stage, transport, channel, recorder, checkpoint_group, norm_channels, stop)
         return _gather(plan, stage, trace, recorder)
     finally:
         if recorder is not None:
@@ -382,7 +396,8 @@ def _norm_channels(plan: Plan, rank: int, device: torch.device) -> dict[int, Sta
 
 
 def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: StatsChannel | None,
-              recorder: Recorder | None, checkpoint_group, norm_channels: dict[int, StatsChannel]) -> Trace:
+              recorder: Recorder | None, checkpoint_group, norm_channels: dict[int, StatsChannel],
+              stop: StopRequest | None) -> Trace:
     trace = Trace(plan.schedule.name, plan.num_stages, plan.schedule.num_microbatches,
                   plan.schedule.weight_policy, kind="measured")
     stats = StepStats(plan.schedule.accumulation, plan.eval_batches)
@@ -413,6 +428,11 @@ def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: Stats
         dist.gather_object(save_stage(plan, stage), entries, dst=0, group=checkpoint_group)
         if entries is not None:
             finish_checkpoint(plan, stage.version, entries)
+        if stop is not None:  # a stop asked of any rank (they get the signal at slightly different times)
+            asked = torch.tensor([float(stop.requested)], device=stage.device)
+            dist.all_reduce(asked, op=dist.ReduceOp.MAX, group=checkpoint_group)
+            if asked.item():
+                raise Stopped(stage.version)
 
     def listener(stage: Stage, action: Action) -> None:
         check(stage, action)

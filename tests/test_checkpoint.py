@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,28 +184,33 @@ def test_two_runs_in_the_same_second_get_their_own_directories(tmp_path, monkeyp
     assert first.run_dir != second.run_dir and second.run_dir.name == first.run_dir.name + "-2"
 
 
-@pytest.mark.dist
 @pytest.mark.timeout(240)
-def test_sigterm_then_resume_multiprocess_equals_uninterrupted(tmp_path):
-    """`paci train --nproc 2` stopped by SIGTERM mid-run exits non-zero with the resume command and
-    no orphan; `--resume` finishes it; losses and weights equal an uninterrupted run's bit for bit."""
-    flags = ["--preset", "tiny", "--stages", "2", "--nproc", "2", "--microbatches", "4", "--batch-size", "2",
+@pytest.mark.parametrize("nproc, how", [(1, signal.SIGINT), pytest.param(2, signal.SIGTERM, marks=pytest.mark.dist)],
+                         ids=["ctrl-c", "sigterm-nproc2"])
+def test_a_signal_saves_at_the_next_checkpoint_and_resume_equals_uninterrupted(tmp_path, nproc, how):
+    """`paci train` given Ctrl-C (or SIGTERM) mid-run goes on to its next drain point, saves the
+    checkpoint there and stops: exit 130, the resume command, no traceback, no step lost (the last
+    step recorded is the checkpoint's). `--resume` finishes the run, and its losses and weights
+    equal an uninterrupted run's bit for bit."""
+    flags = ["--preset", "tiny", "--stages", "2", "--nproc", str(nproc), "--microbatches", "4", "--batch-size", "2",
              "--seq-len", "16", "--steps", "200", "--checkpoint-every", "10", "--eval-every", "50", "--split",
              "uniform", "--threads", "1", "--lr", "1e-2"]
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "paci", "train", *flags, "--out", str(run)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (run / "checkpoints" / "step-000020" / "manifest.json").exists():
+    while time.monotonic() < deadline and not (run / "checkpoints" / "step-000010" / "manifest.json").exists():
         assert proc.poll() is None, proc.communicate()
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=30)
-    assert proc.returncode != 0 and "--resume" in stderr, stderr
+        time.sleep(0.05)
+    recorded = _steps(run)  # steps already done when the signal comes
+    proc.send_signal(how)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--resume" in stderr and "stopping at the next checkpoint" in stderr, stderr
     assert "Traceback" not in stderr
     stopped_at = latest(run)["step"]
-    assert 20 <= stopped_at < 200
-    done = subprocess.run([sys.executable, "-m", "paci", "train", "--resume", str(run), "--nproc", "2"],
+    assert max(recorded) <= stopped_at < 200 and stopped_at % 10 == 0
+    assert max(_steps(run)) == stopped_at  # it stopped where it saved
+    done = subprocess.run([sys.executable, "-m", "paci", "train", "--resume", str(run), "--nproc", str(nproc)],
                           capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, done.stderr
     assert f"resuming after step {stopped_at}" in done.stderr
@@ -212,3 +218,10 @@ def test_sigterm_then_resume_multiprocess_equals_uninterrupted(tmp_path):
                            capture_output=True, text=True, timeout=200)
     assert whole.returncode == 0, whole.stderr
     _assert_same_run(tmp_path / "whole", run)
+
+
+def _steps(run: Path) -> list[int]:
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    records = [json.loads(line) for line in lines]
+    return [0] + [r["step"] for r in records if "loss" in r and not r.get("final")]

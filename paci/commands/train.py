@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -93,7 +94,7 @@ _TRAIN_FLAGS = {"model": {"preset": "preset", "vocab_size": "vocab_size"},
 
 def train_command(args: argparse.Namespace) -> int:
     from paci.config import load_config, load_run_config
-    from paci.runtime.launch import env_rank, run_rank, spawn
+    from paci.runtime.launch import STOP_SIGNAL, STOPPING, StopRequest, env_rank, run_rank, spawn
 
     overrides = {section: {key: getattr(args, flag) for flag, key in flags.items()}
                  for section, flags in _TRAIN_FLAGS.items()}
@@ -115,8 +116,10 @@ def train_command(args: argparse.Namespace) -> int:
         from paci.train import train
 
         progress = _Progress(quiet=args.json)
+        stop = StopRequest((signal.SIGINT, signal.SIGTERM), STOPPING)
         try:
-            summary, _ = train(config, on_record=progress.record, on_plan=progress.start_checked, resume=resume)
+            summary, _ = train(config, on_record=progress.record, on_plan=progress.start_checked, resume=resume,
+                               stop=stop)
         except KeyboardInterrupt:
             progress.interrupted()
             raise
@@ -138,7 +141,7 @@ def train_command(args: argparse.Namespace) -> int:
     input_checked()
     try:
         return spawn(_train_rank, (config, args.json, resume), config.pipeline.nproc, port=config.pipeline.port,
-                     threads=config.train.threads)
+                     threads=config.train.threads, stop_signal=STOP_SIGNAL if plan.drains_midway else None)
     except KeyboardInterrupt:
         _Progress(quiet=False).interrupted(config.train.out)
         raise
@@ -146,11 +149,19 @@ def train_command(args: argparse.Namespace) -> int:
 
 def _train_rank(payload) -> int:
     """One rank of a multi-process run (spawned, or started by torchrun)."""
+    from paci.runtime.launch import STOP_SIGNAL, STOPPING, StopRequest, env_rank, stop_signals
     from paci.train import train_rank
 
     config, as_json, resume = payload
     progress = _Progress(quiet=as_json)
-    summary = train_rank(config, on_record=progress.record, on_plan=progress.start, resume=resume)
+    under_torchrun = stop_signals() != (STOP_SIGNAL,)  # else paci's own launcher announces and reports
+    stop = StopRequest(stop_signals(), STOPPING if under_torchrun and env_rank().rank == 0 else None)
+    try:
+        summary = train_rank(config, on_record=progress.record, on_plan=progress.start, resume=resume, stop=stop)
+    except KeyboardInterrupt:
+        if under_torchrun:
+            progress.interrupted()
+        raise
     progress.close()
     if summary is not None:
         _finish(summary, as_json)

@@ -8,6 +8,7 @@ rendezvous (MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE), which torchrun sets 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, NamedTuple
 
@@ -33,6 +34,59 @@ class RankInfo(NamedTuple):
     rank: int
     world_size: int
     local_rank: int
+
+
+class Stopped(KeyboardInterrupt):
+    """A requested stop took effect: the run saved its checkpoint after `step` and stopped there."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped after step {step}, at a checkpoint")
+        self.step = step
+
+
+class StopRequest:
+    """A stop asked for by a signal: the run goes on to its next drain point, saves the checkpoint
+    due there and raises Stopped (a drain point, so that resuming stays bit-identical to never
+    having stopped). A second signal interrupts at once (KeyboardInterrupt)."""
+
+    def __init__(self, signums: tuple[int, ...], announce: str | None = None) -> None:
+        self.signums, self.announce = signums, announce
+        self.requested = False
+
+    @contextlib.contextmanager
+    def armed(self, when: bool = True) -> Iterator[None]:
+        """Handle the signals inside the block (main thread only), if `when`: a run with no drain
+        point before its end has nothing to wait for, and its signals keep their meaning."""
+        if not when:
+            yield
+            return
+        previous = {signum: signal.getsignal(signum) for signum in self.signums}
+
+        def handler(signum, frame) -> None:
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            if self.announce:
+                print(self.announce, file=sys.stderr, flush=True)
+
+        for signum in self.signums:
+            signal.signal(signum, handler)
+        try:
+            yield
+        finally:
+            for signum, old in previous.items():
+                signal.signal(signum, old)
+
+
+STOPPING = "paci: stopping at the next checkpoint; Ctrl-C again to stop at once"
+STOP_SIGNAL = signal.SIGUSR1  # what `spawn(stop_signal=...)` callers send their ranks to ask for a stop
+_spawned = False  # set in a rank that `spawn` started: its launcher handles Ctrl-C and SIGTERM
+
+
+def stop_signals() -> tuple[int, ...]:
+    """The signals that ask this rank for a stop: the launcher's, or, under torchrun (which passes
+    SIGINT and SIGTERM on to its workers), those."""
+    return (STOP_SIGNAL,) if _spawned else (signal.SIGINT, signal.SIGTERM)
 
 
 def env_rank() -> RankInfo | None:
@@ -112,7 +166,8 @@ HEARTBEAT_S = 10.0  # a rank whose heartbeat thread has been silent this long is
 
 
 def spawn(entry: Callable[[Any], int], payload: Any, nproc: int, port: int | None = None,
-          threads: int | None = None, grace_s: float = 10.0, heartbeat_s: float = HEARTBEAT_S) -> int:
+          threads: int | None = None, grace_s: float = 10.0, heartbeat_s: float = HEARTBEAT_S,
+          stop_signal: int | None = None) -> int:
     """Run `entry(payload)` on `nproc` fresh ranks (spawn start method); return 0 if all succeed.
 
     Every rank prints its own errors (prefixed with its rank). If one rank fails, the others get
@@ -120,6 +175,10 @@ def spawn(entry: Callable[[Any], int], payload: Any, nproc: int, port: int | Non
     Every rank also beats a heartbeat from a thread of its own (a rank waiting for a peer still
     beats); one silent for `heartbeat_s` is named as frozen and the run is stopped at once, long
     before its neighbours' receives would time out and blame themselves.
+
+    Ctrl-C (or SIGTERM, which `paci` turns into one) stops the ranks at once; with `stop_signal`,
+    the first one is passed on to the ranks as that signal instead (they stop at their next
+    checkpoint: StopRequest) and the second stops them at once. KeyboardInterrupt either way.
     """
     check_nproc(nproc)
     if port is None:
@@ -136,11 +195,28 @@ def spawn(entry: Callable[[Any], int], payload: Any, nproc: int, port: int | Non
     try:
         return _supervise(procs, grace_s, beats, heartbeat_s)
     except KeyboardInterrupt:
+        if stop_signal is None:
+            _stop(procs)
+            raise
+    # Ctrl-C or SIGTERM: ask the ranks to stop at their next checkpoint, and wait for them
+    print(STOPPING, file=sys.stderr, flush=True)
+    for proc in procs:
+        if proc.exitcode is None:
+            os.kill(proc.pid, stop_signal)
+    try:
+        code = _supervise(procs, grace_s, beats, heartbeat_s, stopping=True)
+    except KeyboardInterrupt:
         _stop(procs)
         raise
+    if code == STOPPED:
+        raise KeyboardInterrupt
+    return code
 
 
-def _supervise(procs: list, grace_s: float, beats: list, heartbeat_s: float) -> int:
+STOPPED = 130  # a rank's exit code after a requested stop (as a shell reports Ctrl-C)
+
+
+def _supervise(procs: list, grace_s: float, beats: list, heartbeat_s: float, stopping: bool = False) -> int:
     first_failure: tuple[int, int] | None = None
     deadline = float("inf")
     while any(proc.exitcode is None for proc in procs):
@@ -163,6 +239,8 @@ def _supervise(procs: list, grace_s: float, beats: list, heartbeat_s: float) -> 
         first_failure = next(((r, p.exitcode) for r, p in enumerate(procs) if p.exitcode), None)
     if first_failure is None:
         return 0
+    if stopping and all(proc.exitcode in (0, STOPPED) for proc in procs):
+        return STOPPED
     rank, code = first_failure
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
     log.error("paci: rank %d %s; the run stopped", rank, how)
@@ -187,9 +265,16 @@ def _child(entry: Callable[[Any], int], payload: Any, rank: int, world_size: int
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the ranks
+    signal.signal(STOP_SIGNAL, _interrupt)  # a stop asked for outside a run's drain points: at once
+    global _spawned
+    _spawned = True
     _die_with_parent()
     torch.set_num_threads(threads)
     sys.exit(run_rank(entry, payload))
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _start_heartbeat(beat, every_s: float = 1.0) -> None:
@@ -230,6 +315,8 @@ def run_rank(entry: Callable[[Any], int], payload: Any) -> int:
     except (ValueError, OSError) as exc:
         log.error("paci: rank %d: error: %s", rank, exc)
         return 2
+    except KeyboardInterrupt:  # a requested stop (Stopped), or one that could not wait
+        return STOPPED
     except Exception as exc:  # a runtime failure: say which rank, keep the traceback for debugging
         log.error("paci: rank %d: %s: %s", rank, type(exc).__name__, exc)
         if os.environ.get("PACI_DEBUG"):

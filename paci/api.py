@@ -24,8 +24,12 @@ and keeps only those still in flight. The units themselves are trained in place.
 The same script runs every stage in this process (`python train.py`) or one stage per rank under
 `torchrun --nproc-per-node P train.py` (gloo on CPU, NCCL on GPU), with the same numbers bit for
 bit; under torchrun give every rank the same data (rank 0 reads the inputs, the last rank the
-targets) and `fit` returns the losses on every rank. One tensor passes between stages; several
-tensors per message and data parallelism are issue 10's next steps.
+targets) and `fit` returns the losses on every rank.
+
+Between units, and so between stages, passes a tensor or a tuple, list or dict of tensors (hidden
+states with a mask or position ids): a unit gets what the unit before returned as its one
+argument, as in `nn.Sequential`. Only floating-point tensors carry a gradient back; message
+layouts come from one forward of the first micro-batch, never written by hand.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from paci.partition import parse_split, partition, stage_memory_model, uniform_s
 from paci.profiler import default_budget, profile_modules
 from paci.runtime.executor import (Executor, NormExchange, StageFailure, VersionCheck, dist_norm_exchange,
                                    run_local)
+from paci.runtime import payload
 from paci.runtime.launch import RankInfo, env_rank, init_distributed, rank_device
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.runtime.transport import DistTransport, LocalTransport
@@ -173,8 +178,8 @@ class Pipeline:
                 self._stages[0].exchange = dist_norm_exchange(self._norm_group, self.num_stages)
         stage = self._stages[0]
         stage.train_batch = feeder.view(stage.is_first, stage.is_last)
-        received, sent = _shapes(stage, device)
-        transport = DistTransport(schedule, rank, lambda msg: sent if msg.kind == "B" else received, device,
+        received, sent = _layouts(stage, device)
+        transport = DistTransport(schedule, rank, lambda msg: sent.grads() if msg.kind == "B" else received, device,
                                   self.timeout_s)
         trace = Trace(schedule.name, self.num_stages, schedule.num_microbatches, schedule.weight_policy, "measured")
         losses: list[float] = []
@@ -231,10 +236,6 @@ def _data_errors() -> Iterator[None]:
         raise
 
 
-_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool]
-_MAX_DIMS = 8
-
-
 def _from_last_rank(losses: list[float], steps: int, rank: int, num_stages: int) -> list[float]:
     """The last rank's losses on every rank, exact (a Python float is a float64). Point to point on
     purpose: a collective's tensors are released by a gloo worker thread that needs the GIL, and a
@@ -249,29 +250,24 @@ def _from_last_rank(losses: list[float], steps: int, rank: int, num_stages: int)
     return box.tolist()
 
 
-def _shapes(stage: Stage, device: torch.device) -> tuple[tuple[tuple[int, ...], torch.dtype] | None, ...]:
-    """(shape, dtype) of the tensor this stage receives and of the one it sends, from one forward of
-    micro-batch 0 (stage 0) or of zeros shaped as the stage before reported, handed down rank by rank."""
+def _layouts(stage: Stage, device: torch.device) -> tuple[payload.Layout | None, payload.Layout | None]:
+    """The layouts of the payload this stage receives and of the one it sends, from one forward of
+    micro-batch 0 (stage 0) or of zeros laid out as the stage before reported, handed down rank by rank."""
     received = None
     if not stage.is_first:
-        header = torch.empty(_MAX_DIMS + 2, dtype=torch.int64, device=device)
-        dist.recv(header, src=stage.index - 1)
-        ndim, *dims = header.tolist()
-        received = (tuple(dims[:ndim]), _DTYPES[dims[-1]])
-        x = torch.zeros(received[0], dtype=received[1], device=device)
+        box = [None]
+        dist.recv_object_list(box, src=stage.index - 1)
+        received = box[0]
+        x = payload.rebuild(received, [torch.zeros(shape, dtype=dtype, device=device)
+                                       for shape, dtype in received.leaves])
     else:
         x = stage.train_batch(0)[0].to(device)
     if stage.is_last:
         return received, None
     with torch.no_grad():
-        output = stage.module(x)
-    if not torch.is_tensor(output) or output.dim() > _MAX_DIMS or output.dtype not in _DTYPES:
-        raise TypeError(f"stage {stage.index} returns {type(output).__name__}; between stages paci passes one "
-                        f"tensor of at most {_MAX_DIMS} dimensions and a dtype among {_DTYPES}")
-    header = torch.tensor([output.dim(), *output.shape, *[0] * (_MAX_DIMS - output.dim()), _DTYPES.index(output.dtype)],
-                          dtype=torch.int64, device=device)
-    dist.send(header, dst=stage.index + 1)
-    return received, (tuple(output.shape), output.dtype)
+        sent = payload.layout(stage.module(x), f"stage {stage.index}")
+    dist.send_object_list([sent], dst=stage.index + 1)
+    return received, sent
 
 
 class _Feeder:

@@ -23,6 +23,42 @@ def mlp_units(seed: int = 0):
     return [nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)]
 
 
+def structured_units(seed: int = 0):
+    """Units that pass several tensors: a dict, then tuples, with an integer gate that carries no
+    gradient and a float skip connection that carries one across two stage boundaries."""
+    import torch
+    from torch import nn
+
+    class Fork(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(6, 16)
+
+        def forward(self, x):
+            return {"h": self.proj(x), "gate": (x[:, :1] > 0).long(), "skip": x * 0.5}
+
+    class Mix(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mix, self.skip = nn.Linear(16, 16), nn.Linear(6, 16)
+
+        def forward(self, parts):
+            h, gate, skip = (parts["h"], parts["gate"], parts["skip"]) if isinstance(parts, dict) else parts
+            return torch.tanh(self.mix(h)) * (1 + gate) + self.skip(skip), gate, skip.sin()
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out = nn.Linear(16, 1)
+
+        def forward(self, parts):
+            h, gate, skip = parts
+            return self.out(h) * (1 + gate) + skip.sum(dim=1, keepdim=True)
+
+    torch.manual_seed(seed)
+    return [Fork(), Mix(), Mix(), Head()]
+
+
 def regression_data(steps: int, rows: int = 8):
     """`steps` mini-batches of a smooth regression, the same on every call."""
     import torch
@@ -41,7 +77,9 @@ def fit_pipeline(payload) -> int:
     import paci
 
     options, steps, out = payload
-    pipe = paci.Pipeline(mlp_units(), nn.functional.mse_loss,
+    options = dict(options)
+    units = structured_units() if options.pop("structured", False) else mlp_units()
+    pipe = paci.Pipeline(units, nn.functional.mse_loss,
                          lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9), **options)
     losses = pipe.fit(regression_data(steps), steps=steps)
     rank = int(__import__("os").environ["RANK"])

@@ -14,7 +14,7 @@ from paci.ir import WeightPolicy
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.runtime.launch import spawn
 from paci.schedules import REGISTRY, build
-from dist_helpers import fit_pipeline, mlp_units, regression_data
+from dist_helpers import fit_pipeline, mlp_units, regression_data, structured_units
 
 STEPS, M = 3, 4
 
@@ -60,6 +60,41 @@ def test_flush_schedules_equal_the_unsplit_model_with_the_users_optimizer(schedu
     trained = [p for module in pipe.stage_modules for p in module.parameters()]
     assert max((a - b).abs().max().item() for a, b in zip(trained, reference.parameters())) <= 1e-6
     assert all(a is b for a, b in zip(trained, nn.Sequential(*units).parameters()))  # trained in place
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1", "paci"])
+def test_several_tensors_between_stages(schedule):
+    """Units that pass a dict and tuples (an integer gate with no gradient, a float skip path across
+    two stage boundaries): the flush schedules equal the unsplit model, and PACI's live weights
+    hold with them too (every gradient reaches its weights: the skip path's through two stages)."""
+    units = structured_units()
+    reference, expected = _reference(copy.deepcopy(units), _sgd)
+    pipe = paci.Pipeline(units, nn.functional.mse_loss, _sgd, schedule=schedule, stages=4, microbatches=M)
+    losses = pipe.fit(_data(), steps=STEPS)
+    trained = [p for module in pipe.stage_modules for p in module.parameters()]
+    if schedule == "paci":  # not the unsplit model's numbers, but every weight moved
+        assert all(not torch.equal(a, b) for a, b in zip(trained, nn.Sequential(*structured_units()).parameters()))
+        return
+    assert losses == pytest.approx(expected, rel=1e-6)
+    for a, b in zip(trained, reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("returned, message", [
+    (lambda h: (h, 3), "every element must be a tensor"),
+    (lambda h: {1: h}, "keys are not all strings"),
+    (lambda h: (h > 0).long(), "no floating-point tensor"),
+])
+def test_what_cannot_travel_between_stages_gets_one_clear_error(returned, message):
+    class Odd(nn.Module):
+        def forward(self, h):
+            return returned(h)
+
+    units = [nn.Linear(6, 4), Odd(), nn.Linear(4, 1)]  # the last never runs
+    pipe = paci.Pipeline(units, nn.functional.mse_loss, _sgd, schedule="1f1b", stages=2, microbatches=M,
+                         split=[(0, 2), (2, 3)])
+    with pytest.raises(paci.api.StageFailure, match=message):
+        pipe.fit(_data(), steps=1)
 
 
 @pytest.mark.parametrize("schedule", list(REGISTRY))
@@ -152,14 +187,16 @@ def test_bad_settings_get_one_clear_error(kwargs, message):
 @pytest.mark.dist
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("options", [{"schedule": "paci", "stages": 3},
-                                     {"schedule": "1f1b", "stages": 2, "clip_grad_norm": 0.05}],
-                         ids=["paci-3", "1f1b-clip-2"])
+                                     {"schedule": "1f1b", "stages": 2, "clip_grad_norm": 0.05},
+                                     {"schedule": "zb-h1", "stages": 3, "structured": True}],
+                         ids=["paci-3", "1f1b-clip-2", "zb-h1-several-tensors-3"])
 def test_one_rank_per_stage_is_bit_identical_to_one_process(tmp_path, options):
     """The same script under a launcher (RANK, WORLD_SIZE set: torchrun's contract) runs one stage
     per rank over gloo and gives the single-process losses and parameters bit for bit."""
     options = {**options, "microbatches": M}
     assert spawn(fit_pipeline, (options, 6, str(tmp_path)), options["stages"], threads=1) == 0
-    pipe = paci.Pipeline(_units(), nn.functional.mse_loss, _sgd, **options)
+    units = structured_units() if options.pop("structured", False) else _units()
+    pipe = paci.Pipeline(units, nn.functional.mse_loss, _sgd, **options)
     losses = pipe.fit(_data(6), steps=6)
     for rank, module in enumerate(pipe.stage_modules):
         saved = torch.load(tmp_path / f"rank{rank}.pt")

@@ -36,7 +36,7 @@ from torch.func import functional_call
 
 from paci.ir import WeightPolicy
 from paci.model import autocast, lm_loss
-from paci.runtime import split
+from paci.runtime import payload, split
 
 Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # index -> (inputs, targets)
 # parameters -> (optimizer, LR scheduler or None)
@@ -202,6 +202,7 @@ class Stage:
         self._params = dict(self.module.named_parameters())
         self._shadows = {name: nn.Parameter(p.data) for name, p in self._params.items()}
         self.loss_fn = loss_fn
+        self._checked: payload.Layout | None = None  # the layout of this stage's first output
         self.optimizer, self.scheduler = (make_optimizer or optim.build)(list(self._shadows.values()))
 
     # ------------------------------------------------------------------------------------------
@@ -219,9 +220,13 @@ class Stage:
                     output = self._graph(mb, x, weights, record=True)
                 self._inflight[mb] = _InFlight(x, None, self.version)
             else:
-                output = self._graph(mb, x if self.is_first else x.requires_grad_(), weights, record=True)
+                output = self._graph(mb, x if self.is_first else payload.as_leaf(x), weights, record=True)
                 self._inflight[mb] = _InFlight(None if self.is_first else x, output, self.version)
-        return None if self.is_last else output.detach()
+        if self.is_last:
+            return None
+        if self._checked is None:  # a clear error for anything a transport cannot carry, once
+            self._checked = payload.layout(output, f"stage {self.index}")
+        return payload.apply(output, torch.Tensor.detach)
 
     @contextlib.contextmanager
     def _predicted_weights(self, ahead: int) -> Iterator[None]:
@@ -262,7 +267,7 @@ class Stage:
                 autocast(self.precision, self.device):
             output = self._run(x, weights)
             if mb in self.poison:
-                output = output * math.nan
+                output = payload.apply(output, lambda t: t * math.nan if t.is_floating_point() else t)
             if self.is_last:
                 loss = self.loss_fn(output, self.train_batch(mb)[1].to(self.device))
                 if record:
@@ -274,14 +279,15 @@ class Stage:
         """Recompute: run the forward again, with the weights of this moment (live) or of the
         forward's version (stashed), so that backward has a graph."""
         if state.output is None:
-            x = state.inputs if self.is_first else state.inputs.requires_grad_()
+            x = state.inputs if self.is_first else payload.as_leaf(state.inputs)
             weights = self._stash.tensors[state.version] if self.policy is WeightPolicy.STASHED else None
             state.output = self._graph(mb, x, weights, record=False)
 
     @property
     def held_inputs(self) -> list[torch.Tensor]:
         """With recompute, the inputs kept for forwards not yet re-run (for memory accounting)."""
-        return [state.inputs for state in self._inflight.values() if state.output is None]
+        return [leaf for state in self._inflight.values() if state.output is None
+                for leaf in payload.leaves(state.inputs)]
 
     def evaluate(self, index: int, received: torch.Tensor | None) -> torch.Tensor | None:
         """E(index): forward-only pass over held-out batch `index` with the current weights."""
@@ -307,9 +313,9 @@ class Stage:
             self._finish(state)
             return self._drop(mb, state)
         self._rebuild(mb, state)
-        state.output.backward(None if self.is_last else grad)
+        _backprop(state.output, None if self.is_last else grad)
         self._finish(state)
-        return None if self.is_first else state.inputs.grad
+        return None if self.is_first else _input_grads(state.inputs)
 
     def backward_input(self, mb: int, grad: torch.Tensor | None) -> torch.Tensor | None:
         """I(mb): only the input gradient; what W needs is kept (paci.runtime.split)."""
@@ -320,15 +326,21 @@ class Stage:
             return self._drop(mb, state)
         self._rebuild(mb, state)
         grad = None if self.is_last else grad
-        if not self.is_first:  # (stage 0 takes no input gradient: its W is the whole backward)
+        single = torch.is_tensor(state.inputs) and torch.is_tensor(state.output)
+        if not self.is_first and single:  # (stage 0 takes no input gradient: its W is the whole backward)
             state.weights = split.plan(state.output, state.inputs, list(self._weights(state).values()))
             if state.weights is not None:
                 return split.input_backward(state.output, grad, state.inputs, state.weights)
         state.grad = grad  # W re-walks the graph (see paci.runtime.split)
         if self.is_first:
             return None
-        (input_grad,) = torch.autograd.grad(state.output, state.inputs, grad, retain_graph=True)
-        return input_grad
+        if single:
+            (input_grad,) = torch.autograd.grad(state.output, state.inputs, grad, retain_graph=True)
+            return input_grad
+        outputs, grads = _pairs(state.output, grad)
+        inputs = payload.float_leaves(state.inputs)
+        found = torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True)
+        return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, found))
 
     def backward_weight(self, mb: int) -> None:
         """W(mb): the weight gradients of a micro-batch whose I already ran."""
@@ -336,7 +348,7 @@ class Stage:
         if state.weights is not None:
             state.weights.run()
         elif not state.dropped:
-            state.output.backward(state.grad, inputs=list(self._weights(state).values()))
+            _backprop(state.output, state.grad, inputs=list(self._weights(state).values()))
         self._finish(state)
 
     def _weights(self, state: _InFlight) -> dict[str, torch.Tensor]:
@@ -349,13 +361,17 @@ class Stage:
         stage drops it, and the flag needs no message of its own."""
         if self.is_last:
             return bool(torch.isfinite(self.losses[mb]))
-        return bool(torch.isfinite(grad).all())
+        return all(bool(torch.isfinite(g).all()) for g in payload.leaves(grad))
 
     def _drop(self, mb: int, state: _InFlight) -> torch.Tensor | None:
         """Leave micro-batch mb out of this stage's gradient; pass the flag upstream as a NaN gradient."""
         self.dropped.append(mb)
         self._check_limit(f"micro-batch {mb} has a non-finite loss or gradient")
-        return None if self.is_first else torch.full_like(state.inputs, math.nan)
+        if self.is_first:
+            return None
+        if torch.is_tensor(state.inputs):
+            return torch.full_like(state.inputs, math.nan)
+        return tuple(torch.full_like(x, math.nan) for x in payload.float_leaves(state.inputs))
 
     def _check_limit(self, what: str) -> None:
         if len(self.dropped) + len(self.skipped) > self.nonfinite_limit:
@@ -505,3 +521,27 @@ class Stage:
         torch.set_rng_state(state["rng"].cpu())
         if "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+
+
+def _pairs(output: payload.Payload, grad: payload.Payload) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The outputs to back-propagate from and their gradients: each floating-point leaf's from the
+    backward message, in leaf order, leaving out leaves that do not depend on the weights or inputs."""
+    if torch.is_tensor(output):
+        return [output], [grad]
+    pairs = [(out, g) for out, g in zip(payload.float_leaves(output), payload.leaves(grad)) if out.requires_grad]
+    return [out for out, _ in pairs], [g for _, g in pairs]
+
+
+def _backprop(output: payload.Payload, grad: payload.Payload | None, inputs: list[torch.Tensor] | None = None) -> None:
+    if torch.is_tensor(output):  # one tensor (and the last stage's loss): as it always was
+        output.backward(grad, inputs=inputs)
+        return
+    outputs, grads = _pairs(output, grad)
+    torch.autograd.backward(outputs, grads, inputs=inputs)
+
+
+def _input_grads(inputs: payload.Payload) -> payload.Payload:
+    """The backward message: the gradient of each floating-point leaf of the stage's input."""
+    if torch.is_tensor(inputs):
+        return inputs.grad
+    return tuple(torch.zeros_like(x) if x.grad is None else x.grad for x in payload.float_leaves(inputs))

@@ -1,7 +1,8 @@
 """How activations and gradients travel between stages. Only this module touches torch.distributed P2P.
 
-A transport moves one tensor per `Message` (kind, destination stage, micro-batch). The receiver
-gets a fresh leaf tensor, never a view of the sender's graph, whichever transport carries it.
+A transport moves one payload per `Message` (kind, destination stage, micro-batch): a tensor, or
+a tuple, list or dict of them (paci.runtime.payload). The receiver gets fresh leaf tensors, never
+views of the sender's graph, whichever transport carries them.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import torch
 import torch.distributed as dist
 
 from paci.ir import Message, Schedule, sends
+from paci.runtime.payload import Layout, Payload, apply, leaves, rebuild
 
 
 class Transport(Protocol):
-    def send(self, msg: Message, tensor: torch.Tensor) -> None: ...
+    def send(self, msg: Message, data: Payload) -> None: ...
 
-    def recv(self, msg: Message) -> torch.Tensor: ...
+    def recv(self, msg: Message) -> Payload: ...
 
     def ready(self, msg: Message) -> bool:
         """Would `recv(msg)` return without waiting? Only the in-process driver (`run_local`) asks;
@@ -32,14 +34,14 @@ class LocalTransport:
     """All stages in one process: a mailbox. Sends copy, as a wire would."""
 
     def __init__(self) -> None:
-        self._mailbox: dict[Message, torch.Tensor] = {}
+        self._mailbox: dict[Message, Payload] = {}
 
-    def send(self, msg: Message, tensor: torch.Tensor) -> None:
+    def send(self, msg: Message, data: Payload) -> None:
         if msg in self._mailbox:
             raise RuntimeError(f"message {msg} sent twice before it was received")
-        self._mailbox[msg] = tensor.detach().clone()
+        self._mailbox[msg] = apply(data, lambda t: t.detach().clone())
 
-    def recv(self, msg: Message) -> torch.Tensor:
+    def recv(self, msg: Message) -> Payload:
         try:
             return self._mailbox.pop(msg)
         except KeyError:
@@ -57,7 +59,9 @@ class PeerFailure(RuntimeError):
     """A neighbour rank died, hung past the timeout, or sent something unexpected."""
 
 
-MessageSpec = Callable[[Message], tuple[tuple[int, ...], torch.dtype]]  # msg -> (shape, dtype) of its tensor
+# msg -> its payload's Layout, or (shape, dtype) where it is one tensor
+MessageSpec = Callable[[Message], Layout | tuple[tuple[int, ...], torch.dtype]]
+MAX_LEAVES = 16  # tensors in one message: each travels with a tag of its own
 
 
 class DistTransport:
@@ -81,9 +85,9 @@ class DistTransport:
         self.max_sends = 2 * schedule.num_stages + 8
         self._incoming = {peer: self._sent_to_me(schedule, peer) for peer in (rank - 1, rank + 1)
                           if 0 <= peer < schedule.num_stages}
-        self._posted: dict[Message, tuple[dist.Work, torch.Tensor]] = {}
+        self._posted: dict[Message, tuple[list[dist.Work], Payload]] = {}
         self._outstanding = dict.fromkeys(self._incoming, 0)
-        self._sending: list[tuple[dist.Work, torch.Tensor, Message]] = []
+        self._sending: list[tuple[list[dist.Work], list[torch.Tensor], Message]] = []
         for peer in self._incoming:
             self._top_up(peer)
 
@@ -99,10 +103,11 @@ class DistTransport:
             msg = next(self._incoming[peer], None)
             if msg is None:
                 return
-            shape, dtype = self.spec(msg)
-            buffer = torch.empty(shape, dtype=dtype, device=self.device)
-            work = dist.irecv(buffer, src=peer, group=self.group, tag=_tag(msg))
-            self._posted[msg] = (work, buffer)
+            spec = self.spec(msg)
+            spec = spec if isinstance(spec, Layout) else Layout.single(*spec)
+            buffers = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in spec.leaves]
+            works = [dist.irecv(buffer, src=peer, group=self.group, tag=_tag(msg, i)) for i, buffer in enumerate(buffers)]
+            self._posted[msg] = (works, rebuild(spec, buffers))
             self._outstanding[peer] += 1
 
     def recv(self, msg: Message) -> torch.Tensor:
@@ -111,25 +116,29 @@ class DistTransport:
             self._top_up(peer, until=msg)
             if msg not in self._posted:
                 raise PeerFailure(f"rank {self.rank}: {msg} is not in rank {peer}'s schedule")
-        work, buffer = self._posted.pop(msg)
+        works, data = self._posted.pop(msg)
         self._outstanding[peer] -= 1
-        self._wait(work, f"receiving {msg.kind} of micro-batch {msg.microbatch} from rank {peer}")
+        for work in works:
+            self._wait(work, f"receiving {msg.kind} of micro-batch {msg.microbatch} from rank {peer}")
         self._top_up(peer)
-        return buffer
+        return data
 
-    def send(self, msg: Message, tensor: torch.Tensor) -> None:
-        payload = tensor.detach().contiguous()
-        work = dist.isend(payload, dst=msg.dst, group=self.group, tag=_tag(msg))
-        self._sending.append((work, payload, msg))  # the tensor must outlive the send
+    def send(self, msg: Message, data: Payload) -> None:
+        tensors = [tensor.detach().contiguous() for tensor in leaves(data)]  # they must outlive the send
+        works = [dist.isend(tensor, dst=msg.dst, group=self.group, tag=_tag(msg, i)) for i, tensor in enumerate(tensors)]
+        self._sending.append((works, tensors, msg))
         if len(self._sending) > self.max_sends:  # gloo never reports completion by itself: bound the list
-            work, _, msg = self._sending.pop(0)
-            self._wait(work, f"sending {msg.kind} of micro-batch {msg.microbatch} to rank {msg.dst}")
+            self._wait_sent(*self._sending.pop(0))
 
     def flush(self) -> None:
         """Wait for every send still in flight."""
-        for work, _, msg in self._sending:
-            self._wait(work, f"sending {msg.kind} of micro-batch {msg.microbatch} to rank {msg.dst}")
+        for sending in self._sending:
+            self._wait_sent(*sending)
         self._sending = []
+
+    def _wait_sent(self, works: list[dist.Work], tensors: list[torch.Tensor], msg: Message) -> None:
+        for work in works:
+            self._wait(work, f"sending {msg.kind} of micro-batch {msg.microbatch} to rank {msg.dst}")
 
     def _wait(self, work: dist.Work, what: str) -> None:
         start = time.monotonic()
@@ -149,8 +158,8 @@ def _source(msg: Message) -> int:
 _KINDS = {"F": 0, "B": 1, "E": 2}
 
 
-def _tag(msg: Message) -> int:
-    return msg.microbatch * len(_KINDS) + _KINDS[msg.kind]
+def _tag(msg: Message, leaf: int = 0) -> int:
+    return (msg.microbatch * len(_KINDS) + _KINDS[msg.kind]) * MAX_LEAVES + leaf
 
 
 STATS_WIDTH = 4  # the fields of a metrics.StatsEvent

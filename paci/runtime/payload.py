@@ -1,0 +1,92 @@
+"""What travels between two stages: one tensor, or a tuple, list or dict of tensors.
+
+A user's unit may return hidden states together with a mask or position ids; the next unit gets
+the same structure back as its one argument (as in an `nn.Sequential`). Across a stage boundary
+the structure is flattened into its tensors ("leaves"), which the transports carry one by one,
+and rebuilt on the other side. Only floating-point leaves carry a gradient back: the backward
+message holds one gradient per floating-point leaf of the forward message, in leaf order (for a
+single tensor, the gradient itself, so the GPT's messages are what they always were).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+Payload = torch.Tensor | tuple | list | dict
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The structure of a payload and each leaf's (shape, dtype): what a receiver allocates."""
+
+    kind: str  # "tensor", "tuple", "list" or "dict"
+    keys: tuple[str, ...]  # a dict's keys, in order; else ()
+    leaves: tuple[tuple[tuple[int, ...], torch.dtype], ...]
+
+    @staticmethod
+    def single(shape: tuple[int, ...], dtype: torch.dtype) -> Layout:
+        return Layout("tensor", (), ((tuple(shape), dtype),))
+
+    def grads(self) -> Layout:
+        """The layout of the gradient message that answers a message of this layout."""
+        floats = tuple(leaf for leaf in self.leaves if leaf[1].is_floating_point)
+        return self if self.kind == "tensor" else Layout("tuple", (), floats)
+
+
+def leaves(payload: Payload) -> list[torch.Tensor]:
+    if torch.is_tensor(payload):
+        return [payload]
+    return list(payload.values()) if isinstance(payload, dict) else list(payload)
+
+
+def layout(payload: Payload, where: str) -> Layout:
+    """The payload's layout; a TypeError naming `where` for anything but tensors in one level."""
+    if torch.is_tensor(payload):
+        kind, keys = "tensor", ()
+    elif isinstance(payload, (tuple, list)):
+        kind, keys = ("list" if isinstance(payload, list) else "tuple"), ()
+    elif isinstance(payload, dict):
+        kind, keys = "dict", tuple(payload)
+        if not all(isinstance(key, str) for key in keys):
+            raise TypeError(f"{where} returns a dict whose keys are not all strings")
+    else:
+        raise TypeError(f"{where} returns {type(payload).__name__}; between stages paci passes a tensor, or a "
+                        f"tuple, list or dict of tensors")
+    parts = leaves(payload)
+    bad = [type(leaf).__name__ for leaf in parts if not torch.is_tensor(leaf)]
+    if bad or not parts:
+        raise TypeError(f"{where} returns a {kind} holding {', '.join(bad) or 'nothing'}; between stages every "
+                        f"element must be a tensor (pass other values as tensors, or compute them in the stage)")
+    if not any(leaf.is_floating_point() for leaf in parts):
+        raise TypeError(f"{where} returns no floating-point tensor, so no gradient could flow back to it")
+    return Layout(kind, keys, tuple((tuple(leaf.shape), leaf.dtype) for leaf in parts))
+
+
+def rebuild(spec: Layout, parts: list[torch.Tensor]) -> Payload:
+    """The payload of layout `spec` made of `parts` (its leaves, in order)."""
+    if spec.kind == "tensor":
+        return parts[0]
+    if spec.kind == "dict":
+        return dict(zip(spec.keys, parts))
+    return list(parts) if spec.kind == "list" else tuple(parts)
+
+
+def apply(payload: Payload, fn: Callable[[torch.Tensor], torch.Tensor]) -> Payload:
+    """`fn` on every leaf, the structure kept."""
+    if torch.is_tensor(payload):
+        return fn(payload)
+    if isinstance(payload, dict):
+        return {key: fn(value) for key, value in payload.items()}
+    return type(payload)(fn(leaf) for leaf in payload)
+
+
+def float_leaves(payload: Payload) -> list[torch.Tensor]:
+    return [leaf for leaf in leaves(payload) if leaf.is_floating_point()]
+
+
+def as_leaf(payload: Payload) -> Payload:
+    """A received payload as the leaves of a new graph: floating-point tensors collect a gradient."""
+    return apply(payload, lambda t: t.requires_grad_() if t.is_floating_point() else t)

@@ -252,16 +252,18 @@ def test_a_profiled_split_goes_by_the_units_costs_and_changes_nothing_else():
                                                  nn.Sequential(*by_hand.units).parameters()))
 
 
-def test_the_hugging_face_example_runs_where_transformers_is_installed():
-    """examples/hf_gpt2.py (the `hf` extra): GPT-2 from a config, split into its blocks, equal to the
-    model's own logits (the example asserts it) and trained two steps on two stages."""
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_hugging_face_example_runs_where_transformers_is_installed(family):
+    """examples/hf_causal_lm.py (the `hf` extra): GPT-2 or Llama from a config, split into its decoder
+    layers (Llama's pass hidden states, cos and sin), equal to the model's own logits (the example
+    asserts it) and trained two steps on two stages."""
     pytest.importorskip("transformers", reason="the hf extra is not installed (pip install -e '.[hf]')")
     import subprocess
     import sys
     from pathlib import Path
 
-    example = Path(__file__).parents[1] / "examples" / "hf_gpt2.py"
-    done = subprocess.run([sys.executable, str(example), "--steps", "2", "--stages", "2"], capture_output=True,
-                          text=True, timeout=300)
+    example = Path(__file__).parents[1] / "examples" / "hf_causal_lm.py"
+    done = subprocess.run([sys.executable, str(example), "--family", family, "--steps", "2", "--stages", "2"],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "on 2 stages" in done.stdout

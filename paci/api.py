@@ -261,7 +261,7 @@ def _layouts(stage: Stage, device: torch.device) -> tuple[payload.Layout | None,
         x = payload.rebuild(received, [torch.zeros(shape, dtype=dtype, device=device)
                                        for shape, dtype in received.leaves])
     else:
-        x = stage.train_batch(0)[0].to(device)
+        x = payload.to(stage.train_batch(0)[0], device)
     if stage.is_last:
         return received, None
     with torch.no_grad():
@@ -309,17 +309,22 @@ class _Feeder:
         except StopIteration:
             raise DataError(f"the data ran out after {self.pulled} mini-batches; fit(steps={self.steps}) needs "
                              f"{self.steps}") from None
-        if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(torch.is_tensor(t) for t in item)):
-            raise DataError(f"each mini-batch must be an (inputs, targets) pair of tensors, got {type(item).__name__}")
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(payload.is_payload(t) for t in item)):
+            raise DataError(f"each mini-batch must be an (inputs, targets) pair of tensors (or of tuples, lists or "
+                            f"dicts of tensors), got {type(item).__name__}")
         return item[0], item[1]
 
-    def _cut(self, batch: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _cut(self, batch: tuple[payload.Payload, payload.Payload]) -> list[tuple[payload.Payload, payload.Payload]]:
+        """The mini-batch as m micro-batches: every tensor of the inputs and targets cut along dim 0."""
         inputs, targets = batch
-        if inputs.shape[0] != targets.shape[0] or inputs.shape[0] % self.m:
-            raise DataError(f"mini-batch {self.pulled}: inputs of {inputs.shape[0]} and targets of {targets.shape[0]} "
-                             f"rows; both must be one size, divisible into {self.m} micro-batches")
-        size = inputs.shape[0] // self.m
-        return list(zip(inputs.split(size), targets.split(size)))
+        rows = {t.shape[0] if t.dim() else -1 for t in payload.leaves(inputs) + payload.leaves(targets)}
+        if len(rows) != 1 or rows.pop() % self.m:
+            raise DataError(f"mini-batch {self.pulled}: every tensor of the inputs and targets must have one number of "
+                            f"rows (dim 0), divisible into {self.m} micro-batches")
+        return [(self._slice(inputs, k), self._slice(targets, k)) for k in range(self.m)]
+
+    def _slice(self, data: payload.Payload, k: int) -> payload.Payload:
+        return payload.apply(data, lambda t: t.chunk(self.m)[k])
 
 
 def _no_evaluation(index: int):

@@ -35,6 +35,7 @@ from torch import nn
 from paci.data import resolve_cache_dir
 from paci.files import write_bytes
 from paci.model import GPTConfig, autocast, build_unit, lm_loss, num_units, unit_names
+from paci.runtime import payload
 from paci.sim import CostModel
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def profile_modules(units: Sequence[nn.Module], inputs: torch.Tensor, targets: t
     device = torch.device(device)
     copies = [copy.deepcopy(unit).to(device) for unit in units]
     names = [f"{i}:{type(unit).__name__}" for i, unit in enumerate(units)]
-    profiles, spread = _profile(copies, names, inputs.to(device), targets.to(device), loss_fn,
+    profiles, spread = _profile(copies, names, payload.to(inputs, device), payload.to(targets, device), loss_fn,
                                 make_optimizer or _adamw, device, "fp32", repeats, warmup, torch.Generator().manual_seed(0))
     if spread > NOISE_LIMIT:
         logger.warning("unit timings are noisy (round times spread %.0f%% around their median; is another process "
@@ -148,13 +149,15 @@ def _profile(units: list[nn.Module], names: Sequence[str], x: torch.Tensor, targ
     last = len(units) - 1
     inputs = []
     for index, unit in enumerate(units):
-        if x.is_floating_point():
-            x = x.detach().requires_grad_(True)  # a stage's received activation: a leaf that wants its grad
+        if index > 0:  # a stage's received activation: leaves, the floating-point ones wanting their grad
+            x = payload.as_leaf(payload.apply(x, torch.Tensor.detach))
+        elif torch.is_tensor(x) and x.is_floating_point():
+            x = x.detach().requires_grad_(True)
         inputs.append(x)
         if index < last:
             with torch.no_grad(), autocast(precision, device):
                 x = unit(x)
-    runs = [_runner(unit, inputs[i], targets if i == last else None, precision, loss_fn)
+    runs = [_runner(unit, inputs[i], targets if i == last else None, precision, loss_fn, device)
             for i, unit in enumerate(units)]
     activation = [saved_activation_bytes(run, exclude=[*unit.parameters(), *unit.buffers()])
                   for unit, run in zip(units, runs)]
@@ -167,11 +170,13 @@ def _profile(units: list[nn.Module], names: Sequence[str], x: torch.Tensor, targ
             in zip(names, times, static, activation, updates)], spread
 
 
-def _runner(unit: nn.Module, x: torch.Tensor, targets: torch.Tensor | None, precision: str,
-            loss_fn=lm_loss) -> Callable[[], torch.Tensor]:
+def _runner(unit: nn.Module, x: payload.Payload, targets: torch.Tensor | None, precision: str,
+            loss_fn=lm_loss, device: torch.device | None = None) -> Callable[[], payload.Payload]:
     """The unit's forward as a stage runs it, under its precision: the last unit also computes the loss."""
-    def run() -> torch.Tensor:
-        with autocast(precision, x.device):
+    device = device or x.device
+
+    def run() -> payload.Payload:
+        with autocast(precision, device):
             output = unit(x)
             return output if targets is None else loss_fn(output, targets)
 
@@ -212,7 +217,7 @@ def static_bytes(unit: nn.Module, run: Callable[[], torch.Tensor], make_optimize
         return weights, weights
     optimizer = make_optimizer(params)
     output = run()
-    output.backward(torch.ones_like(output))
+    payload.backprop(output, _grads_like(output, torch.ones_like))
     optimizer.step()
     grads = sum(p.grad.nbytes for p in params if p.grad is not None)
     state = sum(v.nbytes for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
@@ -260,18 +265,21 @@ def _time(runs: Sequence[Callable[[], torch.Tensor]], inputs: Sequence[torch.Ten
             _sync(device)
             t1 = time.perf_counter()
             if grad_outputs[index] is None:  # the first (warm-up) round fixes the output's shape
-                grad_outputs[index] = (torch.ones_like(output) if output.dim() == 0 else
-                                       torch.randn(output.shape, generator=generator).to(output.device, output.dtype))
-            output.backward(grad_outputs[index])
+                grad_outputs[index] = _grads_like(output, lambda t: torch.ones_like(t) if t.dim() == 0 else
+                                                  torch.randn(t.shape, generator=generator).to(t.device, t.dtype))
+            payload.backprop(output, grad_outputs[index])
             _sync(device)
             t2 = time.perf_counter()
-            x.grad = None
+            wanting = [leaf for leaf in payload.leaves(x) if leaf.requires_grad]
+            for leaf in wanting:
+                leaf.grad = None
             input_s = 0.0
-            if x.requires_grad:  # the input gradient alone, on a fresh graph
+            if wanting:  # the input gradient alone, on a fresh graph
                 output = run()
                 _sync(device)
                 t3 = time.perf_counter()
-                torch.autograd.grad(output, x, grad_outputs[index])
+                outs, grads = payload.pairs(output, grad_outputs[index])
+                torch.autograd.grad(outs, wanting, grads, allow_unused=True)
                 _sync(device)
                 input_s = time.perf_counter() - t3
             del output
@@ -283,6 +291,13 @@ def _time(runs: Sequence[Callable[[], torch.Tensor]], inputs: Sequence[torch.Ten
     q1, median, q3 = statistics.quantiles(rounds, n=4) if len(rounds) >= 4 else (0.0, 1.0, 0.0)
     return ([(statistics.median(f), statistics.median(b), statistics.median(i)) for f, b, i in samples],
             max(0.0, (q3 - q1) / median))
+
+
+def _grads_like(output: payload.Payload, make: Callable[[torch.Tensor], torch.Tensor]) -> payload.Payload:
+    """A backward message for `output`: `make(leaf)` for each floating-point leaf."""
+    if torch.is_tensor(output):
+        return make(output)
+    return tuple(make(leaf) for leaf in payload.float_leaves(output))
 
 
 def _sync(device: torch.device) -> None:

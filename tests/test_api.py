@@ -80,6 +80,54 @@ def test_several_tensors_between_stages(schedule):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_structured_inputs_and_a_profiled_split():
+    """Mini-batches whose inputs are a dict of tensors (features and an integer mask) are cut
+    tensor by tensor; the partitioner profiles units that pass several tensors; and 1F1B over
+    the profiled split equals the unsplit model."""
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(6, 16)
+
+        def forward(self, batch):
+            return self.lin(batch["x"]) * batch["keep"], batch["keep"]
+
+    class Gated(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.lin = nn.Linear(16, width)
+
+        def forward(self, parts):
+            h, keep = parts
+            return (torch.tanh(self.lin(h)) * keep, keep) if self.lin.out_features > 1 else self.lin(h)
+
+    def data(steps: int = STEPS):
+        for x, y in _data(steps):
+            yield {"x": x, "keep": (x[:, 1:2] > -1).long()}, y
+
+    torch.manual_seed(0)
+    units = [Masked(), Gated(16), Gated(16), Gated(1)]
+    reference = nn.Sequential(*copy.deepcopy(units))
+    optimizer = _sgd(list(reference.parameters()))
+    expected = []
+    for batch, y in data():
+        total = 0.0
+        for k in range(M):
+            loss = nn.functional.mse_loss(reference({key: t.chunk(M)[k] for key, t in batch.items()}), y.chunk(M)[k])
+            (loss / M).backward()
+            total += loss.item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        expected.append(total / M)
+    pipe = paci.Pipeline(units, nn.functional.mse_loss, _sgd, schedule="1f1b", stages=2, microbatches=M,
+                         split="profile")
+    losses = pipe.fit(data(), steps=STEPS)
+    assert len(pipe.split) == 2 and pipe.split[0][0] == 0 and pipe.split[-1][1] == len(units)
+    assert losses == pytest.approx(expected, rel=1e-6)
+    for a, b in zip([p for m in pipe.stage_modules for p in m.parameters()], reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("returned, message", [
     (lambda h: (h, 3), "every element must be a tensor"),
     (lambda h: {1: h}, "keys are not all strings"),

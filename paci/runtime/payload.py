@@ -42,6 +42,19 @@ def leaves(payload: Payload) -> list[torch.Tensor]:
     return list(payload.values()) if isinstance(payload, dict) else list(payload)
 
 
+def is_payload(value: object) -> bool:
+    """A tensor, or a tuple, list or dict (string keys) of at least one tensor, and nothing else."""
+    if torch.is_tensor(value):
+        return True
+    if isinstance(value, dict) and not all(isinstance(key, str) for key in value):
+        return False
+    return isinstance(value, (tuple, list, dict)) and len(value) > 0 and all(torch.is_tensor(t) for t in leaves(value))
+
+
+def to(payload: Payload, device: torch.device) -> Payload:
+    return apply(payload, lambda t: t.to(device))
+
+
 def layout(payload: Payload, where: str) -> Layout:
     """The payload's layout; a TypeError naming `where` for anything but tensors in one level."""
     if torch.is_tensor(payload):
@@ -90,3 +103,28 @@ def float_leaves(payload: Payload) -> list[torch.Tensor]:
 def as_leaf(payload: Payload) -> Payload:
     """A received payload as the leaves of a new graph: floating-point tensors collect a gradient."""
     return apply(payload, lambda t: t.requires_grad_() if t.is_floating_point() else t)
+
+
+def pairs(output: Payload, grad: Payload) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The outputs to back-propagate from and their gradients: each floating-point leaf's from the
+    backward message, in leaf order, leaving out leaves that depend on no weight or input."""
+    if torch.is_tensor(output):
+        return [output], [grad]
+    kept = [(out, g) for out, g in zip(float_leaves(output), leaves(grad)) if out.requires_grad]
+    return [out for out, _ in kept], [g for _, g in kept]
+
+
+def backprop(output: Payload, grad: Payload | None, inputs: list[torch.Tensor] | None = None) -> None:
+    """Back-propagate `grad` (a backward message) from `output` (a forward's payload)."""
+    if torch.is_tensor(output):  # one tensor (and the last stage's loss): as it always was
+        output.backward(grad, inputs=inputs)
+        return
+    outputs, grads = pairs(output, grad)
+    torch.autograd.backward(outputs, grads, inputs=inputs)
+
+
+def input_grads(inputs: Payload) -> Payload:
+    """The backward message: the gradient of each floating-point leaf of a stage's input."""
+    if torch.is_tensor(inputs):
+        return inputs.grad
+    return tuple(torch.zeros_like(x) if x.grad is None else x.grad for x in float_leaves(inputs))

@@ -211,7 +211,7 @@ class Stage:
     def forward(self, mb: int, received: torch.Tensor | None) -> torch.Tensor | None:
         """F(mb): run the stage with the weights as they are now; keep what backward needs: the
         saved activations, or with recompute only the input."""
-        x = self.train_batch(mb)[0].to(self.device) if self.is_first else received
+        x = payload.to(self.train_batch(mb)[0], self.device) if self.is_first else received
         weights = self._stash_acquire() if self.policy is WeightPolicy.STASHED else None
         ahead = self.updates_ahead(mb) if self.spec.compensate == "predict" else 0
         with self._predicted_weights(ahead) if ahead else contextlib.nullcontext():
@@ -269,7 +269,7 @@ class Stage:
             if mb in self.poison:
                 output = payload.apply(output, lambda t: t * math.nan if t.is_floating_point() else t)
             if self.is_last:
-                loss = self.loss_fn(output, self.train_batch(mb)[1].to(self.device))
+                loss = self.loss_fn(output, payload.to(self.train_batch(mb)[1], self.device))
                 if record:
                     self.losses[mb] = loss.detach()
                 output = loss * self.loss_scale
@@ -293,9 +293,9 @@ class Stage:
         """E(index): forward-only pass over held-out batch `index` with the current weights."""
         inputs, targets = self.val_batch(index) if (self.is_first or self.is_last) else (None, None)
         with torch.no_grad(), autocast(self.precision, self.device):
-            output = self.module(inputs.to(self.device) if self.is_first else received)
+            output = self.module(payload.to(inputs, self.device) if self.is_first else received)
             if self.is_last:
-                self.eval_losses[index] = self.loss_fn(output, targets.to(self.device)).item()
+                self.eval_losses[index] = self.loss_fn(output, payload.to(targets, self.device)).item()
                 return None
         return output
 
@@ -313,9 +313,9 @@ class Stage:
             self._finish(state)
             return self._drop(mb, state)
         self._rebuild(mb, state)
-        _backprop(state.output, None if self.is_last else grad)
+        payload.backprop(state.output, None if self.is_last else grad)
         self._finish(state)
-        return None if self.is_first else _input_grads(state.inputs)
+        return None if self.is_first else payload.input_grads(state.inputs)
 
     def backward_input(self, mb: int, grad: torch.Tensor | None) -> torch.Tensor | None:
         """I(mb): only the input gradient; what W needs is kept (paci.runtime.split)."""
@@ -337,7 +337,7 @@ class Stage:
         if single:
             (input_grad,) = torch.autograd.grad(state.output, state.inputs, grad, retain_graph=True)
             return input_grad
-        outputs, grads = _pairs(state.output, grad)
+        outputs, grads = payload.pairs(state.output, grad)
         inputs = payload.float_leaves(state.inputs)
         found = torch.autograd.grad(outputs, inputs, grads, retain_graph=True, allow_unused=True)
         return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, found))
@@ -348,7 +348,7 @@ class Stage:
         if state.weights is not None:
             state.weights.run()
         elif not state.dropped:
-            _backprop(state.output, state.grad, inputs=list(self._weights(state).values()))
+            payload.backprop(state.output, state.grad, inputs=list(self._weights(state).values()))
         self._finish(state)
 
     def _weights(self, state: _InFlight) -> dict[str, torch.Tensor]:
@@ -522,26 +522,3 @@ class Stage:
         if "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
 
-
-def _pairs(output: payload.Payload, grad: payload.Payload) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The outputs to back-propagate from and their gradients: each floating-point leaf's from the
-    backward message, in leaf order, leaving out leaves that do not depend on the weights or inputs."""
-    if torch.is_tensor(output):
-        return [output], [grad]
-    pairs = [(out, g) for out, g in zip(payload.float_leaves(output), payload.leaves(grad)) if out.requires_grad]
-    return [out for out, _ in pairs], [g for _, g in pairs]
-
-
-def _backprop(output: payload.Payload, grad: payload.Payload | None, inputs: list[torch.Tensor] | None = None) -> None:
-    if torch.is_tensor(output):  # one tensor (and the last stage's loss): as it always was
-        output.backward(grad, inputs=inputs)
-        return
-    outputs, grads = _pairs(output, grad)
-    torch.autograd.backward(outputs, grads, inputs=inputs)
-
-
-def _input_grads(inputs: payload.Payload) -> payload.Payload:
-    """The backward message: the gradient of each floating-point leaf of the stage's input."""
-    if torch.is_tensor(inputs):
-        return inputs.grad
-    return tuple(torch.zeros_like(x) if x.grad is None else x.grad for x in payload.float_leaves(inputs))

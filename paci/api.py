@@ -41,6 +41,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch import nn
 
 from paci.ir import Action, Op, steps_together
@@ -71,7 +72,7 @@ class Pipeline:
                  stages: int = 2, microbatches: int = 4, accumulation: int | None = None,
                  split: str | Sequence[tuple[int, int]] | None = None,
                  lr_scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
-                 clip_grad_norm: float = 0.0, device: torch.device | str | None = None,
+                 clip_grad_norm: float = 0.0, dp: int = 1, device: torch.device | str | None = None,
                  timeout_s: float = 45.0) -> None:
         """`loss_fn(output, targets)` -> a scalar, the mean over the micro-batch (paci scales it by 1/K);
         `optimizer(params)` and `lr_scheduler(optimizer)` are called once per stage; `split` is
@@ -79,6 +80,8 @@ class Pipeline:
         unit on the first micro-batch, then paci's partitioner: the fastest split that fits; on rank 0
         under torchrun), "0:3,3:5"-style text or a list of (start, stop) unit ranges; `clip_grad_norm` as
         `paci train --clip-grad-norm` (the global norm on flush schedules, each stage's own otherwise);
+        `dp` replicas of the pipeline share each micro-batch's rows (under a launcher, dp x stages
+        ranks; the replicas of a stage average their gradients at its step and meet nowhere else);
         `device` defaults to the CPU in one process and to this rank's GPU (else CPU) under torchrun;
         `timeout_s` is how long a rank waits for a peer."""
         self.units = list(units)
@@ -88,6 +91,8 @@ class Pipeline:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(REGISTRY)}")
         if not clip_grad_norm >= 0:
             raise ValueError(f"clip_grad_norm must be >= 0 (0: off), got {clip_grad_norm}")
+        if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
+            raise ValueError(f"dp (data-parallel replicas) must be an integer >= 1, got {dp!r}")
         build(schedule, stages, microbatches, 1, accumulation)  # checks stages, microbatches and accumulation
         self.split: list[tuple[int, int]] | None = None  # "profile": chosen at the first fit
         if split == "profile":
@@ -102,9 +107,9 @@ class Pipeline:
         self.loss_fn, self.optimizer, self.lr_scheduler = loss_fn, optimizer, lr_scheduler
         self.schedule, self.num_stages, self.microbatches = schedule, stages, microbatches
         self.accumulation, self.clip_grad_norm, self.timeout_s = accumulation, clip_grad_norm, timeout_s
+        self.dp = dp
         self.device = None if device is None else torch.device(device)
         self._stages: list[Stage] | None = None  # every stage in one process; this rank's alone under torchrun
-        self._norm_group = None
 
     @property
     def stage_modules(self) -> list[nn.Module]:
@@ -137,6 +142,9 @@ class Pipeline:
         info = env_rank()
         if info is not None and info.world_size > 1:
             return self._fit_rank(info, schedule, feeder, on_step)
+        if self.dp > 1:
+            raise ValueError(f"dp={self.dp} runs one process per stage and replica: launch {self.dp * self.num_stages} "
+                             f"ranks (torchrun --nproc-per-node {self.dp * self.num_stages})")
         if self._stages is None:
             device = self.device or torch.device("cpu")
             if self.split is None:
@@ -156,41 +164,56 @@ class Pipeline:
         return losses
 
     def _fit_rank(self, info: RankInfo, schedule, feeder: _Feeder, on_step) -> list[float]:
-        """Under torchrun (or any launcher that sets RANK and WORLD_SIZE): this rank runs its stage
-        only. Every rank is given the same data; rank 0 reads the inputs, the last rank the targets.
-        Message shapes come from a first forward of micro-batch 0, handed down the pipeline."""
-        if info.world_size != self.num_stages:
-            raise ValueError(f"the world has {info.world_size} ranks but the pipeline has {self.num_stages} stages; "
-                             f"launch one rank per stage")
-        rank = info.rank
+        """Under torchrun (or any launcher that sets RANK and WORLD_SIZE): this rank runs one stage of
+        one replica (rank = replica x P + stage: a (dp, pp) device mesh). Every rank is given the same
+        data; each replica's first stage reads its share of the inputs, its last its share of the
+        targets. Message layouts come from a first forward of micro-batch 0, handed down each pipeline."""
+        if info.world_size != self.dp * self.num_stages:
+            raise ValueError(f"the world has {info.world_size} ranks but the pipeline has {self.num_stages} stages "
+                             f"x {self.dp} data-parallel replicas; launch one rank per stage and replica")
+        replica, index = divmod(info.rank, self.num_stages)
+        offset = replica * self.num_stages  # global rank of this replica's stage 0
         device = self.device or rank_device(info)
         if not dist.is_initialized():
             init_distributed(device, self.timeout_s)
         if self._stages is None:
             if self.split is None:  # measured once, on rank 0; every rank takes rank 0's
-                box = [self._profile_split(feeder, device) if rank == 0 else None]
+                box = [self._profile_split(feeder, device) if info.rank == 0 else None]
                 dist.broadcast_object_list(box, src=0)
                 self.split = box[0]
-            self._stages = [self._stage(rank, schedule.weight_policy, schedule.accumulation, feeder, device)]
+            stage = self._stage(index, schedule.weight_policy, schedule.accumulation, feeder, device)
+            pipeline_group, replica_group = self._groups(device)
             if self.clip_grad_norm and steps_together(schedule):
-                self._norm_group = dist.new_group(list(range(self.num_stages)),
-                                                  timeout=timedelta(seconds=self.timeout_s))
-                self._stages[0].exchange = dist_norm_exchange(self._norm_group, self.num_stages)
+                stage.exchange = dist_norm_exchange(pipeline_group, self.num_stages)
+            if replica_group is not None:
+                stage.reduce_grads = _mean_over(replica_group, self.dp)
+            self._stages = [stage]
         stage = self._stages[0]
-        stage.train_batch = feeder.view(stage.is_first, stage.is_last)
-        received, sent = _layouts(stage, device)
-        transport = DistTransport(schedule, rank, lambda msg: sent.grads() if msg.kind == "B" else received, device,
-                                  self.timeout_s)
+        stage.train_batch = feeder.view(stage.is_first, stage.is_last, replica, self.dp)
+        received, sent = _layouts(stage, device, offset)
+        transport = DistTransport(schedule, index, lambda msg: sent.grads() if msg.kind == "B" else received, device,
+                                  self.timeout_s, offset=offset)
         trace = Trace(schedule.name, self.num_stages, schedule.num_microbatches, schedule.weight_policy, "measured")
         losses: list[float] = []
         listener = _listener(schedule, [stage], losses, on_step)
-        executor = Executor(stage, schedule.actions(rank), transport, trace.stages[rank], listener=listener)
+        executor = Executor(stage, schedule.actions(index), transport, trace.stages[index], listener=listener)
         with _data_errors():
             while not executor.done:
                 executor.run_next()
         transport.flush()
         listener.finish()
-        return _from_last_rank(losses, schedule.num_steps, rank, self.num_stages)
+        return _losses_everywhere(losses, schedule.num_steps, info.rank, self.num_stages, self.dp)
+
+    def _groups(self, device: torch.device):
+        """This rank's pipeline group (its replica's stages: the global clipping norm) and replica
+        group (the copies of its stage: the gradient average; None without data parallelism).
+        Every rank creates every group, in the same order."""
+        if self.dp == 1:
+            if not self.clip_grad_norm:
+                return None, None
+            return dist.new_group(list(range(self.num_stages)), timeout=timedelta(seconds=self.timeout_s)), None
+        mesh = init_device_mesh(device.type, (self.dp, self.num_stages), mesh_dim_names=("dp", "pp"))
+        return mesh.get_group("pp"), mesh.get_group("dp")
 
     def _stage(self, index: int, policy, accumulation: int, feeder: _Feeder, device: torch.device) -> Stage:
         start, stop = self.split[index]
@@ -236,27 +259,54 @@ def _data_errors() -> Iterator[None]:
         raise
 
 
-def _from_last_rank(losses: list[float], steps: int, rank: int, num_stages: int) -> list[float]:
-    """The last rank's losses on every rank, exact (a Python float is a float64). Point to point on
-    purpose: a collective's tensors are released by a gloo worker thread that needs the GIL, and a
-    process exiting right after its last collective can abort while that thread waits for it."""
+def _losses_everywhere(losses: list[float], steps: int, rank: int, num_stages: int, dp: int) -> list[float]:
+    """Every rank gets the per-step losses: each replica's last stage sends its own to replica 0's,
+    which averages them (in replica order) and sends the result to every rank; exact with one replica
+    (a Python float is a float64). Point to point on purpose: a collective's tensors are released by
+    a gloo worker thread that needs the GIL, and a process exiting right after its last collective
+    can abort while that thread waits for it."""
     last = num_stages - 1
-    box = torch.tensor(losses if rank == last else [0.0] * steps, dtype=torch.float64)
+    lasts = [d * num_stages + last for d in range(dp)]
+    box = torch.tensor(losses if rank in lasts else [0.0] * steps, dtype=torch.float64)
     if rank == last:
-        for peer in range(last):
-            dist.send(box, dst=peer)
+        total = box.clone()
+        for peer in lasts[1:]:
+            dist.recv(box, src=peer)
+            total += box
+        box = total / dp if dp > 1 else total
+        for peer in range(dp * num_stages):
+            if peer != last:
+                dist.send(box, dst=peer)
+    elif rank in lasts:
+        dist.send(box, dst=last)
+        dist.recv(box, src=last)
     else:
         dist.recv(box, src=last)
     return box.tolist()
 
 
-def _layouts(stage: Stage, device: torch.device) -> tuple[payload.Layout | None, payload.Layout | None]:
+def _mean_over(group, replicas: int) -> Callable[[list[torch.Tensor]], None]:
+    """Stage.reduce_grads for data parallelism: the replicas' mean of every accumulated gradient,
+    one all-reduce of them all flattened (per dtype)."""
+    def reduce(grads: list[torch.Tensor]) -> None:
+        for dtype in dict.fromkeys(g.dtype for g in grads):
+            same = [g for g in grads if g.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in same])
+            dist.all_reduce(flat, group=group)
+            flat.div_(replicas)
+            for g, part in zip(same, flat.split([g.numel() for g in same])):
+                g.copy_(part.view_as(g))
+
+    return reduce
+
+
+def _layouts(stage: Stage, device: torch.device, offset: int = 0) -> tuple[payload.Layout | None, payload.Layout | None]:
     """The layouts of the payload this stage receives and of the one it sends, from one forward of
     micro-batch 0 (stage 0) or of zeros laid out as the stage before reported, handed down rank by rank."""
     received = None
     if not stage.is_first:
         box = [None]
-        dist.recv_object_list(box, src=stage.index - 1)
+        dist.recv_object_list(box, src=offset + stage.index - 1)
         received = box[0]
         x = payload.rebuild(received, [torch.zeros(shape, dtype=dtype, device=device)
                                        for shape, dtype in received.leaves])
@@ -266,7 +316,7 @@ def _layouts(stage: Stage, device: torch.device) -> tuple[payload.Layout | None,
         return received, None
     with torch.no_grad():
         sent = payload.layout(stage.module(x), f"stage {stage.index}")
-    dist.send_object_list([sent], dst=stage.index + 1)
+    dist.send_object_list([sent], dst=offset + stage.index + 1)
     return received, sent
 
 
@@ -280,10 +330,20 @@ class _Feeder:
         self.pulled = 0
         self.position = {"inputs": 0, "targets": 0}  # the next mini-batch each end will ask for
 
-    def view(self, inputs: bool, targets: bool) -> Callable[[int], tuple[torch.Tensor | None, torch.Tensor | None]]:
+    def view(self, inputs: bool, targets: bool, replica: int = 0, replicas: int = 1
+             ) -> Callable[[int], tuple[payload.Payload | None, payload.Payload | None]]:
+        """Micro-batch mb's inputs and/or targets; with data parallelism, replica's share of its rows."""
+        def share(data: payload.Payload) -> payload.Payload:
+            if replicas == 1:
+                return data
+            if any(t.shape[0] % replicas for t in payload.leaves(data)):
+                raise DataError(f"a micro-batch of {payload.leaves(data)[0].shape[0]} rows cannot be shared by "
+                                f"{replicas} data-parallel replicas; make each a multiple of {replicas}")
+            return payload.apply(data, lambda t: t.chunk(replicas)[replica])
+
         def batch(mb: int):
             x, y = self._get(mb, "inputs" if inputs else "targets")
-            return x if inputs else None, y if targets else None
+            return share(x) if inputs else None, share(y) if targets else None
         return batch
 
     def first(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,6 +83,6 @@ def fit_pipeline(payload) -> int:
                          lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9), **options)
     losses = pipe.fit(regression_data(steps), steps=steps)
     rank = int(__import__("os").environ["RANK"])
-    torch.save({"losses": losses, "params": [p.detach() for p in pipe.stage_modules[rank].parameters()]},
-               f"{out}/rank{rank}.pt")
+    stage = pipe.stage_modules[rank % pipe.num_stages]
+    torch.save({"losses": losses, "params": [p.detach() for p in stage.parameters()]}, f"{out}/rank{rank}.pt")
     return 0

@@ -226,6 +226,7 @@ def test_bad_data_gets_one_clear_error(data, message):
     ({"stages": 9}, "stage"),
     ({"split": "0:1,1:9"}, "split"),
     ({"clip_grad_norm": -1.0}, "clip_grad_norm"),
+    ({"dp": 0}, "dp"),
 ])
 def test_bad_settings_get_one_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -250,6 +251,35 @@ def test_one_rank_per_stage_is_bit_identical_to_one_process(tmp_path, options):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         assert saved["losses"] == losses
         assert all(torch.equal(a, b) for a, b in zip(saved["params"], module.parameters()))
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("schedule", ["1f1b", "paci"])
+def test_two_replicas_equal_one_pipeline_on_the_whole_micro_batch(tmp_path, schedule):
+    """dp=2 x 2 stages on 4 ranks (a (dp, pp) mesh): each replica takes half of every micro-batch's
+    rows and the two copies of a stage average their gradients at its step, and nowhere else. The
+    losses and weights equal one pipeline given whole micro-batches, to float rounding (the mean of
+    two half-batch means is the whole batch's mean, added in another order: rel 1e-5); the replicas
+    of a stage hold the very same weights."""
+    options = {"schedule": schedule, "stages": 2, "microbatches": M}
+    assert spawn(fit_pipeline, ({**options, "dp": 2}, 6, str(tmp_path)), 4, threads=1) == 0
+    pipe = paci.Pipeline(_units(), nn.functional.mse_loss, _sgd, **options)
+    losses = pipe.fit(_data(6), steps=6)
+    saved = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(4)]
+    for rank, result in enumerate(saved):
+        assert result["losses"] == pytest.approx(losses, rel=1e-5)
+        for a, b in zip(result["params"], pipe.stage_modules[rank % 2].parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for rank in (0, 1):  # replica 0's stage and replica 1's copy of it
+        assert all(torch.equal(a, b) for a, b in zip(saved[rank]["params"], saved[rank + 2]["params"]))
+    assert saved[0]["losses"] == saved[3]["losses"]
+
+
+def test_data_parallel_needs_a_launcher():
+    pipe = paci.Pipeline(_units(), nn.functional.mse_loss, _sgd, schedule="paci", stages=2, microbatches=M, dp=2)
+    with pytest.raises(ValueError, match="launch 4 ranks"):
+        pipe.fit(_data(), steps=1)
 
 
 def test_the_built_in_gpt_through_the_api_equals_paci_train(tmp_path):

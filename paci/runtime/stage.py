@@ -199,6 +199,9 @@ class Stage:
         # global rule of a flush schedule, `exchange(step, norm)` -> every stage's norm, in stage order
         self.grad_norm: float | None = None
         self.exchange: Callable[[int, torch.Tensor], Sequence[torch.Tensor]] | None = None
+        # data parallel: reduce_grads(grads) averages the accumulated gradients over this stage's
+        # replicas, at its step and nowhere else (paci.api: an all-reduce on the stage's replica group)
+        self.reduce_grads: Callable[[list[torch.Tensor]], None] | None = None
         self._params = dict(self.module.named_parameters())
         self._shadows = {name: nn.Parameter(p.data) for name, p in self._params.items()}
         self.loss_fn = loss_fn
@@ -395,6 +398,8 @@ class Stage:
         not step, but the LR schedule and the version do: every later version stays where the
         schedule puts it."""
         grads = [p.grad for p in self._params.values() if p.grad is not None]
+        if self.reduce_grads is not None and grads:
+            self.reduce_grads(grads)
         finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         if self.spec.clip_grad_norm:
             self._clip(grads, finite)

@@ -75,8 +75,10 @@ class DistTransport:
     """
 
     def __init__(self, schedule: Schedule, rank: int, spec: MessageSpec, device: torch.device,
-                 timeout_s: float = 45.0, group=None) -> None:
-        self.rank, self.num_stages = rank, schedule.num_stages
+                 timeout_s: float = 45.0, group=None, offset: int = 0) -> None:
+        """`rank` is this rank's stage; stage s is global rank `offset` + s (data parallel: one
+        pipeline per replica, each over consecutive ranks)."""
+        self.rank, self.num_stages, self.offset = rank, schedule.num_stages, offset
         self.spec, self.device, self.group = spec, device, group
         self.timeout = timedelta(seconds=timeout_s)
         # Receives posted ahead per neighbour, and sends kept in flight before the oldest is waited.
@@ -106,7 +108,8 @@ class DistTransport:
             spec = self.spec(msg)
             spec = spec if isinstance(spec, Layout) else Layout.single(*spec)
             buffers = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in spec.leaves]
-            works = [dist.irecv(buffer, src=peer, group=self.group, tag=_tag(msg, i)) for i, buffer in enumerate(buffers)]
+            works = [dist.irecv(buffer, src=self.offset + peer, group=self.group, tag=_tag(msg, i))
+                     for i, buffer in enumerate(buffers)]
             self._posted[msg] = (works, rebuild(spec, buffers))
             self._outstanding[peer] += 1
 
@@ -125,7 +128,8 @@ class DistTransport:
 
     def send(self, msg: Message, data: Payload) -> None:
         tensors = [tensor.detach().contiguous() for tensor in leaves(data)]  # they must outlive the send
-        works = [dist.isend(tensor, dst=msg.dst, group=self.group, tag=_tag(msg, i)) for i, tensor in enumerate(tensors)]
+        works = [dist.isend(tensor, dst=self.offset + msg.dst, group=self.group, tag=_tag(msg, i))
+                 for i, tensor in enumerate(tensors)]
         self._sending.append((works, tensors, msg))
         if len(self._sending) > self.max_sends:  # gloo never reports completion by itself: bound the list
             self._wait_sent(*self._sending.pop(0))

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -194,6 +195,28 @@ def _gap(value: float, flush: float) -> str:
     return "-" if math.isinf(value) or math.isinf(flush) else f"{value:.3f} ({value - flush:+.3f})"
 
 
+def horizon_pairs(study: Study) -> list[tuple[Variant, Variant]]:
+    """(variant, its synchronous baseline) run at both horizons: PACI and the best compensation
+    against 1F1B-flush (AdamW), NAdamW on every stage against flush with the same NAdamW."""
+    best = study.best_compensated()
+    return [(PACI, FLUSH), *([(best, FLUSH)] if best else []), (NESTEROV_ALL, CONTROLS[0])]
+
+
+def horizon_gaps(study: Study, variant: Variant, baseline: Variant, steps: int) -> list[float]:
+    """Per seed run by both (each at its own best rate of the 400-step sweep), the final loss gap."""
+    more = {} if steps == study.setting.steps else {"steps": steps}
+    lr, base_lr = study.best_lr(variant), study.best_lr(baseline)
+    if lr is None or base_lr is None:
+        return []
+    gaps = []
+    for seed in study.setting.seeds:
+        mine = study.get(variant.cell(study.setting, lr, seed=seed, **more))
+        theirs = study.get(baseline.cell(study.setting, base_lr, seed=seed, **more))
+        if mine and theirs:
+            gaps.append(mine["final_val_loss"] - theirs["final_val_loss"])
+    return gaps
+
+
 def plot(study: Study, path: Path) -> None:
     import matplotlib
 
@@ -201,7 +224,7 @@ def plot(study: Study, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     st = study.setting
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4.5))
     for v in VARIANTS + PIPEMARE:
         points = [(lr, r["final_val_loss"]) for lr in study.lrs if (r := study.get(v.cell(st, lr)))]
         if points:
@@ -212,6 +235,20 @@ def plot(study: Study, path: Path) -> None:
     left.set_xlabel("peak learning rate")
     left.set_ylabel(f"final validation loss ({st.steps} steps)")
     left.set_title("Each variant across the learning rate")
+    for v, baseline in horizon_pairs(study):
+        points = [(steps, gaps) for steps in (st.steps, HORIZON * st.steps)
+                  if (gaps := horizon_gaps(study, v, baseline, steps))]
+        if points:
+            middle.errorbar([steps for steps, _ in points], [statistics.mean(g) for _, g in points],
+                            yerr=[statistics.stdev(g) if len(g) > 1 else 0.0 for _, g in points], fmt="o-",
+                            capsize=3, label=f"{v.label} − {baseline.label}")
+    middle.axhline(0.0, color="grey", lw=0.8)
+    middle.set_xscale("log")
+    middle.set_xticks([st.steps, HORIZON * st.steps], [str(st.steps), str(HORIZON * st.steps)])
+    middle.minorticks_off()
+    middle.set_xlabel("training steps (the same schedule of lr, stretched)")
+    middle.set_ylabel("final validation loss − its synchronous baseline's")
+    middle.set_title("The gap against the horizon (each at its best lr)")
     for v in (FLUSH, PACI, *COMPENSATED, CONTROLS[0]):  # NAdamW on every stage runs long beside its flush control
         lr = study.best_lr(v)
         if lr and (r := study.get(v.cell(st, lr))):
@@ -220,7 +257,7 @@ def plot(study: Study, path: Path) -> None:
     right.set_ylabel("validation loss")
     right.set_ylim(top=min(right.get_ylim()[1], 7.0))
     right.set_title("At each variant's best learning rate")
-    for ax in (left, right):
+    for ax in (left, middle, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     save_figure(fig, path)

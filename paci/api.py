@@ -48,7 +48,7 @@ from paci.ir import Action, Op, steps_together
 from paci.metrics import mean_loss
 from paci.partition import parse_split, partition, stage_memory_model, uniform_split
 from paci.profiler import default_budget, profile_modules
-from paci.runtime.executor import (Executor, NormExchange, StageFailure, VersionCheck, dist_norm_exchange,
+from paci.runtime.executor import (Executor, NormExchange, StageFailure, VersionCheck, dist_replica_mean, dist_norm_exchange,
                                    run_local)
 from paci.runtime import payload
 from paci.runtime.launch import RankInfo, env_rank, init_distributed, rank_device
@@ -186,7 +186,7 @@ class Pipeline:
             if self.clip_grad_norm and steps_together(schedule):
                 stage.exchange = dist_norm_exchange(pipeline_group, self.num_stages)
             if replica_group is not None:
-                stage.reduce_grads = _mean_over(replica_group, self.dp)
+                stage.replica_mean = dist_replica_mean(replica_group, self.dp)
             self._stages = [stage]
         stage = self._stages[0]
         stage.train_batch = feeder.view(stage.is_first, stage.is_last, replica, self.dp)
@@ -283,21 +283,6 @@ def _losses_everywhere(losses: list[float], steps: int, rank: int, num_stages: i
     else:
         dist.recv(box, src=last)
     return box.tolist()
-
-
-def _mean_over(group, replicas: int) -> Callable[[list[torch.Tensor]], None]:
-    """Stage.reduce_grads for data parallelism: the replicas' mean of every accumulated gradient,
-    one all-reduce of them all flattened (per dtype)."""
-    def reduce(grads: list[torch.Tensor]) -> None:
-        for dtype in dict.fromkeys(g.dtype for g in grads):
-            same = [g for g in grads if g.dtype == dtype]
-            flat = torch.cat([g.reshape(-1) for g in same])
-            dist.all_reduce(flat, group=group)
-            flat.div_(replicas)
-            for g, part in zip(same, flat.split([g.numel() for g in same])):
-                g.copy_(part.view_as(g))
-
-    return reduce
 
 
 def _layouts(stage: Stage, device: torch.device, offset: int = 0) -> tuple[payload.Layout | None, payload.Layout | None]:

@@ -90,6 +90,7 @@ class PipelineConfig:
     microbatches: int = 8  # M, micro-batches per mini-batch
     accum: int | None = None  # K for paci/2bw; default M
     nproc: int = 1  # processes: 1 runs every stage in this process
+    dp: int = 1  # data-parallel replicas of the pipeline (one process per stage and replica)
     split: str = "profile"  # "profile" (measure, then the exact DP), "uniform", or "0:3,3:6,..." unit ranges
     memory_per_stage: str | None = None  # e.g. "24GiB"; default: the device's memory on CUDA, no limit on CPU
     port: int | None = None  # rendezvous port for --nproc (default: a free one)
@@ -104,12 +105,17 @@ class PipelineConfig:
             raise ValueError(f"--port must be in 1024..65535, got {self.port}")
         if self.schedule not in REGISTRY:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(REGISTRY)}")
-        _positive("pipeline", stages=self.stages, microbatches=self.microbatches, accum=self.accum, nproc=self.nproc)
+        _positive("pipeline", stages=self.stages, microbatches=self.microbatches, accum=self.accum, nproc=self.nproc,
+                  dp=self.dp)
         if self.stages is None:
-            self.stages = self.nproc if self.nproc > 1 else 4
-        if self.nproc > 1 and self.nproc != self.stages:
-            raise ValueError(f"--nproc {self.nproc} must equal --stages {self.stages} (one process per stage); "
-                             "drop one of them or make them equal")
+            self.stages = self.nproc // self.dp if self.nproc > 1 else 4
+        if self.dp > 1 and self.nproc == 1:
+            self.nproc = self.stages * self.dp  # one process per stage and replica
+        if self.nproc > 1 and self.nproc != self.stages * self.dp:
+            raise ValueError(f"--nproc {self.nproc} must equal --stages {self.stages}"
+                             + (f" x --dp {self.dp}" if self.dp > 1 else "")
+                             + " (one process per stage" + (" and replica" if self.dp > 1 else "")
+                             + "); drop --nproc or make them agree")
         if self.memory_per_stage is not None:
             parse_bytes(self.memory_per_stage)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from paci import checkpoint, schedules
 from paci.config import RunConfig
@@ -37,8 +38,8 @@ from paci.model import PRESETS, GPTConfig, autocast, build_units, num_units
 from paci.partition import check_split, choose_split, parse_bytes, split_spec
 from paci.profiler import check_memory
 from paci.report import render_png, write_chrome_trace
-from paci.runtime.executor import (Executor, NormExchange, VersionCheck, dist_norm_exchange, gather_trace,
-                                   run_local)
+from paci.runtime.executor import (Executor, NormExchange, VersionCheck, dist_replica_mean, dist_norm_exchange,
+                                   gather_trace, run_local)
 from paci.runtime.launch import StopRequest, Stopped, env_rank, init_distributed, rank_device
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.runtime.transport import DistTransport, LocalTransport, StatsChannel
@@ -69,7 +70,8 @@ class Plan:
 
     @property
     def tokens_per_microbatch(self) -> int:
-        return self.batch_size * self.seq_len
+        """Tokens in one micro-batch, over every data-parallel replica."""
+        return self.batch_size * self.seq_len * self.config.pipeline.dp
 
     @property
     def start_step(self) -> int:
@@ -101,7 +103,8 @@ class Plan:
                   "model": dataclasses.asdict(self.model), "precision": c.train.precision, "steps": c.train.steps,
                   "seed": c.train.seed, "data": self.data.source, "batch_size": self.batch_size,
                   "seq_len": self.seq_len, "recompute": c.pipeline.recompute, "checkpoint_every": self.checkpoint_every,
-                  "optimizer": dataclasses.asdict(self.optimizer)}
+                  "optimizer": dataclasses.asdict(self.optimizer),
+                  **({"dp": c.pipeline.dp} if c.pipeline.dp > 1 else {})}
         return json.loads(json.dumps(fields))  # as the manifest stores it (tuples become lists)
 
 
@@ -126,7 +129,8 @@ def make_plan(config: RunConfig, resume: bool = False) -> Plan:
     data = load_data(config.data.path, config.model.vocab_size, batch_shape=(config.data.batch_size, seq_len))
     model = dataclasses.replace(preset, vocab_size=data.vocab_size, block_size=max(seq_len, preset.block_size))
     check_memory(model, config.data.batch_size, seq_len, default_device())
-    eval_batches = min(config.train.eval_batches, data.num_val_batches(config.data.batch_size, seq_len))
+    eval_batches = min(config.train.eval_batches,
+                       data.num_val_batches(config.data.batch_size * config.pipeline.dp, seq_len))
     split = choose_split(pinned, model, pipe.stages, pipe.schedule, pipe.microbatches, pipe.accum,
                          config.data.batch_size, seq_len, default_device(), budget, config.train.precision)
     opt = config.optim
@@ -168,14 +172,24 @@ def _run_dir(config: RunConfig) -> Path:
     return path
 
 
-def build_stage(plan: Plan, index: int, device: torch.device) -> Stage:
+def build_stage(plan: Plan, index: int, device: torch.device, replica: int = 0) -> Stage:
+    """Stage `index`; with data parallelism, of `replica`, whose micro-batch mb (and validation
+    batch) is its share, `batch_size` sequences, of the dp x `batch_size` of micro-batch mb."""
     start, stop = plan.split[index]
-    seed, batch_size, seq_len = plan.config.train.seed, plan.batch_size, plan.seq_len
+    seed, batch_size, seq_len, dp = plan.config.train.seed, plan.batch_size, plan.seq_len, plan.config.pipeline.dp
+
+    def share(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = slice(replica * batch_size, (replica + 1) * batch_size)
+        return (batch[0][rows], batch[1][rows]) if dp > 1 else batch
+
+    def train_batch(mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return share(plan.data.batch(seed, mb, dp * batch_size, seq_len))
+
     return Stage(index, plan.num_stages, build_units(plan.model, seed, start, stop),
                  policy=plan.schedule.weight_policy, optim=plan.optimizer.for_stage(stage_delay(plan.schedule, index)),
                  loss_scale=1.0 / plan.schedule.accumulation,
-                 train_batch=lambda mb: plan.data.batch(seed, mb, batch_size, seq_len),
-                 val_batch=lambda i: plan.data.val_batch(i % plan.eval_batches, batch_size, seq_len),
+                 train_batch=train_batch,
+                 val_batch=lambda i: share(plan.data.val_batch(i % plan.eval_batches, dp * batch_size, seq_len)),
                  device=device, recompute=plan.config.pipeline.recompute,
                  updates_ahead=updates_ahead(plan.schedule, index), precision=plan.config.train.precision,
                  nonfinite_limit=plan.config.train.nonfinite_limit, poison=injected_nan(index))
@@ -268,6 +282,8 @@ def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
     """Train with every stage in this process. Returns the summary and the measured trace. With
     `resume`, continue the run in `config.train.out` from its newest complete checkpoint. Once
     `stop` is requested, the run raises Stopped at its next checkpoint, once that is complete."""
+    if config.pipeline.dp > 1:
+        raise ValueError(f"--dp {config.pipeline.dp} runs one process per stage and replica: use --nproc or torchrun")
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)  # before profiling the split
     plan = make_plan(config, resume=resume)
     device = default_device()
@@ -337,9 +353,12 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
     summary. At each checkpoint the ranks agree whether any was asked to `stop` (Stopped)."""
     info = env_rank()
     device = rank_device(info)
-    if config.pipeline.stages != info.world_size:
-        raise ValueError(f"the world has {info.world_size} ranks but the pipeline has {config.pipeline.stages} "
-                         f"stages; pass --stages {info.world_size} (one stage per rank)")
+    num_stages, dp = config.pipeline.stages, config.pipeline.dp
+    if num_stages * dp != info.world_size:
+        raise ValueError(f"the world has {info.world_size} ranks but the pipeline has {num_stages} stages"
+                         + (f" x {dp} replicas" if dp > 1 else "") + f"; pass --stages {info.world_size // dp}"
+                         + (f" --dp {dp}" if dp > 1 else "") + " (one process per stage and replica)")
+    replica, index = divmod(info.rank, num_stages)  # a (dp, pp) mesh: each replica on consecutive ranks
     if not dist.is_initialized():
         init_distributed(device, config.pipeline.timeout_s)
     if config.train.threads:
@@ -348,22 +367,27 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
         config = dataclasses.replace(config, pipeline=dataclasses.replace(
             config.pipeline, split=_broadcast(split_spec(make_plan(config).split) if info.rank == 0 else "")))
     plan = make_plan(config, resume=resume)
-    last = info.world_size - 1
+    last = num_stages - 1  # replica 0's last stage: the one that reports to rank 0
     stats_group = dist.new_group([0, last])
     checkpoint_group = dist.new_group(list(range(info.world_size)))  # apart from the P2P traffic
-    stage = build_stage(plan, info.rank, device)
+    stage = build_stage(plan, index, device, replica)
     resume_stage(plan, stage)
     # a resumed run's messages start after its checkpoint: receives are posted ahead from there
-    transport = DistTransport(from_step(plan.schedule, plan.start_step), info.rank, message_spec(plan), device,
-                              config.pipeline.timeout_s)
+    transport = DistTransport(from_step(plan.schedule, plan.start_step), index, message_spec(plan), device,
+                              config.pipeline.timeout_s, offset=replica * num_stages)
     messages = sum(1 for _ in _stats_order(plan))
     channel = StatsChannel(stats_group, info.rank, last, 0, messages, device,
                            config.pipeline.timeout_s) if info.rank in (0, last) else None
     norm_channels = _norm_channels(plan, info.rank, device) if plan.optimizer.clip_grad_norm else {}
+    pipelines = [None]  # each replica's stages (without replicas: the world)
+    if dp > 1:  # every rank creates every group
+        mesh = init_device_mesh(device.type, (dp, num_stages), mesh_dim_names=("dp", "pp"))
+        stage.replica_mean = dist_replica_mean(mesh.get_group("dp"), dp)
+        pipelines = [dist.new_group(list(range(d * num_stages, (d + 1) * num_stages))) for d in range(dp)]
     if plan.clips_globally:
-        stage.exchange = dist_norm_exchange(dist.new_group(list(range(info.world_size)),
-                                                           timeout=timedelta(seconds=config.pipeline.timeout_s)),
-                                            info.world_size)
+        groups = [dist.new_group(list(range(d * num_stages, (d + 1) * num_stages)),
+                                 timeout=timedelta(seconds=config.pipeline.timeout_s)) for d in range(dp)]
+        stage.exchange = dist_norm_exchange(groups[replica], num_stages)
     dist.barrier()  # everyone has checked the plan before rank 0 writes anything
     recorder = None
     if info.rank == 0:
@@ -376,8 +400,8 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
     plan.run_dir = Path(_broadcast(str(plan.run_dir)))
     try:
         with stop.armed(plan.drains_midway) if stop is not None else contextlib.nullcontext():
-            trace = _run_rank(plan, stage, transport, channel, recorder, checkpoint_group, norm_channels, stop)
-        return _gather(plan, stage, trace, recorder)
+            trace = _run_rank(plan, stage, transport, channel, recorder, checkpoint_group, norm_channels, stop, replica)
+        return _gather(plan, stage, trace, recorder, pipelines[0]) if replica == 0 else None
     finally:
         if recorder is not None:
             recorder.close()
@@ -397,7 +421,7 @@ def _norm_channels(plan: Plan, rank: int, device: torch.device) -> dict[int, Sta
 
 def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: StatsChannel | None,
               recorder: Recorder | None, checkpoint_group, norm_channels: dict[int, StatsChannel],
-              stop: StopRequest | None) -> Trace:
+              stop: StopRequest | None, replica: int = 0) -> Trace:
     trace = Trace(plan.schedule.name, plan.num_stages, plan.schedule.num_microbatches,
                   plan.schedule.weight_policy, kind="measured")
     stats = StepStats(plan.schedule.accumulation, plan.eval_batches)
@@ -424,10 +448,12 @@ def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: Stats
         """Each rank writes its stage file; rank 0, having recorded every step up to here, writes the
         manifest once all files are on disk (a gather, at a point where the pipeline is empty anyway)."""
         record_until(stage.version)
-        entries = [None] * plan.num_stages if stage.index == 0 else None
-        dist.gather_object(save_stage(plan, stage), entries, dst=0, group=checkpoint_group)
+        world = dist.get_world_size()
+        entries = [None] * world if dist.get_rank() == 0 else None
+        mine = save_stage(plan, stage) if replica == 0 else None  # the other replicas hold the same weights
+        dist.gather_object(mine, entries, dst=0, group=checkpoint_group)
         if entries is not None:
-            finish_checkpoint(plan, stage.version, entries)
+            finish_checkpoint(plan, stage.version, entries[:plan.num_stages])
         if stop is not None:  # a stop asked of any rank (they get the signal at slightly different times)
             asked = torch.tensor([float(stop.requested)], device=stage.device)
             dist.all_reduce(asked, op=dist.ReduceOp.MAX, group=checkpoint_group)
@@ -438,11 +464,12 @@ def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: Stats
         check(stage, action)
         if stage.is_last:
             for event in stats(stage, action):
-                channel.send(event)
+                if channel is not None:  # replica 0's last stage reports (its losses are the replicas' mean)
+                    channel.send(event)
         if action.op is Op.U and plan.optimizer.clip_grad_norm:
             if recorder is not None:
                 recorder.add_norm(stage.version, stage.index, stage.grad_norm)
-            else:
+            elif stage.index in norm_channels and replica == 0:
                 norm_channels[stage.index].send((stage.version, stage.grad_norm, 0.0, 0.0))
         if action.op is Op.U:  # when stage 0 finishes step v, the last rank has long sent everything of step v-1
             record_until(stage.version - 1)
@@ -452,7 +479,7 @@ def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: Stats
     while not executor.done:
         executor.run_next()
     transport.flush()
-    if stage.is_last:
+    if channel is not None and stage.is_last:
         channel.flush()
     if stage.index in norm_channels:
         norm_channels[stage.index].flush()
@@ -489,10 +516,10 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _gather(plan: Plan, stage: Stage, trace: Trace, recorder: Recorder | None) -> Record | None:
+def _gather(plan: Plan, stage: Stage, trace: Trace, recorder: Recorder | None, group=None) -> Record | None:
     """Collect every rank's trace, memory and skipped updates on rank 0 (each rank checked its own
     versions as it ran); write the trace files and summary."""
-    gathered = gather_trace(trace, stage.index, (_peak_memory(stage.device), stage.skipped))
+    gathered = gather_trace(trace, stage.index, (_peak_memory(stage.device), stage.skipped), group)
     if gathered is None:
         return None
     trace, extras = gathered

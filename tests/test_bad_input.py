@@ -402,8 +402,14 @@ CASES = [
       "KiB, MiB, GiB, TiB), e.g. 24GiB or 1.5GB"),
     c("train-nproc-not-stages", "--nproc other than --stages",
       "train {tiny} --nproc 3",
-      "paci: error: --nproc 3 must equal --stages 2 (one process per stage); drop one of them or make them "
-      "equal"),
+      "paci: error: --nproc 3 must equal --stages 2 (one process per stage); drop --nproc or make them agree"),
+    c("train-nproc-not-stages-times-dp", "--nproc other than --stages x --dp",
+      "train {tiny} --dp 2 --nproc 2",
+      "paci: error: --nproc 2 must equal --stages 2 x --dp 2 (one process per stage and replica); drop --nproc or "
+      "make them agree"),
+    c("train-dp-zero", "no data-parallel replica",
+      "train {tiny} --dp 0",
+      "paci: error: [pipeline] dp must be an integer >= 1, got 0"),
     c("train-port-in-use", "a port that is in use",
       "train {tiny} --nproc 2 --port {port}",
       "paci: error: port {port} is in use; pick another with --port or leave it out"),
@@ -424,7 +430,7 @@ CASES = [
       write("run.toml", "[modle]\npreset = 'tiny'\n")),
     c("config-unknown-key", "an unknown key (`stagez = 2` in `[pipeline]`)",
       "train {tiny} --config run.toml",
-      "paci: error: run.toml: unknown key 'stagez' in [pipeline]; known keys: accum, memory_per_stage, "
+      "paci: error: run.toml: unknown key 'stagez' in [pipeline]; known keys: accum, dp, memory_per_stage, "
       "microbatches, nproc, port, recompute, schedule, split, stages, timeout_s",
       write("run.toml", "[pipeline]\nstagez = 2\n")),
     c("config-key-outside-section", "a key outside any section (`stages = 2` first)",

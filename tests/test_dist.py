@@ -101,9 +101,9 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _start_run(tmp_path) -> tuple[subprocess.Popen, list[int]]:
+def _start_run(tmp_path, layout: tuple[str, ...] = ("--nproc", "3")) -> tuple[subprocess.Popen, list[int]]:
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "paci", "train", "--preset", "tiny", "--nproc", "3", "--steps",
+    proc = subprocess.Popen([sys.executable, "-m", "paci", "train", "--preset", "tiny", *layout, "--steps",
                              "2000", "--timeout", "10", "--out", str(run_dir)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 90
@@ -114,16 +114,19 @@ def _start_run(tmp_path) -> tuple[subprocess.Popen, list[int]]:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
     ranks = _children(proc.pid)
-    assert len(ranks) == 3
+    assert len(ranks) == (4 if "--dp" in layout else 3)
     return proc, ranks
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["dies", "hangs"])
-def test_failed_rank_stops_every_rank(tmp_path, fault):
+@pytest.mark.parametrize("fault, layout", [(signal.SIGKILL, ("--nproc", "3")), (signal.SIGSTOP, ("--nproc", "3")),
+                                           (signal.SIGKILL, ("--stages", "2", "--dp", "2"))],
+                         ids=["dies", "hangs", "replica-dies"])
+def test_failed_rank_stops_every_rank(tmp_path, fault, layout):
     """A rank that dies or hangs mid-run: every rank exits within 60 s (a frozen one is found by its silent
-    heartbeat), non-zero, the launcher's last line names the failed rank, no orphan processes left behind."""
-    proc, ranks = _start_run(tmp_path)
+    heartbeat), non-zero, the launcher's last line names the failed rank, no orphan processes left behind.
+    With --dp 2 x 2 stages, rank 2 is replica 1's first stage: its death stops every replica."""
+    proc, ranks = _start_run(tmp_path, layout)
     victim = ranks[2] if fault == signal.SIGKILL else ranks[1]
     os.kill(victim, fault)
     start = time.monotonic()
@@ -133,6 +136,33 @@ def test_failed_rank_stops_every_rank(tmp_path, fault):
     last = stderr.strip().splitlines()[-1]
     assert ("rank 2 was killed" if fault == signal.SIGKILL else "rank 1 stopped responding") in last, stderr
     assert not any(_alive(pid) for pid in ranks)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("schedule", ["1f1b", "paci"])
+def test_data_parallel_equals_one_pipeline_on_twice_the_batch(tmp_path, schedule):
+    """`--dp 2 --stages 2` (4 ranks; each replica takes --batch-size 2 of every micro-batch's 4
+    sequences, the two copies of a stage average gradients at its step) records the losses,
+    validation losses and final weights of `--nproc 2 --batch-size 4`, to float rounding: the mean of
+    two half-batch means is added in another order (losses rel 1e-5; weights 1e-4 absolute, 1% of one
+    step at lr 1e-2: AdamW divides by the root of the second moment, which magnifies rounding in the
+    smallest gradients). Checkpoints hold one file per stage."""
+    flags = ["--preset", "tiny", "--stages", "2", "--microbatches", "4", "--seq-len", "16", "--steps", "6",
+             "--eval-every", "3", "--split", "uniform", "--threads", "1", "--lr", "1e-2", "--schedule", schedule]
+    for name, layout in (("dp", ["--dp", "2", "--batch-size", "2"]), ("one", ["--nproc", "2", "--batch-size", "4"])):
+        done = subprocess.run([sys.executable, "-m", "paci", "train", *flags, *layout, "--out", str(tmp_path / name)],
+                              capture_output=True, text=True, timeout=200)
+        assert done.returncode == 0, done.stderr[-2000:]
+    dp, one = _losses(tmp_path / "dp"), _losses(tmp_path / "one")
+    assert [row[0] for row in dp] == [row[0] for row in one]
+    for a, b in zip(dp, one):
+        for x, y in zip(a[1:3], b[1:3]):  # the training loss and the validation loss, where recorded
+            assert (x is None and y is None) or x == pytest.approx(y, rel=1e-5)
+    files = sorted(p.name for p in Path(latest(tmp_path / "dp")["folder"]).iterdir())
+    assert files == ["manifest.json", "stage-0.pt", "stage-1.pt"]
+    for mine, theirs in zip(_weights(tmp_path / "dp", 2), _weights(tmp_path / "one", 2)):
+        for key in mine:
+            torch.testing.assert_close(mine[key], theirs[key], rtol=0, atol=1e-4)
 
 
 @pytest.mark.timeout(180)

@@ -62,6 +62,8 @@ def add_train_parser(subparsers) -> None:
                                               "(default: the GPU's memory; none on CPU)")
     p.add_argument("--nproc", type=int, help="spawn this many local processes, one stage each (gloo on CPU, "
                                              "NCCL on GPU); under torchrun leave it out")
+    p.add_argument("--dp", type=int, help="data-parallel replicas of the pipeline (default 1): each takes --batch-size "
+                                          "sequences of every micro-batch; --stages x --dp processes")
     p.add_argument("--port", type=int, help="rendezvous port for --nproc (default: a free one)")
     p.add_argument("--timeout", type=float, dest="timeout_s",
                    help="seconds a rank waits for a peer before giving up (default 45)")
@@ -81,7 +83,7 @@ def add_train_parser(subparsers) -> None:
 _TRAIN_FLAGS = {"model": {"preset": "preset", "vocab_size": "vocab_size"},
                 "data": {"data": "path", "batch_size": "batch_size", "seq_len": "seq_len"},
                 "pipeline": {"schedule": "schedule", "stages": "stages", "microbatches": "microbatches",
-                             "accum": "accum", "nproc": "nproc", "port": "port", "timeout_s": "timeout_s",
+                             "accum": "accum", "nproc": "nproc", "dp": "dp", "port": "port", "timeout_s": "timeout_s",
                              "split": "split", "memory_per_stage": "memory_per_stage",
                              "recompute": "recompute"},
                 "optim": {"lr": "lr", "warmup_steps": "warmup_steps", "optimizer": "optimizer", "beta1": "beta1",
@@ -103,7 +105,7 @@ def train_command(args: argparse.Namespace) -> int:
         raise ValueError("--resume continues the run in RUN_DIR with its own config.json; drop --config and --out")
     info = env_rank()
     if info is not None:  # under torchrun: this process is one rank; --stages defaults to the world size
-        overrides["pipeline"]["stages"] = overrides["pipeline"]["stages"] or info.world_size
+        overrides["pipeline"]["stages"] = overrides["pipeline"]["stages"] or info.world_size // (args.dp or 1)
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and args.out and not resume:
             # torchrun --max-restarts restarted the workers: continue --out from its newest checkpoint
             resume, args.resume = True, Path(args.out)

@@ -190,8 +190,24 @@ def dist_norm_exchange(group, num_stages: int) -> Callable[[int, torch.Tensor], 
     return exchange
 
 
-def gather_trace(trace: Trace, stage_index: int, extra: Any = None) -> tuple[Trace, list[Any]] | None:
-    """Collect every rank's columns of `trace` on rank 0 (a collective: every rank calls it).
+def dist_replica_mean(group, replicas: int) -> Callable[[list[torch.Tensor]], None]:
+    """`Stage.replica_mean` for data parallelism: the mean over a stage's replicas (`group`) of
+    every tensor given, in place, with one all-reduce of them all flattened (per dtype)."""
+    def reduce(tensors: list[torch.Tensor]) -> None:
+        for dtype in dict.fromkeys(t.dtype for t in tensors):
+            same = [t for t in tensors if t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1) for t in same])
+            dist.all_reduce(flat, group=group)
+            flat.div_(replicas)
+            for t, part in zip(same, flat.split([t.numel() for t in same])):
+                t.copy_(part.view_as(t))
+
+    return reduce
+
+
+def gather_trace(trace: Trace, stage_index: int, extra: Any = None, group=None) -> tuple[Trace, list[Any]] | None:
+    """Collect every rank's columns of `trace` on rank 0 (a collective: every rank of `group`, one
+    rank per stage, calls it).
 
     Each rank's times are moved onto the wall clock, then the whole trace onto its first action,
     so ranks on different machines line up as well as their clocks do. Rank 0 gets the full trace
@@ -200,7 +216,7 @@ def gather_trace(trace: Trace, stage_index: int, extra: Any = None) -> tuple[Tra
     offset = time.time() - time.perf_counter()
     mine = (stage_index, trace.stages[stage_index], offset, extra)
     parts = [None] * trace.num_stages if stage_index == 0 else None
-    dist.gather_object(mine, parts, dst=0)
+    dist.gather_object(mine, parts, dst=0, group=group)
     if parts is None:
         return None
     for index, columns, rank_offset, _ in parts:

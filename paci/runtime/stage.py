@@ -199,9 +199,10 @@ class Stage:
         # global rule of a flush schedule, `exchange(step, norm)` -> every stage's norm, in stage order
         self.grad_norm: float | None = None
         self.exchange: Callable[[int, torch.Tensor], Sequence[torch.Tensor]] | None = None
-        # data parallel: reduce_grads(grads) averages the accumulated gradients over this stage's
-        # replicas, at its step and nowhere else (paci.api: an all-reduce on the stage's replica group)
-        self.reduce_grads: Callable[[list[torch.Tensor]], None] | None = None
+        # data parallel: replica_mean(tensors) averages tensors over this stage's replicas, in place
+        # (an all-reduce): the accumulated gradients (and a last stage's recorded losses) at its step,
+        # a last stage's validation loss at each evaluation; nowhere else
+        self.replica_mean: Callable[[list[torch.Tensor]], None] | None = None
         self._params = dict(self.module.named_parameters())
         self._shadows = {name: nn.Parameter(p.data) for name, p in self._params.items()}
         self.loss_fn = loss_fn
@@ -298,7 +299,10 @@ class Stage:
         with torch.no_grad(), autocast(self.precision, self.device):
             output = self.module(payload.to(inputs, self.device) if self.is_first else received)
             if self.is_last:
-                self.eval_losses[index] = self.loss_fn(output, payload.to(targets, self.device)).item()
+                loss = self.loss_fn(output, payload.to(targets, self.device)).float()
+                if self.replica_mean is not None:
+                    self.replica_mean([loss])
+                self.eval_losses[index] = loss.item()
                 return None
         return output
 
@@ -398,8 +402,8 @@ class Stage:
         not step, but the LR schedule and the version do: every later version stays where the
         schedule puts it."""
         grads = [p.grad for p in self._params.values() if p.grad is not None]
-        if self.reduce_grads is not None and grads:
-            self.reduce_grads(grads)
+        if self.replica_mean is not None and grads:  # the last stage's recorded losses too: the replicas' mean
+            self.replica_mean(grads + [self.losses[mb] for mb in sorted(self.losses)])
         finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         if self.spec.clip_grad_norm:
             self._clip(grads, finite)

@@ -44,6 +44,7 @@ class StatsEvent(NamedTuple):
     index: int  # VALIDATION: index = the evaluation round, value = mean validation loss
     value: float
     dropped: int = 0  # STEP: micro-batches of the step whose loss was not finite (left out of the mean and the update)
+    at: float = 0.0  # STEP: when the last stage finished it (time.time(), on its own machine)
 
 
 def mean_loss(losses) -> tuple[float, int]:
@@ -66,7 +67,7 @@ class StepStats:
         if action.op is Op.U:
             step, k = stage.version, self.accumulation
             mean, dropped = mean_loss([stage.losses.pop(mb) for mb in range((step - 1) * k, step * k)])
-            return [StatsEvent(STEP, step, mean, dropped)]
+            return [StatsEvent(STEP, step, mean, dropped, time.time())]
         if action.op is Op.E and (action.microbatch + 1) % self.eval_batches == 0:
             index = action.microbatch // self.eval_batches
             first = index * self.eval_batches
@@ -94,7 +95,8 @@ class Recorder:
         self._first_val: Record | None = None
         self._last_val: Record | None = None
         self._nonfinite = 0
-        self.start = time.perf_counter()
+        self.start = time.time()  # wall clock: the last stage stamps its steps on its own machine
+        self._previous = (0, 0.0)  # (tokens, wall_s) of the last step recorded: tok_per_s is over each step
         self._pending: Record | None = None
         # with clipping, each step's record waits for every stage's gradient norm ("grad_norm")
         self._norm_stages = norm_stages
@@ -110,13 +112,15 @@ class Recorder:
                 self._remember(record)
             self._max_drift = max((r.get("max_drift", 0) for r in kept), default=0)
             self.start -= max((r.get("wall_s", 0.0) for r in kept), default=0.0)
+            last = max((r for r in kept if "loss" in r), key=lambda r: r["step"], default=None)
+            self._previous = (last["tokens"], last["wall_s"]) if last else (0, 0.0)
             self._floor = resume_step * self.accumulation
         self._file = open(path, "a")
 
     def consume(self, event: StatsEvent) -> None:
         if event.kind == STEP:
             self._flush()
-            self._pending = self._step_record(event.index, event.value)
+            self._pending = self._step_record(event.index, event.value, event.at)
             if event.dropped:
                 self._pending["nonfinite_microbatches"] = event.dropped
             if event.index not in self.eval_rounds:
@@ -130,17 +134,21 @@ class Recorder:
             self._pending.update(validation)
             self._flush()
 
-    def _step_record(self, step: int, loss: float) -> Record:
+    def _step_record(self, step: int, loss: float, at: float = 0.0) -> Record:
+        """Step `step`'s record: `wall_s` when its last stage finished it (`at`; else now), and
+        `tok_per_s` over this step alone (since the step recorded before it)."""
         k = self.accumulation
         self._floor = (step - 1) * k
         drift = Counter(self._predicted_drift(stage, mb) for stage in range(len(self._versions))
                         for mb in range((step - 1) * k, step * k))
         self._max_drift = max(self._max_drift, max(drift))
-        wall = time.perf_counter() - self.start
+        wall = (at or time.time()) - self.start
         tokens = step * k * self.tokens_per_microbatch
+        previous_tokens, previous_wall = self._previous
+        self._previous = (tokens, wall)
         return {"step": step, "tokens": tokens, "loss": loss, "lr": self.lr_at(step - 1), "wall_s": round(wall, 3),
-                "tok_per_s": tokens / wall, "drift_histogram": dict(sorted(drift.items())),
-                "max_drift": self._max_drift}
+                "tok_per_s": (tokens - previous_tokens) / max(wall - previous_wall, 1e-9),
+                "drift_histogram": dict(sorted(drift.items())), "max_drift": self._max_drift}
 
     def _predicted_drift(self, stage: int, mb: int) -> int:
         known = self._drift[stage]
@@ -206,4 +214,5 @@ class Recorder:
                 "final_val_loss": last_val.get("val_loss"), "final_val_ppl": last_val.get("val_ppl"),
                 "initial_val_loss": first_val.get("val_loss"),
                 "steps": last.get("step", 0), "tokens": last.get("tokens", 0), "max_drift": self._max_drift,
-                "wall_s": round(time.perf_counter() - self.start, 3), "tokens_per_s": last.get("tok_per_s")}
+                "wall_s": round(time.time() - self.start, 3),
+                "tokens_per_s": last.get("tokens", 0) / last["wall_s"] if last.get("wall_s") else None}

@@ -470,7 +470,7 @@ def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: Stats
             if recorder is not None:
                 recorder.add_norm(stage.version, stage.index, stage.grad_norm)
             elif stage.index in norm_channels and replica == 0:
-                norm_channels[stage.index].send((stage.version, stage.grad_norm, 0.0, 0.0))
+                norm_channels[stage.index].send((stage.version, stage.grad_norm, 0.0, 0.0, 0.0))
         if action.op is Op.U:  # when stage 0 finishes step v, the last rank has long sent everything of step v-1
             record_until(stage.version - 1)
 
@@ -500,8 +500,8 @@ def _stats_order(plan: Plan) -> Iterator[int]:
             yield step
 
 
-def _as_event(values: tuple[float, ...]) -> tuple[int, int, float, int]:
-    return int(values[0]), int(values[1]), values[2], int(values[3])
+def _as_event(values: tuple[float, ...]) -> tuple[int, int, float, int, float]:
+    return int(values[0]), int(values[1]), values[2], int(values[3]), values[4]
 
 
 def _broadcast(value: str) -> str:

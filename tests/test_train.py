@@ -45,3 +45,23 @@ def test_a_split_is_pinned_from_a_previous_run(tmp_path):
     assert make_plan(config(str(tmp_path / "first"), "second")).split == [(0, 2), (2, 6)]
     with pytest.raises(ValueError, match="expected a paci run directory"):
         make_plan(config(str(tmp_path), "third"))
+
+
+def test_logged_throughput_and_times_mean_what_they_say(tmp_path):
+    """metrics.jsonl: `wall_s` rises step by step and `tok_per_s` is that step's tokens over that
+    step's time (not a running average); the summary's `tokens_per_s` is all tokens over all time."""
+    records: list[dict] = []
+    config = load_config(overrides={
+        "model": {"preset": "tiny"}, "data": {"batch_size": 2, "seq_len": 16},
+        "pipeline": {"schedule": "1f1b", "stages": 2, "microbatches": 2, "split": "uniform"},
+        "train": {"steps": 5, "eval_every": 5, "eval_batches": 1, "out": str(tmp_path / "run"), "threads": 1}})
+    summary, _ = train(config, on_record=records.append)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    previous = {"tokens": 0, "wall_s": 0.0}
+    for record in steps:
+        took = record["wall_s"] - previous["wall_s"]
+        assert took > 0
+        assert math.isclose((record["tokens"] - previous["tokens"]) / record["tok_per_s"], took, abs_tol=1.5e-3)
+        previous = record
+    assert math.isclose(summary["tokens_per_s"], steps[-1]["tokens"] / steps[-1]["wall_s"], rel_tol=1e-9)

@@ -220,10 +220,14 @@ class _Progress:
 
     def record(self, record: dict) -> None:
         if "val_ppl" in record:
-            self.last_val = record["val_ppl"]
+            self.last_val = (record["val_ppl"], record["step"])
         if self.quiet or "loss" not in record:
             return
-        ppl = "-" if self.last_val is None else f"{self.last_val:.1f}"
+        if self.last_val is None:
+            ppl = "-"
+        else:  # the newest validation, and when it was taken if not at this step
+            value, at = self.last_val
+            ppl = f"{value:.1f}" + ("" if at == record["step"] else f" (step {at})")
         line = (f"step {record['step']} | loss {record['loss']:.3f} | val ppl {ppl} | "
                 f"{record['tok_per_s']:,.0f} tok/s | Δmax {record['max_drift']}")
         if self.bar is not None:

@@ -166,7 +166,7 @@ def _tag(msg: Message, leaf: int = 0) -> int:
     return (msg.microbatch * len(_KINDS) + _KINDS[msg.kind]) * MAX_LEAVES + leaf
 
 
-STATS_WIDTH = 4  # the fields of a metrics.StatsEvent
+STATS_WIDTH = 5  # the fields of a metrics.StatsEvent
 
 
 class StatsChannel:

@@ -36,3 +36,24 @@ def test_missing_config_file():
     """--config pointing nowhere says so."""
     with pytest.raises(ValueError, match="no such file"):
         load_config("nowhere.toml")
+
+
+def test_every_config_field_is_a_flag_of_paci_train():
+    """The command line is a complete face of the config: each field of each [section] has a
+    `paci train` flag (checked by parsing one), so nothing is settable only in TOML."""
+    import dataclasses
+
+    from paci.cli import build_parser
+    from paci.commands.train import _TRAIN_FLAGS
+    from paci.config import RunConfig
+
+    parser = build_parser()
+    for section in dataclasses.fields(RunConfig):
+        fields = {f.name for f in dataclasses.fields(section.type if isinstance(section.type, type)
+                                                      else type(getattr(RunConfig(), section.name)))}
+        assert fields == set(_TRAIN_FLAGS[section.name].values()), section.name
+    args = parser.parse_args(["train", "--weight-decay", "0.05", "--min-lr-ratio", "0.2", "--dp", "2"])
+    assert (args.weight_decay, args.min_lr_ratio, args.dp) == (0.05, 0.2, 2)
+    for flags in _TRAIN_FLAGS.values():
+        for dest in flags:
+            assert hasattr(args, dest), dest

@@ -32,6 +32,9 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, help="mini-batches to train (default 400)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
     p.add_argument("--warmup", type=int, dest="warmup_steps", help="LR warm-up steps (default 5%% of --steps)")
+    p.add_argument("--min-lr-ratio", type=float, dest="min_lr_ratio",
+                   help="the cosine schedule ends at this fraction of --lr (default 0.1)")
+    p.add_argument("--weight-decay", type=float, dest="weight_decay", help="decoupled weight decay (default 0.1)")
     p.add_argument("--optimizer", help="adamw (default) or nadamw (Adam with Nesterov momentum)")
     p.add_argument("--beta1", type=float, help="the optimizer's first-moment decay (default 0.9)")
     p.add_argument("--clip-grad-norm", type=float, dest="clip_grad_norm",
@@ -86,7 +89,8 @@ _TRAIN_FLAGS = {"model": {"preset": "preset", "vocab_size": "vocab_size"},
                              "accum": "accum", "nproc": "nproc", "dp": "dp", "port": "port", "timeout_s": "timeout_s",
                              "split": "split", "memory_per_stage": "memory_per_stage",
                              "recompute": "recompute"},
-                "optim": {"lr": "lr", "warmup_steps": "warmup_steps", "optimizer": "optimizer", "beta1": "beta1",
+                "optim": {"lr": "lr", "warmup_steps": "warmup_steps", "min_lr_ratio": "min_lr_ratio",
+                          "weight_decay": "weight_decay", "optimizer": "optimizer", "beta1": "beta1",
                           "compensate": "compensate", "clip_grad_norm": "clip_grad_norm"},
                 "train": {"steps": "steps", "seed": "seed", "eval_every": "eval_every",
                           "eval_batches": "eval_batches", "threads": "threads", "out": "out",

@@ -185,14 +185,16 @@ def test_two_runs_in_the_same_second_get_their_own_directories(tmp_path, monkeyp
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("nproc, how", [(1, signal.SIGINT), pytest.param(2, signal.SIGTERM, marks=pytest.mark.dist)],
-                         ids=["ctrl-c", "sigterm-nproc2"])
-def test_a_signal_saves_at_the_next_checkpoint_and_resume_equals_uninterrupted(tmp_path, nproc, how):
+@pytest.mark.parametrize("layout, how", [(["--nproc", "1"], signal.SIGINT),
+                                         pytest.param(["--nproc", "2"], signal.SIGTERM, marks=pytest.mark.dist),
+                                         pytest.param(["--dp", "2"], signal.SIGTERM, marks=pytest.mark.dist)],
+                         ids=["ctrl-c", "sigterm-nproc2", "sigterm-dp2"])
+def test_a_signal_saves_at_the_next_checkpoint_and_resume_equals_uninterrupted(tmp_path, layout, how):
     """`paci train` given Ctrl-C (or SIGTERM) mid-run goes on to its next drain point, saves the
     checkpoint there and stops: exit 130, the resume command, no traceback, no step lost (the last
     step recorded is the checkpoint's). `--resume` finishes the run, and its losses and weights
-    equal an uninterrupted run's bit for bit."""
-    flags = ["--preset", "tiny", "--stages", "2", "--nproc", str(nproc), "--microbatches", "4", "--batch-size", "2",
+    equal an uninterrupted run's bit for bit; also with two data-parallel replicas (4 ranks)."""
+    flags = ["--preset", "tiny", "--stages", "2", *layout, "--microbatches", "4", "--batch-size", "2",
              "--seq-len", "16", "--steps", "200", "--checkpoint-every", "10", "--eval-every", "50", "--split",
              "uniform", "--threads", "1", "--lr", "1e-2"]
     run = tmp_path / "run"
@@ -210,7 +212,7 @@ def test_a_signal_saves_at_the_next_checkpoint_and_resume_equals_uninterrupted(t
     stopped_at = latest(run)["step"]
     assert max(recorded) <= stopped_at < 200 and stopped_at % 10 == 0
     assert max(_steps(run)) == stopped_at  # it stopped where it saved
-    done = subprocess.run([sys.executable, "-m", "paci", "train", "--resume", str(run), "--nproc", str(nproc)],
+    done = subprocess.run([sys.executable, "-m", "paci", "train", "--resume", str(run), *layout],
                           capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, done.stderr
     assert f"resuming after step {stopped_at}" in done.stderr

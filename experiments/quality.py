@@ -29,8 +29,9 @@ repeated; each new cell is cached as it finishes and an interrupted study resume
     .venv/bin/python experiments/quality.py report           # tables and plots from the cache
     .venv/bin/python experiments/quality.py --quick          # tiny model, 12 steps: about a minute
 
-Cost on the 2-core machine: a 400-step cell takes 4-6 CPU-minutes, a 1600-step one about 20; the
-planned study is about 45 cells, roughly 5 CPU-hours, on top of tta.py's.
+Cost on the 2-core machine: a 400-step cell takes 4-6 CPU-minutes, a 1600-step one 18-33 (more
+with predict, and on a busy machine); the planned study is about 60 cells, 11 of them 1600 steps
+long, roughly 8 CPU-hours on top of tta.py's.
 """
 
 from __future__ import annotations
@@ -243,6 +244,7 @@ def plot(study: Study, path: Path) -> None:
                             yerr=[statistics.stdev(g) if len(g) > 1 else 0.0 for _, g in points], fmt="o-",
                             capsize=3, label=f"{v.label} − {baseline.label}")
     middle.axhline(0.0, color="grey", lw=0.8)
+    middle.set_ylim(top=middle.get_ylim()[1] + 0.2)  # room for the legend above the curves
     middle.set_xscale("log")
     middle.set_xticks([st.steps, HORIZON * st.steps], [str(st.steps), str(HORIZON * st.steps)])
     middle.minorticks_off()
@@ -259,7 +261,7 @@ def plot(study: Study, path: Path) -> None:
     right.set_title("At each variant's best learning rate")
     for ax in (left, middle, right):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper right" if ax is middle else "best")
     save_figure(fig, path)
 
 

@@ -37,11 +37,9 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch import nn
 
 from paci.ir import Action, Op, steps_together
@@ -51,7 +49,7 @@ from paci.profiler import default_budget, profile_modules
 from paci.runtime.executor import (Executor, NormExchange, StageFailure, VersionCheck, dist_replica_mean, dist_norm_exchange,
                                    run_local)
 from paci.runtime import payload
-from paci.runtime.launch import RankInfo, env_rank, init_distributed, rank_device
+from paci.runtime.launch import RankInfo, env_rank, init_distributed, mesh_groups, rank_device
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.runtime.transport import DistTransport, LocalTransport
 from paci.schedules import REGISTRY, build
@@ -182,8 +180,10 @@ class Pipeline:
                 dist.broadcast_object_list(box, src=0)
                 self.split = box[0]
             stage = self._stage(index, schedule.weight_policy, schedule.accumulation, feeder, device)
-            pipeline_group, replica_group = self._groups(device)
-            if self.clip_grad_norm and steps_together(schedule):
+            clips_globally = bool(self.clip_grad_norm) and steps_together(schedule)
+            pipeline_group, replica_group = mesh_groups(device, self.dp, self.num_stages, self.timeout_s,
+                                                        pipeline=clips_globally)
+            if clips_globally:
                 stage.exchange = dist_norm_exchange(pipeline_group, self.num_stages)
             if replica_group is not None:
                 stage.replica_mean = dist_replica_mean(replica_group, self.dp)
@@ -203,17 +203,6 @@ class Pipeline:
         transport.flush()
         listener.finish()
         return _losses_everywhere(losses, schedule.num_steps, info.rank, self.num_stages, self.dp)
-
-    def _groups(self, device: torch.device):
-        """This rank's pipeline group (its replica's stages: the global clipping norm) and replica
-        group (the copies of its stage: the gradient average; None without data parallelism).
-        Every rank creates every group, in the same order."""
-        if self.dp == 1:
-            if not self.clip_grad_norm:
-                return None, None
-            return dist.new_group(list(range(self.num_stages)), timeout=timedelta(seconds=self.timeout_s)), None
-        mesh = init_device_mesh(device.type, (self.dp, self.num_stages), mesh_dim_names=("dp", "pp"))
-        return mesh.get_group("pp"), mesh.get_group("dp")
 
     def _stage(self, index: int, policy, accumulation: int, feeder: _Feeder, device: torch.device) -> Stage:
         start, stop = self.split[index]
@@ -324,7 +313,7 @@ class _Feeder:
             if any(t.shape[0] % replicas for t in payload.leaves(data)):
                 raise DataError(f"a micro-batch of {payload.leaves(data)[0].shape[0]} rows cannot be shared by "
                                 f"{replicas} data-parallel replicas; make each a multiple of {replicas}")
-            return payload.apply(data, lambda t: t.chunk(replicas)[replica])
+            return payload.shard(data, replica, replicas)
 
         def batch(mb: int):
             x, y = self._get(mb, "inputs" if inputs else "targets")

@@ -19,12 +19,10 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 
 from paci import checkpoint, schedules
 from paci.config import RunConfig
@@ -40,7 +38,8 @@ from paci.profiler import check_memory
 from paci.report import render_png, write_chrome_trace
 from paci.runtime.executor import (Executor, NormExchange, VersionCheck, dist_replica_mean, dist_norm_exchange,
                                    gather_trace, run_local)
-from paci.runtime.launch import StopRequest, Stopped, env_rank, init_distributed, rank_device
+from paci.runtime.launch import StopRequest, Stopped, env_rank, init_distributed, mesh_groups, rank_device
+from paci.runtime.payload import shard
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.runtime.transport import DistTransport, LocalTransport, StatsChannel
 from paci.sim import CostModel, check_size, simulate
@@ -179,8 +178,7 @@ def build_stage(plan: Plan, index: int, device: torch.device, replica: int = 0) 
     seed, batch_size, seq_len, dp = plan.config.train.seed, plan.batch_size, plan.seq_len, plan.config.pipeline.dp
 
     def share(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = slice(replica * batch_size, (replica + 1) * batch_size)
-        return (batch[0][rows], batch[1][rows]) if dp > 1 else batch
+        return shard(batch, replica, dp) if dp > 1 else batch
 
     def train_batch(mb: int) -> tuple[torch.Tensor, torch.Tensor]:
         return share(plan.data.batch(seed, mb, dp * batch_size, seq_len))
@@ -379,15 +377,12 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
     channel = StatsChannel(stats_group, info.rank, last, 0, messages, device,
                            config.pipeline.timeout_s) if info.rank in (0, last) else None
     norm_channels = _norm_channels(plan, info.rank, device) if plan.optimizer.clip_grad_norm else {}
-    pipelines = [None]  # each replica's stages (without replicas: the world)
-    if dp > 1:  # every rank creates every group
-        mesh = init_device_mesh(device.type, (dp, num_stages), mesh_dim_names=("dp", "pp"))
-        stage.replica_mean = dist_replica_mean(mesh.get_group("dp"), dp)
-        pipelines = [dist.new_group(list(range(d * num_stages, (d + 1) * num_stages))) for d in range(dp)]
+    pipeline_group, replica_group = mesh_groups(device, dp, num_stages, config.pipeline.timeout_s,
+                                                pipeline=plan.clips_globally)
+    if replica_group is not None:
+        stage.replica_mean = dist_replica_mean(replica_group, dp)
     if plan.clips_globally:
-        groups = [dist.new_group(list(range(d * num_stages, (d + 1) * num_stages)),
-                                 timeout=timedelta(seconds=config.pipeline.timeout_s)) for d in range(dp)]
-        stage.exchange = dist_norm_exchange(groups[replica], num_stages)
+        stage.exchange = dist_norm_exchange(pipeline_group, num_stages)
     dist.barrier()  # everyone has checked the plan before rank 0 writes anything
     recorder = None
     if info.rank == 0:
@@ -401,7 +396,7 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
     try:
         with stop.armed(plan.drains_midway) if stop is not None else contextlib.nullcontext():
             trace = _run_rank(plan, stage, transport, channel, recorder, checkpoint_group, norm_channels, stop, replica)
-        return _gather(plan, stage, trace, recorder, pipelines[0]) if replica == 0 else None
+        return _gather(plan, stage, trace, recorder, pipeline_group) if replica == 0 else None
     finally:
         if recorder is not None:
             recorder.close()

@@ -155,12 +155,12 @@ def train_command(args: argparse.Namespace) -> int:
 
 def _train_rank(payload) -> int:
     """One rank of a multi-process run (spawned, or started by torchrun)."""
-    from paci.runtime.launch import STOP_SIGNAL, STOPPING, StopRequest, env_rank, stop_signals
+    from paci.runtime.launch import STOPPING, StopRequest, env_rank, spawned, stop_signals
     from paci.train import train_rank
 
     config, as_json, resume = payload
     progress = _Progress(quiet=as_json)
-    under_torchrun = stop_signals() != (STOP_SIGNAL,)  # else paci's own launcher announces and reports
+    under_torchrun = not spawned()  # else paci's own launcher announces and reports
     stop = StopRequest(stop_signals(), STOPPING if under_torchrun and env_rank().rank == 0 else None)
     try:
         summary = train_rank(config, on_record=progress.record, on_plan=progress.start, resume=resume, stop=stop)

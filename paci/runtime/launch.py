@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,11 @@ STOP_SIGNAL = signal.SIGUSR1  # what `spawn(stop_signal=...)` callers send their
 _spawned = False  # set in a rank that `spawn` started: its launcher handles Ctrl-C and SIGTERM
 
 
+def spawned() -> bool:
+    """Was this rank started by `spawn` (whose launcher handles Ctrl-C and SIGTERM), not torchrun?"""
+    return _spawned
+
+
 def stop_signals() -> tuple[int, ...]:
     """The signals that ask this rank for a stop: the launcher's, or, under torchrun (which passes
     SIGINT and SIGTERM on to its workers), those."""
@@ -119,6 +125,19 @@ def init_distributed(device: torch.device, timeout_s: float) -> None:
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None, **store)
     atexit.register(_destroy_at_exit)
+
+
+def mesh_groups(device: torch.device, dp: int, num_stages: int, timeout_s: float, pipeline: bool = True):
+    """(this rank's pipeline group, its replica group) over dp x num_stages ranks laid out as a
+    (dp, pp) device mesh, rank = replica x num_stages + stage. The pipeline group holds its
+    replica's stages (the global clipping norm; the trace gathered by replica 0), the replica
+    group the copies of its stage (the gradient mean). Without replicas: a pipeline group only
+    if `pipeline` asks for one, and no replica group. A collective: every rank calls it."""
+    if dp == 1:
+        return (dist.new_group(list(range(num_stages)), timeout=timedelta(seconds=timeout_s)) if pipeline
+                else None), None
+    mesh = init_device_mesh(device.type, (dp, num_stages), mesh_dim_names=("dp", "pp"))
+    return mesh.get_group("pp"), mesh.get_group("dp")
 
 
 def _destroy_at_exit() -> None:

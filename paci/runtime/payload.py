@@ -96,6 +96,12 @@ def apply(payload: Payload, fn: Callable[[torch.Tensor], torch.Tensor]) -> Paylo
     return type(payload)(fn(leaf) for leaf in payload)
 
 
+def shard(payload: Payload, index: int, shards: int) -> Payload:
+    """Shard `index` of `shards` equal parts of every tensor along dim 0 (a data-parallel
+    replica's rows of a micro-batch)."""
+    return apply(payload, lambda t: t.chunk(shards)[index])
+
+
 def float_leaves(payload: Payload) -> list[torch.Tensor]:
     return [leaf for leaf in leaves(payload) if leaf.is_floating_point()]
 

@@ -22,25 +22,11 @@ from pathlib import Path
 
 from common import machine
 
+from paci.runtime.launch import rank_pids
+
 EVERY = 100
 NPROC = 2
 WARMUP = 1000
-
-
-def rank_pids(parent: int) -> list[int]:
-    """The spawned ranks of `parent` (not multiprocessing's resource tracker), oldest first."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat[1]) == parent and b"spawn_main" in cmdline:
-            found.append((int(stat[19]), int(entry.name)))
-    return [pid for _, pid in sorted(found)]
 
 
 def rss(pid: int) -> int:

@@ -165,9 +165,17 @@ class TrainConfig:
     # before the run stops
     checkpoint_every: int | None = None  # optimizer steps between checkpoints (drain points); 0: only at the
     # end; default: the fewest for which the drains cost under 1% (train.checkpoint_interval)
+    # what a run writes besides config.json, metrics.jsonl and summary.json; each can be turned off
+    eval: bool = True  # validation rounds (val_loss in metrics.jsonl)
+    checkpoint: bool = True  # checkpoints (and the drain points they need); off: nothing to resume from
+    trace: bool = True  # trace.json, the measured and predicted timelines (multi-process runs)
+    plots: bool = True  # loss.png; timeline.png and timeline_predicted.png (multi-process runs)
 
     def __post_init__(self) -> None:
         _check_types("train", self)
+        if self.eval_every == 0:
+            raise ValueError("--eval-every must be an integer >= 1 (optimizer steps between validation rounds); "
+                             "--no-eval turns validation off")
         _positive("train", steps=self.steps, eval_every=self.eval_every, eval_batches=self.eval_batches,
                   threads=self.threads)
         if self.threads is not None and self.threads > MAX_THREADS:
@@ -179,6 +187,9 @@ class TrainConfig:
             raise ValueError(f"--nonfinite-limit must be an integer >= 0, got {self.nonfinite_limit!r}")
         if self.checkpoint_every is not None and self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be an integer >= 0, got {self.checkpoint_every!r}")
+        if self.checkpoint_every is not None and not self.checkpoint:
+            raise ValueError(f"--checkpoint-every {self.checkpoint_every} asks for checkpoints that --no-checkpoint "
+                             "turns off; drop one of them")
         if self.seed < 0:
             raise ValueError(f"--seed must be an integer >= 0, got {self.seed!r}")
 

@@ -60,6 +60,7 @@ class Plan:
     batch_size: int
     eval_batches: int
     checkpoint_every: int  # optimizer steps between drain points (0: only the end of the run)
+    checkpoints: bool  # False: no checkpoint at all (--no-checkpoint)
     run_dir: Path = Path()
     resume: dict | None = None  # the manifest of the checkpoint this run continues from
 
@@ -81,7 +82,14 @@ class Plan:
         """Is a checkpoint taken after optimizer step `step`? Also at step 0 (after the first
         validation), so that a run restarted before its first interval resumes rather than fails."""
         last = self.schedule.num_steps
-        return step in (0, last) or (self.checkpoint_every > 0 and step % self.checkpoint_every == 0)
+        periodic = self.checkpoint_every > 0 and step % self.checkpoint_every == 0
+        return self.checkpoints and (step in (0, last) or periodic)
+
+    @functools.cached_property
+    def eval_rounds(self) -> list[int]:
+        """The step after which each validation round runs (0: before training); none with --no-eval."""
+        train = self.config.train
+        return evaluation_rounds(self.schedule.num_steps, train.eval_every) if train.eval else []
 
     @property
     def drains_midway(self) -> bool:
@@ -115,7 +123,7 @@ def make_plan(config: RunConfig, resume: bool = False) -> Plan:
     pipe = config.pipeline
     base = schedules.build(pipe.schedule, pipe.stages, pipe.microbatches, config.train.steps, pipe.accum)
     check_size(base)  # the run keeps a trace of every action and simulates it at the end
-    every = schedules.drain_interval(base, pipe.microbatches, config.train.checkpoint_every)
+    every = schedules.drain_interval(base, pipe.microbatches, config.train.checkpoint_every) if config.train.checkpoint else 0
     if every and every < base.num_steps:  # drain points: the schedule fills and drains around each checkpoint
         base = schedules.build(pipe.schedule, pipe.stages, pipe.microbatches, config.train.steps, pipe.accum, every)
     if config.optim.compensate == "predict" and base.weight_policy is WeightPolicy.STASHED:
@@ -137,9 +145,9 @@ def make_plan(config: RunConfig, resume: bool = False) -> Plan:
     optimizer = OptimizerSpec(lr=opt.lr, weight_decay=opt.weight_decay, betas=(opt.beta1, 0.95), warmup_steps=warmup,
                               total_steps=base.num_steps, min_lr_ratio=opt.min_lr_ratio, name=opt.optimizer,
                               compensate=opt.compensate, clip_grad_norm=opt.clip_grad_norm)
-    schedule = with_evaluation(base, config.train.eval_every, eval_batches)
+    schedule = with_evaluation(base, config.train.eval_every, eval_batches) if config.train.eval else base
     plan = Plan(config, data, model, split, schedule, optimizer, seq_len, config.data.batch_size, eval_batches,
-                every, run_dir, manifest)
+                every, config.train.checkpoint, run_dir, manifest)
     if manifest is not None:
         checkpoint.check_identity(manifest["identity"], plan.identity())
         if manifest["step"] >= schedule.num_steps:
@@ -227,7 +235,7 @@ def resume_stage(plan: Plan, stage: Stage) -> None:
 
 def make_recorder(plan: Plan, on_record: Callable[[Record], None] | None) -> Recorder:
     return Recorder(plan.run_dir, plan.schedule, tokens_per_microbatch=plan.tokens_per_microbatch,
-                    eval_rounds=evaluation_rounds(plan.schedule.num_steps, plan.config.train.eval_every),
+                    eval_rounds=plan.eval_rounds,
                     lr_at=plan.optimizer.lr_at, on_record=on_record, resume_step=plan.start_step,
                     norm_stages=plan.num_stages if plan.optimizer.clip_grad_norm else 0)
 
@@ -486,8 +494,8 @@ def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: Stats
 def _stats_order(plan: Plan) -> Iterator[int]:
     """The last rank's stats messages in send order, each as the step after which it is sent (from
     the start of this run, which a resume puts after its checkpoint's step and evaluation round)."""
-    rounds = set(evaluation_rounds(plan.schedule.num_steps, plan.config.train.eval_every))
-    if not plan.start_step:
+    rounds = set(plan.eval_rounds)
+    if not plan.start_step and 0 in rounds:
         yield 0  # validation before training
     for step in range(plan.start_step + 1, plan.schedule.num_steps + 1):
         yield step
@@ -527,11 +535,13 @@ def run_report(plan: Plan, trace: Trace, peak_memory: list[int]) -> Record:
     """Measured utilisation and bubble, the simulator's prediction from the measured op means, files."""
     metrics = trace.metrics()
     predicted = simulate(from_step(plan.schedule, plan.start_step), CostModel.from_trace(trace))
-    write_chrome_trace([trace, predicted.trace], plan.run_dir / "trace.json")
-    shown = 8 * plan.num_stages * plan.schedule.accumulation  # the first few steps, readable
-    render_png(trace, plan.run_dir / "timeline.png", title=f"{plan.schedule.name}: measured", max_actions=shown)
-    render_png(predicted.trace, plan.run_dir / "timeline_predicted.png", max_actions=shown,
-               title=f"{plan.schedule.name}: predicted from the measured op times")
+    if plan.config.train.trace:
+        write_chrome_trace([trace, predicted.trace], plan.run_dir / "trace.json")
+    if plan.config.train.plots:
+        shown = 8 * plan.num_stages * plan.schedule.accumulation  # the first few steps, readable
+        render_png(trace, plan.run_dir / "timeline.png", title=f"{plan.schedule.name}: measured", max_actions=shown)
+        render_png(predicted.trace, plan.run_dir / "timeline_predicted.png", max_actions=shown,
+                   title=f"{plan.schedule.name}: predicted from the measured op times")
     makespan = metrics.makespan
     return {"bubble_fraction": metrics.bubble_fraction,
             "per_stage_utilization": [round(s.busy / makespan, 4) for s in metrics.per_stage],

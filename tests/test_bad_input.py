@@ -374,7 +374,11 @@ CASES = [
       "paci: error: --nonfinite-limit must be an integer >= 0, got -1"),
     c("train-eval-every-zero", "zero steps between evaluations",
       "train {tiny} --eval-every 0",
-      "paci: error: [train] eval_every must be an integer >= 1, got 0"),
+      "paci: error: --eval-every must be an integer >= 1 (optimizer steps between validation rounds); --no-eval "
+      "turns validation off"),
+    c("train-checkpoint-every-without-checkpoints", "--checkpoint-every with --no-checkpoint",
+      "train {tiny} --no-checkpoint --checkpoint-every 2",
+      "paci: error: --checkpoint-every 2 asks for checkpoints that --no-checkpoint turns off; drop one of them"),
     c("train-threads-huge", "10**9 threads",
       "train {tiny} --threads 1000000000",
       "paci: error: --threads must be at most 1024, got 1000000000; leave it out to use this machine's cores"),

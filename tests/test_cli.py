@@ -105,3 +105,26 @@ def test_train_end_to_end_reduces_the_loss(tmp_path):
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(31))
     assert all("drift_histogram" in r for r in records[1:])
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_each_output_has_an_off_switch_that_changes_nothing_else(tmp_path, nproc):
+    """--no-eval --no-checkpoint --no-trace --no-plots: the run directory holds only config.json,
+    metrics.jsonl and summary.json, no validation record, and the training losses equal, bit for bit,
+    those of the same run with every output on (validation and drain points change no weight here)."""
+    common = [sys.executable, "-m", "paci", "train", "--preset", "tiny", "--steps", "3", "--stages", "2",
+              "--microbatches", "2", "--batch-size", "2", "--nproc", str(nproc), "--json"]
+    runs = {}
+    for name, switches in (("all", []), ("none", ["--no-eval", "--no-checkpoint", "--no-trace", "--no-plots"])):
+        done = subprocess.run([*common, *switches, "--out", str(tmp_path / name)], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(p.name for p in (tmp_path / "none").iterdir()) == ["config.json", "metrics.jsonl", "summary.json"]
+    written = {p.name for p in (tmp_path / "all").iterdir()}
+    assert {"checkpoints", "loss.png"} <= written
+    assert ({"trace.json", "timeline.png", "timeline_predicted.png"} <= written) == (nproc > 1)
+    assert not any("val_loss" in r for r in runs["none"]) and sum("val_loss" in r for r in runs["all"]) == 2
+    assert [r["loss"] for r in runs["none"] if "loss" in r] == [r["loss"] for r in runs["all"] if "loss" in r]
+    summary = json.loads((tmp_path / "none" / "summary.json").read_text())
+    assert summary["final_val_loss"] is None and summary["final_train_loss"] == [r["loss"] for r in runs["none"] if "loss" in r][-1]

@@ -17,7 +17,7 @@ from dist_helpers import train_each
 
 from paci.checkpoint import latest, load_stage
 from paci.config import load_config
-from paci.runtime.launch import free_port, spawn
+from paci.runtime.launch import free_port, rank_pids, spawn
 from paci.schedules import REGISTRY
 from paci.train import train
 
@@ -77,22 +77,6 @@ def test_multiprocess_is_bit_identical_to_single_process(tmp_path, stages):
     assert elapsed < 120
 
 
-def _children(pid: int) -> list[int]:
-    """The spawned ranks of `pid` (not multiprocessing's resource tracker), oldest first."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat[1]) == pid and b"spawn_main" in cmdline:
-            found.append((int(stat[19]), int(entry.name)))  # (start time, pid)
-    return [p for _, p in sorted(found)]
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -113,7 +97,7 @@ def _start_run(tmp_path, layout: tuple[str, ...] = ("--nproc", "3")) -> tuple[su
             break
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
-    ranks = _children(proc.pid)
+    ranks = rank_pids(proc.pid)
     assert len(ranks) == (4 if "--dp" in layout else 3)
     return proc, ranks
 

@@ -76,6 +76,16 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--nonfinite-limit", type=int, dest="nonfinite_limit",
                    help="micro-batches a stage may drop, plus updates it may skip, for a non-finite loss or gradient "
                         "before the run stops (default 20)")
+    outputs = p.add_argument_group("outputs", "what a run writes besides config.json, metrics.jsonl and summary.json "
+                                              "(each on by default)")
+    on_off = argparse.BooleanOptionalAction
+    outputs.add_argument("--eval", action=on_off, help="validation rounds (--eval-every, --eval-batches)")
+    outputs.add_argument("--checkpoint", action=on_off,
+                         help="checkpoints and the drain points they need; without them a run cannot be resumed")
+    outputs.add_argument("--trace", action=on_off, help="trace.json: measured and predicted timelines for Perfetto "
+                                                        "(multi-process runs)")
+    outputs.add_argument("--plots", action=on_off, help="loss.png, and timeline.png and timeline_predicted.png in "
+                                                        "multi-process runs")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue RUN_DIR from its newest complete checkpoint, with its own settings; the result "
                         "equals the run that never stopped, bit for bit")
@@ -95,7 +105,8 @@ _TRAIN_FLAGS = {"model": {"preset": "preset", "vocab_size": "vocab_size"},
                 "train": {"steps": "steps", "seed": "seed", "eval_every": "eval_every",
                           "eval_batches": "eval_batches", "threads": "threads", "out": "out",
                           "precision": "precision", "checkpoint_every": "checkpoint_every",
-                          "nonfinite_limit": "nonfinite_limit"}}
+                          "nonfinite_limit": "nonfinite_limit", "eval": "eval", "checkpoint": "checkpoint",
+                          "trace": "trace", "plots": "plots"}}
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -130,16 +141,17 @@ def train_command(args: argparse.Namespace) -> int:
             progress.interrupted()
             raise
         progress.close()
-        _finish(summary, args.json)
+        _finish(summary, args.json, config.train.plots)
         return 0
     import torch
 
     from paci.partition import split_spec
-    from paci.runtime.launch import check_port, threads_per_rank
+    from paci.runtime.launch import check_port, start_fork_server, threads_per_rank
     from paci.train import make_plan
 
     if config.pipeline.port is not None:
         check_port(config.pipeline.port)
+    start_fork_server(_train_rank, ("paci.train",))  # it imports what ranks need while this process checks the plan
 
     torch.set_num_threads(config.train.threads or threads_per_rank(config.pipeline.nproc))  # profile as a rank runs
     plan = make_plan(config, resume)  # check everything (warm the data cache, profile the split) before any rank starts
@@ -170,12 +182,13 @@ def _train_rank(payload) -> int:
         raise
     progress.close()
     if summary is not None:
-        _finish(summary, as_json)
+        _finish(summary, as_json, config.train.plots)
     return 0
 
 
-def _finish(summary: dict, as_json: bool) -> None:
-    _plot_run(Path(summary["run_dir"]))
+def _finish(summary: dict, as_json: bool, plots: bool) -> None:
+    if plots:
+        _plot_run(Path(summary["run_dir"]))
     if as_json:
         print(to_json(summary, indent=1))
         return
@@ -183,9 +196,13 @@ def _finish(summary: dict, as_json: bool) -> None:
     if dropped or skipped:
         log.warning("paci: %d micro-batches had a non-finite loss and were left out; %d stage updates were skipped "
                     "for a non-finite gradient (metrics.jsonl, summary.json)", dropped, skipped)
-    line = (f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.0f} s | "
-            f"val loss {summary['initial_val_loss']:.3f} -> {summary['final_val_loss']:.3f} "
-            f"(ppl {summary['final_val_ppl']:.1f}) | max Δ {summary['max_drift']}")
+    line = f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.0f} s | "
+    if summary["final_val_loss"] is not None:
+        line += (f"val loss {summary['initial_val_loss']:.3f} -> {summary['final_val_loss']:.3f} "
+                 f"(ppl {summary['final_val_ppl']:.1f}) | ")
+    else:
+        line += f"train loss {summary['final_train_loss']:.3f} | "
+    line += f"max Δ {summary['max_drift']}"
     if "bubble_fraction" in summary:
         line += (f" | bubble {summary['bubble_fraction']:.1%} | measured/predicted makespan "
                  f"{summary['makespan_ratio']:.3f}")
@@ -200,6 +217,7 @@ class _Progress:
         self.bar = None
         self.total = self.every = 1
         self.last_val = None
+        self.evaluates = True
 
     def start_checked(self, plan) -> None:
         """`start`, in a run whose plan this process made: every check has passed."""
@@ -209,6 +227,7 @@ class _Progress:
     def start(self, plan) -> None:
         self.run_dir = plan.run_dir
         self.total = plan.schedule.num_steps  # optimizer steps: M*steps/K
+        self.evaluates = bool(plan.eval_rounds)
         self.every = max(1, self.total // 10)
         if self.quiet:
             return
@@ -216,8 +235,11 @@ class _Progress:
                  plan.num_stages, plan.config.pipeline.microbatches, plan.schedule.accumulation,
                  plan.config.optim.compensate, plan.config.model.preset, plan.data.source, plan.run_dir)
         every = f"every {plan.checkpoint_every} steps and " if plan.checkpoint_every else ""
-        log.info("checkpoints %sat the end (drain points of the schedule)%s", every,
-                 f"; resuming after step {plan.start_step}" if plan.resume else "")
+        if plan.checkpoints:
+            log.info("checkpoints %sat the end (drain points of the schedule)%s", every,
+                     f"; resuming after step {plan.start_step}" if plan.resume else "")
+        else:
+            log.info("no checkpoints (--no-checkpoint): this run cannot be resumed")
         if sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=self.total, unit="step", dynamic_ncols=True)
@@ -232,8 +254,8 @@ class _Progress:
         else:  # the newest validation, and when it was taken if not at this step
             value, at = self.last_val
             ppl = f"{value:.1f}" + ("" if at == record["step"] else f" (step {at})")
-        line = (f"step {record['step']} | loss {record['loss']:.3f} | val ppl {ppl} | "
-                f"{record['tok_per_s']:,.0f} tok/s | Δmax {record['max_drift']}")
+        line = (f"step {record['step']} | loss {record['loss']:.3f} | " + (f"val ppl {ppl} | " if self.evaluates else "")
+                + f"{record['tok_per_s']:,.0f} tok/s | Δmax {record['max_drift']}")
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(line.split(" | ", 1)[1])

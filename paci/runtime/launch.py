@@ -13,7 +13,9 @@ import ctypes
 import ctypes.util
 import logging
 import multiprocessing as mp
+import multiprocessing.forkserver as forkserver
 import os
+import select
 import signal
 import socket
 import sys
@@ -22,6 +24,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -184,6 +187,18 @@ def threads_per_rank(nproc: int) -> int:
 HEARTBEAT_S = 10.0  # a rank whose heartbeat thread has been silent this long is frozen (stopped, or hung holding the GIL)
 
 
+def start_fork_server(entry: Callable[[Any], int], preload: tuple[str, ...] = ()):
+    """The multiprocessing context `spawn` starts ranks with: they fork from one server process that
+    imported torch, the torch._dynamo that torch.optim pulls in, `entry`'s module and the modules
+    `preload` names once, where each rank would otherwise import them itself (about 2.4 CPU-seconds
+    a process for torch alone; benchmarks/startup.py). Call it early to let the server import while
+    this process does other work; later calls use the running server."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", "torch._dynamo", entry.__module__, *preload])
+    forkserver.ensure_running()
+    return ctx
+
+
 def spawn(entry: Callable[[Any], int], payload: Any, nproc: int, port: int | None = None,
           threads: int | None = None, grace_s: float = 10.0, heartbeat_s: float = HEARTBEAT_S,
           stop_signal: int | None = None) -> int:
@@ -204,11 +219,12 @@ def spawn(entry: Callable[[Any], int], payload: Any, nproc: int, port: int | Non
         port = free_port()
     else:
         check_port(port)
-    ctx = mp.get_context("spawn")
+    ctx = start_fork_server(entry)
     threads = threads or threads_per_rank(nproc)
     beats = [ctx.Value("d", 0.0, lock=False) for _ in range(nproc)]  # 0: not started yet
-    procs = [ctx.Process(target=_child, args=(entry, payload, rank, nproc, port, threads, beats[rank]),
-                         name=f"paci-rank{rank}") for rank in range(nproc)]
+    env = dict(os.environ)  # as a spawned process would have it (the server keeps the environment it started with)
+    procs = [ctx.Process(target=_child, args=(entry, payload, rank, nproc, port, threads, beats[rank], env,
+                                              os.getpid()), name=f"paci-rank{rank}") for rank in range(nproc)]
     for proc in procs:
         proc.start()
     try:
@@ -278,16 +294,17 @@ def _stop(procs: list) -> None:
 
 
 def _child(entry: Callable[[Any], int], payload: Any, rank: int, world_size: int, port: int, threads: int,
-           beat=None) -> None:
-    if beat is not None:
-        _start_heartbeat(beat)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+           beat, env: dict[str, str], launcher: int) -> None:
+    _die_with(launcher)
+    _name_process(f"paci-rank{rank}")
+    _start_heartbeat(beat)
+    os.environ.clear()
+    os.environ.update(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the ranks
     signal.signal(STOP_SIGNAL, _interrupt)  # a stop asked for outside a run's drain points: at once
     global _spawned
     _spawned = True
-    _die_with_parent()
     torch.set_num_threads(threads)
     sys.exit(run_rank(entry, payload))
 
@@ -305,23 +322,63 @@ def _start_heartbeat(beat, every_s: float = 1.0) -> None:
     threading.Thread(target=run, name="paci-heartbeat", daemon=True).start()
 
 
-def _die_with_parent() -> None:
-    """A rank must not outlive its launcher, even one killed with SIGKILL: Linux sends this process
-    SIGKILL when the parent dies (PR_SET_PDEATHSIG); elsewhere a thread watches the parent's pid."""
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        if libc.prctl(1, signal.SIGKILL) != 0:  # PR_SET_PDEATHSIG = 1
-            raise OSError(ctypes.get_errno(), "prctl")
-    except (OSError, AttributeError):
-        def watch() -> None:
-            while os.getppid() == parent:
+def _die_with(launcher: int) -> None:
+    """A rank must not outlive its launcher, even one killed with SIGKILL. The launcher is not the
+    rank's parent (the fork server is), so a thread waits on a pidfd of the launcher, readable once
+    it has exited (Linux 5.3+; elsewhere the thread polls), and then ends the rank."""
+    def watch(pidfd: int | None) -> None:
+        if pidfd is not None:
+            select.select([pidfd], [], [])
+        else:
+            while _running(launcher):
                 time.sleep(1.0)
-            os._exit(1)
-
-        threading.Thread(target=watch, daemon=True).start()
-    if os.getppid() != parent:  # the parent died before the signal was armed
         os._exit(1)
+
+    try:
+        pidfd = os.pidfd_open(launcher)
+    except ProcessLookupError:  # it died before this rank got here
+        os._exit(1)
+    except (AttributeError, OSError):
+        pidfd = None
+    threading.Thread(target=watch, args=(pidfd,), name="paci-launcher-watch", daemon=True).start()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        pass
+    return True
+
+
+def _name_process(name: str) -> None:
+    """Show the rank as `name` in ps and top (Linux: the process's comm), where rank_pids finds it."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(15, name.encode()[:15])  # PR_SET_NAME
+
+
+def rank_pids(launcher: int) -> list[int]:
+    """The live ranks `spawn` started in process `launcher`, in rank order (Linux; for tests and drills)."""
+    parents, names = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+            if rest[0] != "Z":
+                parents[int(entry.name)], names[int(entry.name)] = int(rest[1]), name
+    below, frontier = set(), {launcher}
+    while frontier:  # every descendant: the ranks are the fork server's children
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - below
+        below |= frontier
+    ranks = [(int(names[pid][len("paci-rank"):]), pid) for pid in below
+             if names[pid].startswith("paci-rank") and names[pid][len("paci-rank"):].isdigit()]
+    return [pid for _, pid in sorted(ranks)]
 
 
 def run_rank(entry: Callable[[Any], int], payload: Any) -> int:

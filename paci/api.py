@@ -46,14 +46,11 @@ from paci.ir import Action, Op, steps_together
 from paci.metrics import mean_loss
 from paci.partition import parse_split, partition, stage_memory_model, uniform_split
 from paci.profiler import default_budget, profile_modules
-from paci.runtime.executor import (Executor, NormExchange, StageFailure, VersionCheck, dist_replica_mean, dist_norm_exchange,
-                                   run_local)
 from paci.runtime import payload
-from paci.runtime.launch import RankInfo, env_rank, init_distributed, mesh_groups, rank_device
+from paci.runtime.executor import StageFailure, join_mesh, run_in_process, run_on_rank
+from paci.runtime.launch import RankInfo, env_rank, init_distributed, rank_device
 from paci.runtime.stage import OptimizerSpec, Stage
-from paci.runtime.transport import DistTransport, LocalTransport
 from paci.schedules import REGISTRY, build
-from paci.trace import Trace
 
 __all__ = ["DataError", "Pipeline"]
 
@@ -152,13 +149,10 @@ class Pipeline:
                             for s in range(self.num_stages)]
         for stage in self._stages:
             stage.train_batch = feeder.view(stage.is_first, stage.is_last)
-        exchange = NormExchange(self._stages) if self.clip_grad_norm and steps_together(schedule) else None
         losses: list[float] = []
-        listener = _listener(schedule, self._stages, losses, on_step)
         with _data_errors():
-            run_local(self._stages, schedule, LocalTransport(), listener,
-                      gate=exchange.gate if exchange is not None else None)
-        listener.finish()
+            run_in_process(self._stages, schedule, clip_globally=bool(self.clip_grad_norm) and steps_together(schedule),
+                           listener=_listener(schedule, losses, on_step))
         return losses
 
     def _fit_rank(self, info: RankInfo, schedule, feeder: _Feeder, on_step) -> list[float]:
@@ -180,28 +174,14 @@ class Pipeline:
                 dist.broadcast_object_list(box, src=0)
                 self.split = box[0]
             stage = self._stage(index, schedule.weight_policy, schedule.accumulation, feeder, device)
-            clips_globally = bool(self.clip_grad_norm) and steps_together(schedule)
-            pipeline_group, replica_group = mesh_groups(device, self.dp, self.num_stages, self.timeout_s,
-                                                        pipeline=clips_globally)
-            if clips_globally:
-                stage.exchange = dist_norm_exchange(pipeline_group, self.num_stages)
-            if replica_group is not None:
-                stage.replica_mean = dist_replica_mean(replica_group, self.dp)
+            join_mesh(stage, device, self.dp, self.timeout_s, bool(self.clip_grad_norm) and steps_together(schedule))
             self._stages = [stage]
         stage = self._stages[0]
         stage.train_batch = feeder.view(stage.is_first, stage.is_last, replica, self.dp)
-        received, sent = _layouts(stage, device, offset)
-        transport = DistTransport(schedule, index, lambda msg: sent.grads() if msg.kind == "B" else received, device,
-                                  self.timeout_s, offset=offset)
-        trace = Trace(schedule.name, self.num_stages, schedule.num_microbatches, schedule.weight_policy, "measured")
         losses: list[float] = []
-        listener = _listener(schedule, [stage], losses, on_step)
-        executor = Executor(stage, schedule.actions(index), transport, trace.stages[index], listener=listener)
         with _data_errors():
-            while not executor.done:
-                executor.run_next()
-        transport.flush()
-        listener.finish()
+            run_on_rank(stage, schedule, device, self.timeout_s, offset=offset,
+                        listener=_listener(schedule, losses, on_step))
         return _losses_everywhere(losses, schedule.num_steps, info.rank, self.num_stages, self.dp)
 
     def _stage(self, index: int, policy, accumulation: int, feeder: _Feeder, device: torch.device) -> Stage:
@@ -219,21 +199,16 @@ class Pipeline:
                      device=device, loss_fn=self.loss_fn, make_optimizer=make_optimizer)
 
 
-def _listener(schedule, stages: list[Stage], losses: list[float], on_step) -> Callable[[Stage, Action], None]:
+def _listener(schedule, losses: list[float], on_step) -> Callable[[Stage, Action], None]:
     """Per optimizer step of the last stage, the mean loss of its K micro-batches (as metrics.jsonl
-    has it: the finite ones); and every recorded (v_f, v_b) checked against the schedule as it
-    happens (`VersionCheck`; `listener.finish()` after the run checks none is missing)."""
-    checks = {stage.index: VersionCheck(schedule, stage.index, base=stage.version) for stage in stages}
-
+    has it: the finite ones), into `losses` and to `on_step`."""
     def listener(stage: Stage, action: Action) -> None:
-        checks[stage.index](stage, action)
         if action.op is Op.U and stage.is_last:
             window = sorted(stage.losses)[:schedule.accumulation]
             losses.append(mean_loss([stage.losses.pop(mb) for mb in window])[0])
             if on_step is not None:
                 on_step(len(losses), losses[-1])
 
-    listener.finish = lambda: [check.finish() for check in checks.values()]
     return listener
 
 
@@ -272,26 +247,6 @@ def _losses_everywhere(losses: list[float], steps: int, rank: int, num_stages: i
     else:
         dist.recv(box, src=last)
     return box.tolist()
-
-
-def _layouts(stage: Stage, device: torch.device, offset: int = 0) -> tuple[payload.Layout | None, payload.Layout | None]:
-    """The layouts of the payload this stage receives and of the one it sends, from one forward of
-    micro-batch 0 (stage 0) or of zeros laid out as the stage before reported, handed down rank by rank."""
-    received = None
-    if not stage.is_first:
-        box = [None]
-        dist.recv_object_list(box, src=offset + stage.index - 1)
-        received = box[0]
-        x = payload.rebuild(received, [torch.zeros(shape, dtype=dtype, device=device)
-                                       for shape, dtype in received.leaves])
-    else:
-        x = payload.to(stage.train_batch(0)[0], device)
-    if stage.is_last:
-        return received, None
-    with torch.no_grad():
-        sent = payload.layout(stage.module(x), f"stage {stage.index}")
-    dist.send_object_list([sent], dst=offset + stage.index + 1)
-    return received, sent
 
 
 class _Feeder:

@@ -28,20 +28,18 @@ from paci import checkpoint, schedules
 from paci.config import RunConfig
 from paci.data import TokenData, load_data
 from paci.files import check_writable, write_text
-from paci.ir import (Action, Message, Op, Schedule, WeightPolicy, evaluation_rounds, from_step,
-                     stage_delay, steps_together,
+from paci.ir import (Action, Op, Schedule, WeightPolicy, evaluation_rounds, from_step, stage_delay, steps_together,
                      updates_ahead, with_evaluation)
 from paci.metrics import Record, Recorder, StatsEvent, StepStats, to_json
-from paci.model import PRESETS, GPTConfig, autocast, build_units, num_units
+from paci.model import PRESETS, GPTConfig, build_units, num_units
 from paci.partition import check_split, choose_split, parse_bytes, split_spec
 from paci.profiler import check_memory
 from paci.report import render_png, write_chrome_trace
-from paci.runtime.executor import (Executor, NormExchange, VersionCheck, dist_replica_mean, dist_norm_exchange,
-                                   gather_trace, run_local)
-from paci.runtime.launch import StopRequest, Stopped, env_rank, init_distributed, mesh_groups, rank_device
+from paci.runtime.executor import gather_trace, join_mesh, run_in_process, run_on_rank
+from paci.runtime.launch import StopRequest, Stopped, env_rank, init_distributed, rank_device
 from paci.runtime.payload import shard
 from paci.runtime.stage import OptimizerSpec, Stage
-from paci.runtime.transport import DistTransport, LocalTransport, StatsChannel
+from paci.runtime.transport import StatsChannel
 from paci.sim import CostModel, check_size, simulate
 from paci.trace import Trace
 
@@ -303,13 +301,8 @@ def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
         on_plan(plan)
     recorder = make_recorder(plan, on_record)
     stats = StepStats(plan.schedule.accumulation, plan.eval_batches)
-    first = plan.start_step * plan.schedule.accumulation
-    checks = [VersionCheck(plan.schedule, s, first) for s in range(plan.num_stages)]
-
-    exchange = NormExchange(stages) if plan.clips_globally else None
 
     def listener(stage: Stage, action: Action) -> None:
-        checks[stage.index](stage, action)
         for event in stats(stage, action):
             recorder.consume(event)
         if action.op is Op.U and plan.optimizer.clip_grad_norm:
@@ -327,10 +320,9 @@ def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
 
     try:
         with stop.armed(plan.drains_midway) if stop is not None else contextlib.nullcontext():
-            trace = run_local(stages, from_step(plan.schedule, plan.start_step), LocalTransport(), listener,
-                              plan.is_drain, on_drain, exchange.gate if exchange is not None else None)
-        for check in checks:
-            check.finish()
+            trace = run_in_process(stages, plan.schedule, clip_globally=plan.clips_globally,
+                                   start_step=plan.start_step, listener=listener, is_drain=plan.is_drain,
+                                   on_drain=on_drain)
     finally:
         recorder.close()
     return write_summary(plan, recorder, {"skipped_updates": [stage.skipped for stage in stages]}), trace
@@ -338,18 +330,6 @@ def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
 
 # ----------------------------------------------------------------------------------------------
 # One stage per rank over torch.distributed (launched by `paci train --nproc P` or torchrun)
-
-
-def message_spec(plan: Plan) -> Callable[[Message], tuple[tuple[int, ...], torch.dtype]]:
-    """Shape and dtype of every inter-stage tensor, found once by running the stages on the meta device."""
-    outputs = []
-    with torch.device("meta"), autocast(plan.config.train.precision, "cpu"):
-        x = torch.zeros(plan.batch_size, plan.seq_len, dtype=torch.long)
-        for start, stop in plan.split:
-            for unit in build_units(plan.model, 0, start, stop):
-                x = unit(x)
-            outputs.append((tuple(x.shape), x.dtype))
-    return lambda msg: outputs[msg.dst] if msg.kind == "B" else outputs[msg.dst - 1]
 
 
 def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = None,
@@ -378,19 +358,11 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
     checkpoint_group = dist.new_group(list(range(info.world_size)))  # apart from the P2P traffic
     stage = build_stage(plan, index, device, replica)
     resume_stage(plan, stage)
-    # a resumed run's messages start after its checkpoint: receives are posted ahead from there
-    transport = DistTransport(from_step(plan.schedule, plan.start_step), index, message_spec(plan), device,
-                              config.pipeline.timeout_s, offset=replica * num_stages)
     messages = sum(1 for _ in _stats_order(plan))
     channel = StatsChannel(stats_group, info.rank, last, 0, messages, device,
                            config.pipeline.timeout_s) if info.rank in (0, last) else None
     norm_channels = _norm_channels(plan, info.rank, device) if plan.optimizer.clip_grad_norm else {}
-    pipeline_group, replica_group = mesh_groups(device, dp, num_stages, config.pipeline.timeout_s,
-                                                pipeline=plan.clips_globally)
-    if replica_group is not None:
-        stage.replica_mean = dist_replica_mean(replica_group, dp)
-    if plan.clips_globally:
-        stage.exchange = dist_norm_exchange(pipeline_group, num_stages)
+    pipeline_group = join_mesh(stage, device, dp, config.pipeline.timeout_s, plan.clips_globally)
     dist.barrier()  # everyone has checked the plan before rank 0 writes anything
     recorder = None
     if info.rank == 0:
@@ -403,7 +375,7 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
     plan.run_dir = Path(_broadcast(str(plan.run_dir)))
     try:
         with stop.armed(plan.drains_midway) if stop is not None else contextlib.nullcontext():
-            trace = _run_rank(plan, stage, transport, channel, recorder, checkpoint_group, norm_channels, stop, replica)
+            trace = _run_rank(plan, stage, replica, channel, recorder, checkpoint_group, norm_channels, stop)
         return _gather(plan, stage, trace, recorder, pipeline_group) if replica == 0 else None
     finally:
         if recorder is not None:
@@ -422,13 +394,9 @@ def _norm_channels(plan: Plan, rank: int, device: torch.device) -> dict[int, Sta
     return channels
 
 
-def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: StatsChannel | None,
-              recorder: Recorder | None, checkpoint_group, norm_channels: dict[int, StatsChannel],
-              stop: StopRequest | None, replica: int = 0) -> Trace:
-    trace = Trace(plan.schedule.name, plan.num_stages, plan.schedule.num_microbatches,
-                  plan.schedule.weight_policy, kind="measured")
+def _run_rank(plan: Plan, stage: Stage, replica: int, channel: StatsChannel | None, recorder: Recorder | None,
+              checkpoint_group, norm_channels: dict[int, StatsChannel], stop: StopRequest | None) -> Trace:
     stats = StepStats(plan.schedule.accumulation, plan.eval_batches)
-    check = VersionCheck(plan.schedule, stage.index, plan.start_step * plan.schedule.accumulation)
     due = _stats_order(plan)  # on rank 0: the step after which each stats message is sent
     next_due = next(due, None)
 
@@ -464,7 +432,6 @@ def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: Stats
                 raise Stopped(stage.version)
 
     def listener(stage: Stage, action: Action) -> None:
-        check(stage, action)
         if stage.is_last:
             for event in stats(stage, action):
                 if channel is not None:  # replica 0's last stage reports (its losses are the replicas' mean)
@@ -477,17 +444,14 @@ def _run_rank(plan: Plan, stage: Stage, transport: DistTransport, channel: Stats
         if action.op is Op.U:  # when stage 0 finishes step v, the last rank has long sent everything of step v-1
             record_until(stage.version - 1)
 
-    executor = Executor(stage, from_step(plan.schedule, plan.start_step).actions(stage.index), transport,
-                        trace.stages[stage.index], listener=listener, is_drain=plan.is_drain, on_drain=on_drain)
-    while not executor.done:
-        executor.run_next()
-    transport.flush()
+    trace = run_on_rank(stage, plan.schedule, stage.device, plan.config.pipeline.timeout_s,
+                        offset=replica * plan.num_stages, start_step=plan.start_step, listener=listener,
+                        is_drain=plan.is_drain, on_drain=on_drain)
     if channel is not None and stage.is_last:
         channel.flush()
     if stage.index in norm_channels:
         norm_channels[stage.index].flush()
     record_until(math.inf)
-    check.finish()
     return trace
 
 

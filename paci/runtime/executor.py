@@ -4,6 +4,11 @@
 drives every stage in one process (the local transport), visiting each stage until it would have
 to wait for a message; the multi-process runtime runs one Executor per rank with blocking receives.
 Because each stage's order is fixed, both produce exactly the same numbers.
+
+`run_in_process` and `run_on_rank` are the one way `paci.Pipeline` and `paci train` run a
+schedule, in one process or on this rank of a launched run: the same clipping exchange, the same
+version check of every backward against the schedule, the same transport and message layouts;
+each caller adds only what it records (its listener) and what it saves at drain points.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from paci.ir import (INPUT_GRAD_OPS, Action, Op, Schedule, ScheduleError, needs, render_grid, sends,
+from paci.ir import (INPUT_GRAD_OPS, Action, Op, Schedule, ScheduleError, from_step, needs, render_grid, sends,
                      stage_versions)
+from paci.runtime import payload
+from paci.runtime.launch import mesh_groups
 from paci.runtime.stage import Stage
-from paci.runtime.transport import Transport
+from paci.runtime.transport import DistTransport, LocalTransport, MessageSpec, Transport
 from paci.trace import StageTrace, Trace
 
 Listener = Callable[[Stage, Action], None]
@@ -118,6 +125,90 @@ def run_local(stages: list[Stage], schedule: Schedule, transport: Transport,
             detail = ", ".join(f"stage {s} waits at {executors[s].head}" for s in marks)
             raise ScheduleError(f"deadlock: {detail}\n{render_grid(schedule, marks)}")
     return trace
+
+
+def run_in_process(stages: list[Stage], schedule: Schedule, *, clip_globally: bool = False, start_step: int = 0,
+                   listener: Listener | None = None, is_drain: Callable[[int], bool] | None = None,
+                   on_drain: Callable[[Stage], None] | None = None) -> Trace:
+    """Every stage in this process: `schedule` from after optimizer step `start_step` (a resumed
+    run), every backward's (v_f, v_b) checked against the schedule as it happens, clipping by the
+    global norm if `clip_globally`, `listener(stage, action)` after each action."""
+    checks = {stage.index: VersionCheck(schedule, stage.index, start_step * schedule.accumulation, stage.version
+                                        - start_step) for stage in stages}
+    exchange = NormExchange(stages) if clip_globally else None
+
+    def on_action(stage: Stage, action: Action) -> None:
+        checks[stage.index](stage, action)
+        if listener is not None:
+            listener(stage, action)
+
+    trace = run_local(stages, from_step(schedule, start_step), LocalTransport(), on_action, is_drain, on_drain,
+                      exchange.gate if exchange is not None else None)
+    for check in checks.values():
+        check.finish()
+    return trace
+
+
+def join_mesh(stage: Stage, device: torch.device, dp: int, timeout_s: float, clip_globally: bool):
+    """Connect this rank's stage to its peers of the (dp, pp) mesh (a collective: every rank calls
+    it): the replicas of the stage average its gradients at its step, and with `clip_globally` the
+    stages of its pipeline exchange their norms. Returns the pipeline's group (None when dp = 1
+    and nothing needs it)."""
+    pipeline_group, replica_group = mesh_groups(device, dp, stage.num_stages, timeout_s, pipeline=clip_globally)
+    if clip_globally:
+        stage.exchange = dist_norm_exchange(pipeline_group, stage.num_stages)
+    if replica_group is not None:
+        stage.replica_mean = dist_replica_mean(replica_group, dp)
+    return pipeline_group
+
+
+def run_on_rank(stage: Stage, schedule: Schedule, device: torch.device, timeout_s: float, *, offset: int = 0,
+                start_step: int = 0, listener: Listener | None = None,
+                is_drain: Callable[[int], bool] | None = None,
+                on_drain: Callable[[Stage], None] | None = None) -> Trace:
+    """This rank's stage over torch.distributed (its pipeline's stage s is global rank `offset` + s):
+    message layouts from one forward of micro-batch 0 handed down the pipeline, then `schedule` from
+    after step `start_step`, every backward's versions checked as in `run_in_process`. Returns the
+    trace with this stage's columns filled in."""
+    index = stage.index
+    resumed = from_step(schedule, start_step)
+    transport = DistTransport(resumed, index, exchange_layouts(stage, device, offset), device, timeout_s,
+                              offset=offset)
+    trace = Trace(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.weight_policy, "measured")
+    check = VersionCheck(schedule, index, start_step * schedule.accumulation, stage.version - start_step)
+
+    def on_action(stage: Stage, action: Action) -> None:
+        check(stage, action)
+        if listener is not None:
+            listener(stage, action)
+
+    executor = Executor(stage, resumed.actions(index), transport, trace.stages[index], listener=on_action,
+                        is_drain=is_drain, on_drain=on_drain)
+    while not executor.done:
+        executor.run_next()
+    transport.flush()
+    check.finish()
+    return trace
+
+
+def exchange_layouts(stage: Stage, device: torch.device, offset: int = 0) -> MessageSpec:
+    """What this rank receives and sends, as `DistTransport` needs it: the layout of each payload,
+    from one forward of micro-batch 0 (stage 0) or of zeros laid out as the stage before reported,
+    handed down the pipeline rank by rank (a model's own shapes, never written by hand)."""
+    received = None
+    if not stage.is_first:
+        box = [None]
+        dist.recv_object_list(box, src=offset + stage.index - 1)
+        received = box[0]
+        x = payload.rebuild(received, [torch.zeros(shape, dtype=dtype, device=device)
+                                       for shape, dtype in received.leaves])
+    else:
+        x = stage.train_batch(0)[0]
+    sent = None
+    if not stage.is_last:
+        sent = stage.output_layout(x)
+        dist.send_object_list([sent], dst=offset + stage.index + 1)
+    return lambda msg: sent.grads() if msg.kind == "B" else received
 
 
 class VersionCheck:

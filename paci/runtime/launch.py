@@ -255,9 +255,9 @@ def _supervise(procs: list, grace_s: float, beats: list, heartbeat_s: float, sto
     first_failure: tuple[int, int] | None = None
     deadline = float("inf")
     while any(proc.exitcode is None for proc in procs):
-        for rank, proc in enumerate(procs):
-            if proc.exitcode not in (None, 0) and first_failure is None:
-                first_failure, deadline = (rank, proc.exitcode), time.monotonic() + grace_s
+        failed = [(rank, proc.exitcode) for rank, proc in enumerate(procs) if proc.exitcode not in (None, 0)]
+        if failed and first_failure is None:  # seen together: one killed by a signal is the cause, not its peers
+            first_failure, deadline = min(failed, key=lambda f: (f[1] > 0, f[0])), time.monotonic() + grace_s
         now = time.monotonic()
         frozen = [rank for rank, (proc, beat) in enumerate(zip(procs, beats))
                   if proc.exitcode is None and beat.value and now - beat.value > heartbeat_s]

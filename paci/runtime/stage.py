@@ -306,6 +306,13 @@ class Stage:
                 return None
         return output
 
+    def output_layout(self, x: payload.Payload) -> payload.Layout:
+        """The layout of what this stage sends for input `x`: one forward as F runs it (autocast),
+        without a graph and without drawing from the random generators (dropout stays as it was)."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices), autocast(self.precision, self.device):
+            return payload.layout(self.module(payload.to(x, self.device)), f"stage {self.index}")
+
     def _run(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None) -> torch.Tensor:
         return self.module(x) if weights is None else functional_call(self.module, weights, (x,))
 

@@ -50,7 +50,7 @@ from paci.runtime import payload
 from paci.runtime.executor import StageFailure, join_mesh, run_in_process, run_on_rank
 from paci.runtime.launch import RankInfo, env_rank, init_distributed, rank_device
 from paci.runtime.stage import OptimizerSpec, Stage
-from paci.schedules import REGISTRY, build
+from paci.schedules import REGISTRY, RUNNABLE, build, check_runnable
 
 __all__ = ["DataError", "Pipeline"]
 
@@ -83,7 +83,8 @@ class Pipeline:
         if not self.units or not all(isinstance(u, nn.Module) for u in self.units):
             raise ValueError("units must be a non-empty list of torch.nn.Module, in the order the model runs them")
         if schedule not in REGISTRY:
-            raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(REGISTRY)}")
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(RUNNABLE)}")
+        check_runnable(schedule)
         if not clip_grad_norm >= 0:
             raise ValueError(f"clip_grad_norm must be >= 0 (0: off), got {clip_grad_norm}")
         if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:

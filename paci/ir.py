@@ -91,8 +91,10 @@ class ScheduleError(ValueError):
 
 @dataclass(frozen=True)
 class Schedule:
-    """Per-stage action streams plus the weight policy.
+    """Per-rank action streams plus the weight policy.
 
+    A rank runs one stage, or with `num_ranks` set (interleaved schedules: virtual stages), the
+    num_stages / num_ranks stages s with s % num_ranks == rank, in one order: `stream(rank)`.
     `accumulation` is how many micro-batch backwards a stage sums before each `U` (K for PACI and
     2BW, m for the flush schedules, 1 for PipeDream and naive async). Total micro-batches is
     `num_microbatches`; micro-batches are numbered 0..num_microbatches-1 globally.
@@ -105,12 +107,40 @@ class Schedule:
     weight_policy: WeightPolicy
     stream: Callable[[int], Iterable[Action]] = field(repr=False, compare=False)
     params: tuple[tuple[str, int], ...] = ()
+    num_ranks: int = 0  # 0: one stage per rank
+
+    @property
+    def ranks(self) -> int:
+        """The processes that run the schedule (the pipeline's depth P)."""
+        return self.num_ranks or self.num_stages
+
+    @property
+    def stages_per_rank(self) -> int:
+        return self.num_stages // self.ranks
+
+    def rank_of(self, stage: int) -> int:
+        return stage % self.ranks
+
+    def rank_actions(self, rank: int) -> Iterator[Action]:
+        """A fresh iterator over everything `rank` does, in order (lazy)."""
+        if not 0 <= rank < self.ranks:
+            raise IndexError(f"rank {rank} out of range for {self.ranks} ranks")
+        return iter(self.stream(rank))
 
     def actions(self, stage: int) -> Iterator[Action]:
         """A fresh iterator over `stage`'s actions, in order (lazy)."""
         if not 0 <= stage < self.num_stages:
             raise IndexError(f"stage {stage} out of range for {self.num_stages} stages")
-        return iter(self.stream(stage))
+        if self.ranks == self.num_stages:
+            return iter(self.stream(stage))
+        return (action for action in self.stream(self.rank_of(stage)) if action.stage == stage)
+
+    def derived(self, stream: Callable[[int], Iterable[Action]], num_microbatches: int | None = None,
+                params: tuple[tuple[str, int], ...] = ()) -> Schedule:
+        """This schedule with other per-rank streams (and micro-batch count), its params extended."""
+        return Schedule(self.name, self.num_stages, self.num_microbatches if num_microbatches is None
+                        else num_microbatches, self.accumulation, self.weight_policy, stream, self.params + params,
+                        self.num_ranks)
 
     @property
     def num_steps(self) -> int:
@@ -125,10 +155,13 @@ class Schedule:
 
 
 def from_rows(rows: list[list[Action]], name: str, accumulation: int, weight_policy: WeightPolicy) -> Schedule:
-    """A schedule from explicit per-stage action lists (CSV files, tests)."""
+    """A schedule from explicit per-rank action lists (CSV files, tests); a row holding the actions
+    of several stages makes an interleaved schedule (stage s on row s % len(rows))."""
     frozen = tuple(tuple(row) for row in rows)
     num_mb = 1 + max((a.microbatch for row in frozen for a in row if a.microbatch is not None), default=-1)
-    return Schedule(name, len(frozen), num_mb, accumulation, weight_policy, lambda s: frozen[s])
+    num_stages = max(len(frozen), 1 + max((a.stage for row in frozen for a in row), default=-1))
+    return Schedule(name, num_stages, num_mb, accumulation, weight_policy, lambda r: frozen[r],
+                    num_ranks=len(frozen) if num_stages != len(frozen) else 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,32 +212,34 @@ def with_evaluation(schedule: Schedule, every: int, num_batches: int) -> Schedul
 
     Round r evaluates held-out batches r*num_batches … r*num_batches+num_batches-1 (the batch is the
     index modulo num_batches). On every stage a round sits right after the same U, so each round
-    sees the model with every stage at the same version; it keeps no state between actions.
+    sees the model with every stage at the same version; it keeps no state between actions. A rank
+    holding several stages evaluates them in stage order once all of them have stepped.
     """
     if every < 1 or num_batches < 1:
         raise ValueError(f"evaluation needs every >= 1 and num_batches >= 1, got {every}, {num_batches}")
     last = schedule.num_steps
 
-    def stream(stage: int) -> Iterator[Action]:
+    def stream(rank: int) -> Iterator[Action]:
+        stages = range(rank, schedule.num_stages, schedule.ranks)
         rounds = 0
 
         def round_() -> Iterator[Action]:
             nonlocal rounds
             first = rounds * num_batches
             rounds += 1
-            return (Action(stage, Op.E, first + j) for j in range(num_batches))
+            return (Action(stage, Op.E, first + j) for stage in stages for j in range(num_batches))
 
         yield from round_()
-        steps = 0
-        for action in schedule.actions(stage):
+        updates = 0
+        for action in schedule.rank_actions(rank):
             yield action
             if action.op is Op.U:
-                steps += 1
-                if steps % every == 0 or steps == last:
+                updates += 1
+                steps, partial = divmod(updates, len(stages))
+                if not partial and (steps % every == 0 or steps == last):
                     yield from round_()
 
-    return Schedule(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.accumulation,
-                    schedule.weight_policy, stream, schedule.params + (("eval_every", every),))
+    return schedule.derived(stream, params=(("eval_every", every),))
 
 
 def with_drains(build: Callable[[int], Schedule], num_steps: int, every: int) -> Schedule:
@@ -221,15 +256,16 @@ def with_drains(build: Callable[[int], Schedule], num_steps: int, every: int) ->
     whole = max(whole, 1)
     span = full.num_microbatches
 
-    def stream(stage: int) -> Iterator[Action]:
+    def stream(rank: int) -> Iterator[Action]:
         for j in range(whole):
-            yield from _shifted(full.actions(stage), j * span)
+            yield from _shifted(full.rank_actions(rank), j * span)
         if tail is not None:
-            yield from _shifted(tail.actions(stage), whole * span)
+            yield from _shifted(tail.rank_actions(rank), whole * span)
 
     total = whole * span + (tail.num_microbatches if tail is not None else 0)
     params = tuple((k, num_steps if k == "steps" else v) for k, v in full.params) + (("drain_every", every),)
-    return Schedule(full.name, full.num_stages, total, full.accumulation, full.weight_policy, stream, params)
+    return Schedule(full.name, full.num_stages, total, full.accumulation, full.weight_policy, stream, params,
+                    full.num_ranks)
 
 
 def _shifted(actions: Iterable[Action], offset: int) -> Iterator[Action]:
@@ -241,14 +277,14 @@ def from_step(schedule: Schedule, step: int) -> Schedule:
     """What is left of `schedule` after optimizer step `step` (see `after_step`): a resumed run's part."""
     if not step:
         return schedule
-    return Schedule(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.accumulation,
-                    schedule.weight_policy, lambda s: after_step(schedule.actions(s), step),
-                    schedule.params + (("from_step", step),))
+    return schedule.derived(lambda r: after_step(schedule.rank_actions(r), step * schedule.stages_per_rank),
+                            params=(("from_step", step),))
 
 
 def after_step(actions: Iterable[Action], step: int) -> Iterator[Action]:
-    """A stage's actions from where it left off after its `step`-th U and the evaluation round
-    that follows it: where a run resumed from a checkpoint at `step` picks up."""
+    """A rank's actions from where it left off after its `step`-th U and the evaluation round
+    that follows it: where a run resumed from a checkpoint at `step` picks up (a rank of v stages
+    passes v U's per optimizer step)."""
     actions = iter(actions)
     pending: Action | None = None
     if step:
@@ -322,9 +358,20 @@ def validate(schedule: Schedule) -> None:
     a U follows every `accumulation` weight-backwards (B or W) and none is left unstepped.
     Across stages: the dependencies can all be met (a dependency walk finds no deadlock).
     """
+    if schedule.ranks != schedule.num_stages:
+        _check_placement(schedule)
     for stage in range(schedule.num_stages):
         _check_stage(schedule, stage)
     _check_no_deadlock(schedule)
+
+
+def _check_placement(schedule: Schedule) -> None:
+    """Each rank runs only its own stages: stage s on rank s % P."""
+    for rank in range(schedule.ranks):
+        for position, action in enumerate(schedule.rank_actions(rank)):
+            if schedule.rank_of(action.stage) != rank:
+                raise ScheduleError(f"rank {rank}, position {position} ({action}): stage {action.stage} runs on rank "
+                                    f"{schedule.rank_of(action.stage)} (stage s on rank s mod {schedule.ranks})")
 
 
 class _Finished:
@@ -406,21 +453,21 @@ def _grid_error(schedule: Schedule, message: str, marks: dict[int, int]) -> Sche
 
 
 def _check_no_deadlock(schedule: Schedule) -> None:
-    """Walk the dependency graph; report the blocked actions if nothing can move."""
-    num_stages = schedule.num_stages
-    streams = [schedule.actions(s) for s in range(num_stages)]
+    """Walk the dependency graph rank by rank; report the blocked actions if nothing can move."""
+    num_stages, num_ranks = schedule.num_stages, schedule.ranks
+    streams = [schedule.rank_actions(r) for r in range(num_ranks)]
     heads: list[Action | None] = [next(it, None) for it in streams]
-    positions = [0] * num_stages
+    positions = [0] * num_stages  # per stage, for the grid
     arrived: set[Message] = set()
     waiting: dict[Message, int] = {}
-    runnable = list(range(num_stages))
+    runnable = list(range(num_ranks))
     while runnable:
-        stage = runnable.pop()
-        while (action := heads[stage]) is not None:
+        rank = runnable.pop()
+        while (action := heads[rank]) is not None:
             msg = needs(action, num_stages)
             if msg is not None:
                 if msg not in arrived:
-                    waiting[msg] = stage
+                    waiting[msg] = rank
                     break
                 arrived.remove(msg)
             out = sends(action, num_stages)
@@ -428,11 +475,11 @@ def _check_no_deadlock(schedule: Schedule) -> None:
                 arrived.add(out)
                 if out in waiting:
                     runnable.append(waiting.pop(out))
-            heads[stage] = next(streams[stage], None)
-            positions[stage] += 1
-    blocked = {s: positions[s] for s in range(num_stages) if heads[s] is not None}
+            heads[rank] = next(streams[rank], None)
+            positions[action.stage] += 1
+    blocked = {heads[r].stage: positions[heads[r].stage] for r in range(num_ranks) if heads[r] is not None}
     if blocked:
-        detail = ", ".join(f"stage {s} waits at {heads[s]}" for s in blocked)
+        detail = ", ".join(f"stage {s} waits at {heads[schedule.rank_of(s)]}" for s in blocked)
         raise _grid_error(schedule, f"deadlock: {detail}", blocked)
 
 
@@ -456,10 +503,11 @@ def render_grid(schedule: Schedule, marks: dict[int, int], context: int = 6) -> 
 
 
 def to_csv(schedule: Schedule) -> str:
+    """One row per rank, as torch writes them."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    for stage in range(schedule.num_stages):
-        writer.writerow(str(a) for a in schedule.actions(stage))
+    for rank in range(schedule.ranks):
+        writer.writerow(str(a) for a in schedule.rank_actions(rank))
     return out.getvalue()
 
 
@@ -483,20 +531,21 @@ def from_csv(text: str, name: str = "csv", weight_policy: WeightPolicy = WeightP
     if not rows:
         raise ScheduleError("CSV has no actions")
     has_updates = [any(a.op is Op.U for a in row) for row in rows]
-    if not any(has_updates):
-        rows = [row + [Action(s, Op.U)] for s, row in enumerate(rows)]
-        accumulation = sum(a.op in WEIGHT_GRAD_OPS for a in rows[0])
+    if not any(has_updates):  # U for each stage of the row, in stage order
+        rows = [row + [Action(s, Op.U) for s in sorted({a.stage for a in row})] for row in rows]
+        accumulation = sum(a.op in WEIGHT_GRAD_OPS for a in rows[0] if a.stage == 0)
     else:
-        first_u = next(i for i, a in enumerate(rows[0]) if a.op is Op.U)
-        accumulation = sum(a.op in WEIGHT_GRAD_OPS for a in rows[0][:first_u])
+        first_u = next((i for i, a in enumerate(rows[0]) if a.op is Op.U and a.stage == 0), len(rows[0]))
+        accumulation = sum(a.op in WEIGHT_GRAD_OPS for a in rows[0][:first_u] if a.stage == 0)
     schedule = from_rows(rows, name, max(accumulation, 1), weight_policy)
     validate(schedule)
     return schedule
 
 
 def _csv_rows(text: str) -> list[list[Action]]:
-    """One list of actions per non-empty CSV line; ScheduleError names the line of a bad cell."""
-    rows: list[list[Action]] = []
+    """One list of actions per non-empty CSV line (one line per rank); ScheduleError names the line
+    of a bad cell, or of a stage on the wrong rank (stage s runs on rank s mod the number of lines)."""
+    rows: list[tuple[int, list[Action]]] = []
     for line_no, row in enumerate(csv.reader(io.StringIO(text)), start=1):
         if not any(cell.strip() for cell in row):
             continue
@@ -511,9 +560,12 @@ def _csv_rows(text: str) -> list[list[Action]]:
             if action.op not in COMPUTE_OPS:
                 raise ScheduleError(f"CSV line {line_no}: {cell} is a comm op; paci reads compute-only CSVs "
                                     "(torch's _dump_csv(format='compute_only'))")
-            if action.stage != len(rows):
-                raise ScheduleError(f"CSV line {line_no}: {cell} belongs to stage {action.stage}, but row "
-                                    f"{len(rows)} is rank {len(rows)}; paci runs one stage per rank")
             actions.append(action)
-        rows.append(actions)
-    return rows
+        rows.append((line_no, actions))
+    for rank, (line_no, actions) in enumerate(rows):
+        for action in actions:
+            if action.stage % len(rows) != rank:
+                raise ScheduleError(f"CSV line {line_no}: {action} belongs to stage {action.stage}, which runs on rank "
+                                    f"{action.stage % len(rows)} of {len(rows)} (one line per rank, stage s on rank s "
+                                    f"mod {len(rows)}), but this line is rank {rank}")
+    return [actions for _, actions in rows]

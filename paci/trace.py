@@ -79,6 +79,7 @@ class Trace:
     kind: str = "simulated"
     time_unit: str | None = None  # default: "s" when measured, else "units"
     stages: list[StageTrace] = field(default_factory=list)
+    num_ranks: int = 0  # 0: one stage per rank; else stage s ran on rank s % num_ranks
 
     def __post_init__(self) -> None:
         if self.time_unit is None:
@@ -168,11 +169,15 @@ def compute_metrics(trace: Trace) -> TraceMetrics:
     makespan = t1 - t0
     per_stage = [_stage_metrics(trace, s, makespan) for s in range(trace.num_stages)]
     busy = sum(m.busy for m in per_stage)
-    window = sum(m.steady_window for m in per_stage)
+    if trace.num_ranks and trace.num_ranks != trace.num_stages:  # a rank's steady state spans all its stages
+        steady = [_steady(*_merged(trace, range(r, trace.num_stages, trace.num_ranks))) for r in range(trace.num_ranks)]
+    else:
+        steady = [(m.steady_window, m.steady_idle) for m in per_stage]
+    window = sum(w for w, _ in steady)
     return TraceMetrics(
         makespan=makespan,
-        bubble_fraction=1.0 - busy / (trace.num_stages * makespan) if makespan > 0 else 0.0,
-        steady_bubble_fraction=sum(m.steady_idle for m in per_stage) / window if window > 0 else None,
+        bubble_fraction=1.0 - busy / ((trace.num_ranks or trace.num_stages) * makespan) if makespan > 0 else 0.0,
+        steady_bubble_fraction=sum(idle for _, idle in steady) / window if window > 0 else None,
         throughput=trace.num_microbatches / makespan if makespan > 0 else 0.0,
         max_drift=max((m.max_drift for m in per_stage), default=0),
         per_stage=per_stage,
@@ -182,16 +187,8 @@ def compute_metrics(trace: Trace) -> TraceMetrics:
 def _stage_metrics(trace: Trace, stage: int, makespan: float) -> StageMetrics:
     st = trace.stages[stage]
     ops, _, start, end, _, _ = trace.columns(stage)
-    durations = end - start
-    cum_busy = np.concatenate(([0.0], np.cumsum(durations)))
-    busy = float(cum_busy[-1])
-    window = idle_in_window = 0.0
-    backward = np.flatnonzero((ops == _B) | (ops == _I))
-    forward = np.flatnonzero(ops == _F)
-    if len(backward) and len(forward) and forward[-1] > backward[0]:
-        first, last = backward[0], forward[-1]
-        window = float(end[last] - start[first])
-        idle_in_window = window - float(cum_busy[last + 1] - cum_busy[first])
+    busy = float(np.sum(end - start))
+    window, idle_in_window = _steady(ops, start, end)
     v_f, v_b = trace.versions(stage)
     done = (v_f >= 0) & (v_b >= 0)
     drift = v_b[done] - v_f[done]
@@ -201,6 +198,28 @@ def _stage_metrics(trace: Trace, stage: int, makespan: float) -> StageMetrics:
     copies = _peak_stash(st, v_f) if trace.weight_policy is WeightPolicy.STASHED else 0
     return StageMetrics(busy, makespan - busy, window, max(idle_in_window, 0.0), int(drift.max(initial=0)),
                         histogram, peak_inflight, copies)
+
+
+def _steady(ops: np.ndarray, start: np.ndarray, end: np.ndarray) -> tuple[float, float]:
+    """(steady window, idle time in it) of one worker's actions in the order it ran them: the
+    window runs from its first backward to its last forward (none if the last forward comes first)."""
+    cum_busy = np.concatenate(([0.0], np.cumsum(end - start)))
+    backward = np.flatnonzero((ops == _B) | (ops == _I))
+    forward = np.flatnonzero(ops == _F)
+    if not (len(backward) and len(forward) and forward[-1] > backward[0]):
+        return 0.0, 0.0
+    first, last = backward[0], forward[-1]
+    window = float(end[last] - start[first])
+    return window, max(window - float(cum_busy[last + 1] - cum_busy[first]), 0.0)
+
+
+def _merged(trace: Trace, stages: range) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ops, start, end) of several stages that one rank ran, in the order it ran them."""
+    columns = [trace.columns(s) for s in stages]
+    start = np.concatenate([c.start for c in columns])
+    order = np.argsort(start, kind="stable")
+    return (np.concatenate([c.op for c in columns])[order], start[order],
+            np.concatenate([c.end for c in columns])[order])
 
 
 def _peak_stash(st: StageTrace, v_f: np.ndarray) -> int:

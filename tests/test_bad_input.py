@@ -146,8 +146,18 @@ CASES = [
     # ---------- paci simulate: sizes and costs
     c("simulate-unknown-schedule", "an unknown schedule",
       "simulate --schedule nope",
-      "paci: error: unknown schedule 'nope'; choose one of: gpipe, 1f1b, zb-h1, async-1f1b, pipedream, 2bw, "
-      "paci"),
+      "paci: error: unknown schedule 'nope'; choose one of: gpipe, 1f1b, zb-h1, interleaved-1f1b, async-1f1b, "
+      "pipedream, 2bw, paci"),
+    c("simulate-chunks-without-interleaving", "--chunks with a one-stage-per-rank schedule",
+      "simulate --schedule paci --chunks 2",
+      "paci: error: paci runs one stage per rank; --chunks 2 needs --schedule interleaved-1f1b"),
+    c("simulate-chunks-zero", "no stage per rank",
+      "simulate --schedule interleaved-1f1b --chunks 0",
+      "paci: error: --chunks (stages per rank) must be an integer >= 1, got 0"),
+    c("simulate-interleaved-uneven-rounds", "micro-batches that do not fill equal rounds",
+      "simulate --schedule interleaved-1f1b --stages 4 --microbatches 9",
+      "paci: error: interleaved-1f1b sends micro-batches through the ranks in 2 equal rounds (--microbatches // P): "
+      "--microbatches 9 must be a multiple of 2, e.g. 8"),
     c("simulate-stages-zero", "zero stages",
       "simulate --stages 0",
       "paci: error: number of stages must be an integer >= 1, got 0"),
@@ -261,10 +271,11 @@ CASES = [
       "simulate --csv s.csv",
       "paci: error: deadlock: stage 0 waits at 0B0, stage 1 waits at 1F1 (PACI_DEBUG=1 shows the details)",
       csv("0F0,0B0,0F1,0B1\n1F1,1B1,1F0,1B0\n")),
-    c("simulate-csv-stage-row", "an action on another stage's row (`1F0` on the first line)",
+    c("simulate-csv-stage-row", "an action on another rank's line (`1F0` on the first of two)",
       "simulate --csv s.csv",
-      "paci: error: CSV line 1: 1F0 belongs to stage 1, but row 0 is rank 0; paci runs one stage per rank",
-      csv("1F0\n")),
+      "paci: error: CSV line 1: 1F0 belongs to stage 1, which runs on rank 1 of 2 (one line per rank, stage s on "
+      "rank s mod 2), but this line is rank 0",
+      csv("1F0\n0F0\n")),
     c("simulate-csv-huge-line", "one 20 MB line",
       "simulate --csv s.csv",
       "paci: error: --csv s.csv has 20,000,001 bytes; paci reads schedule CSVs of at most 16,777,216 (about 4 "
@@ -376,6 +387,10 @@ CASES = [
       "train {tiny} --eval-every 0",
       "paci: error: --eval-every must be an integer >= 1 (optimizer steps between validation rounds); --no-eval "
       "turns validation off"),
+    c("train-schedule-simulated-only", "a schedule the runtime cannot run yet",
+      "train {tiny} --schedule interleaved-1f1b",
+      "paci: error: interleaved-1f1b runs in the simulator (paci simulate) but not yet in paci train or "
+      "paci.Pipeline; choose one of: gpipe, 1f1b, zb-h1, async-1f1b, pipedream, 2bw, paci"),
     c("train-checkpoint-every-without-checkpoints", "--checkpoint-every with --no-checkpoint",
       "train {tiny} --no-checkpoint --checkpoint-every 2",
       "paci: error: --checkpoint-every 2 asks for checkpoints that --no-checkpoint turns off; drop one of them"),
@@ -666,8 +681,12 @@ CASES = [
       "MiB, GiB, TiB), e.g. 24GiB or 1.5GB"),
     c("partition-schedule-unknown", "an unknown schedule",
       "partition --preset tiny --schedule nope",
-      "paci: error: unknown schedule 'nope'; choose one of: gpipe, 1f1b, zb-h1, async-1f1b, pipedream, 2bw, "
-      "paci"),
+      "paci: error: unknown schedule 'nope'; choose one of: gpipe, 1f1b, zb-h1, interleaved-1f1b, async-1f1b, "
+      "pipedream, 2bw, paci"),
+    c("partition-schedule-simulated-only", "a schedule the runtime cannot run yet",
+      "partition --preset tiny --schedule interleaved-1f1b",
+      "paci: error: interleaved-1f1b runs in the simulator (paci simulate) but not yet in paci train or "
+      "paci.Pipeline; choose one of: gpipe, 1f1b, zb-h1, async-1f1b, pipedream, 2bw, paci"),
     c("partition-preset-unknown", "an unknown preset",
       "partition --preset tiny --preset huge",
       "paci: error: unknown preset 'huge'; choose one of: tiny, small, deep, gpt2, gpt2-medium"),

@@ -84,6 +84,22 @@ def test_simulate_reads_torch_pipelining_csv(capsys, tmp_path):
     assert json.loads(theirs)["makespan"] == json.loads(ours)["makespan"]
 
 
+@pytest.mark.parametrize("ranks, chunks, microbatches", [(2, 2, 4), (4, 2, 8), (3, 3, 6)])
+def test_simulate_reads_torch_interleaved_csv(capsys, tmp_path, ranks, chunks, microbatches):
+    """torch's ScheduleInterleaved1F1B, written as its CSV (one line per rank, several stages on each),
+    simulates in paci with the makespan and bubble of paci's own interleaved-1f1b."""
+    visualizer = pytest.importorskip("torch.distributed.pipelining._schedule_visualizer")
+    rows = visualizer.get_schedule_ops("Interleaved1F1B", ranks, microbatches, num_stages_per_rank=chunks)
+    path = tmp_path / "interleaved.csv"
+    path.write_text("\n".join(",".join(str(a) if a else "" for a in row) for row in rows) + "\n")
+    _, theirs, _ = run(capsys, "simulate", "--csv", str(path), "--json")
+    _, ours, _ = run(capsys, "simulate", "--schedule", "interleaved-1f1b", "--stages", str(ranks), "--chunks",
+                     str(chunks), "--microbatches", str(microbatches), "--steps", "1", "--json")
+    theirs, ours = json.loads(theirs), json.loads(ours)
+    assert (theirs["num_stages"], theirs["num_ranks"]) == (ranks * chunks, ranks)
+    assert theirs["makespan"] == ours["makespan"] and theirs["bubble_fraction"] == ours["bubble_fraction"]
+
+
 # ----------------------------------------------------------------------------------------------
 # paci train
 

@@ -10,7 +10,7 @@ from paci.ir import Op, WeightPolicy
 from paci.schedules import REGISTRY, build
 
 K1 = {"async-1f1b", "pipedream"}
-FLUSH = {"gpipe", "1f1b", "zb-h1"}
+FLUSH = {"gpipe", "1f1b", "zb-h1", "interleaved-1f1b"}
 
 
 def _grid():
@@ -24,6 +24,8 @@ def _grid():
             if name in ("paci", "2bw") and (microbatches * steps) % k:
                 continue
             if name == "2bw" and k < stages - 1:
+                continue
+            if name == "interleaved-1f1b" and microbatches % max(1, microbatches // stages):
                 continue
             yield name, stages, microbatches, steps, accum
 
@@ -39,7 +41,7 @@ def test_step_k_accumulates_microbatches_kK_to_kK_plus_K(name):
     """Between U number k and k+1, every stage's weight-backwards are exactly micro-batches kK..(k+1)K-1."""
     schedule = build(name, 4, 4, 3, None if name in FLUSH | K1 else 3)
     k = schedule.accumulation
-    for stage in range(4):
+    for stage in range(schedule.num_stages):
         groups, current = [], []
         for action in schedule.actions(stage):
             if action.op in (Op.B, Op.W):
@@ -74,7 +76,8 @@ def test_policies_and_accumulation():
     """Each schedule carries the weight policy and K that DESIGN.md §2 assigns it."""
     expected = {"gpipe": (WeightPolicy.NONE, 4), "1f1b": (WeightPolicy.NONE, 4), "zb-h1": (WeightPolicy.NONE, 4),
                 "async-1f1b": (WeightPolicy.LIVE, 1), "pipedream": (WeightPolicy.STASHED, 1),
-                "2bw": (WeightPolicy.STASHED, 4), "paci": (WeightPolicy.LIVE, 4)}
+                "2bw": (WeightPolicy.STASHED, 4), "paci": (WeightPolicy.LIVE, 4),
+                "interleaved-1f1b": (WeightPolicy.NONE, 4)}
     for name, (policy, k) in expected.items():
         schedule = build(name, 3, 4, 2)
         assert (schedule.weight_policy, schedule.accumulation) == (policy, k), name
@@ -95,3 +98,25 @@ def test_build_rejects_bad_arguments(args, fragment):
     """Bad sizes raise ValueError with the fix in the message."""
     with pytest.raises(ValueError, match=fragment.replace("(", r"\(")):
         build(*args)
+
+
+@pytest.mark.parametrize("chunks", [2, 3])
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+def test_interleaved_order_is_torch_pipelinings(ranks, chunks):
+    """Every rank's order equals torch.distributed.pipelining's ScheduleInterleaved1F1B, action for
+    action, for every m torch accepts (its "flex" rounds included); paci only adds the U's."""
+    visualizer = pytest.importorskip("torch.distributed.pipelining._schedule_visualizer")
+    checked = 0
+    for m in range(1, 13):
+        try:
+            theirs = visualizer.get_schedule_ops("Interleaved1F1B", ranks, m, num_stages_per_rank=chunks)
+        except ValueError:
+            with pytest.raises(ValueError, match="equal rounds"):
+                build("interleaved-1f1b", ranks, m, 1, chunks=chunks)
+            continue
+        schedule = build("interleaved-1f1b", ranks, m, 1, chunks=chunks)
+        ir.validate(schedule)
+        ours = [[str(a) for a in schedule.rank_actions(r) if a.op is not Op.U] for r in range(ranks)]
+        assert ours == [[str(a) for a in row if a is not None] for row in theirs], m
+        checked += 1
+    assert checked >= 8

@@ -41,6 +41,24 @@ def test_zb_h1_bubble_is_closed_form_and_memory_matches_1f1b(stages, microbatche
     assert max(s.peak_inflight for s in zb.metrics.per_stage) == max(s.peak_inflight for s in flush.metrics.per_stage)
 
 
+@pytest.mark.parametrize("chunks", [2, 3, 4])
+@pytest.mark.parametrize("stages, rounds", [(p, r) for p in (2, 3, 4, 8) for r in (1, 2, 4)])
+def test_interleaved_bubble_and_memory_are_closed_form(stages, rounds, chunks):
+    """Interleaved 1F1B, the model cut into v·P stages of 1/v the cost (F = 1/v, B = 2/v), m = rounds·P:
+    makespan m(F+B) + (P-1)(F+B)/v per step, bubble (P-1)/(v·m+P-1), v times smaller than 1F1B's in the
+    fill and drain; rank r holds min((v-1)P + 2(P-1-r) + 1, v·m) stages' activations of 1/v at its
+    peak, more than 1F1B's P-r on the first ranks (Narayanan et al. 2021)."""
+    m, v = rounds * stages, chunks
+    schedule = build("interleaved-1f1b", stages, m, 2, chunks=v)
+    result = simulate(schedule, parse_costs("1,2", schedule.num_stages, v))
+    assert (schedule.num_stages, schedule.ranks) == (v * stages, stages)
+    assert result.metrics.makespan == pytest.approx(2 * (m * 3.0 + (stages - 1) * 3.0 / v))  # two steps
+    one_step = simulate(build("interleaved-1f1b", stages, m, 1, chunks=v), parse_costs("1,2", v * stages, v))
+    assert one_step.metrics.bubble_fraction == pytest.approx((stages - 1) / (v * m + stages - 1))
+    assert result.peak_bytes == pytest.approx([4.0 + min((v - 1) * stages + 2 * (stages - 1 - r) + 1, v * m) / v
+                                               for r in range(stages)])
+
+
 @pytest.mark.parametrize("stages, microbatches", GRID)
 def test_paci_is_bubble_free_in_steady_state(stages, microbatches):
     """PACI with balanced stages: steady-state bubble 0; overall only the one fill and drain (P-1)/(N+P-1)."""

@@ -46,6 +46,7 @@ def bench_command(args: argparse.Namespace) -> int:
     from paci.runtime.launch import spawn
     from paci.runtime.synthetic import SyntheticCosts
 
+    schedules.check_runnable(args.schedule)
     if not 0 < args.activation_mib <= MAX_ACTIVATION_MIB:
         raise ValueError(f"--activation-mib must be in (0, {MAX_ACTIVATION_MIB}] MiB (every rank holds several such "
                          f"messages at once), got {args.activation_mib}")

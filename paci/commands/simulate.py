@@ -29,7 +29,9 @@ def add_simulate_parser(subparsers) -> None:
     p = subparsers.add_parser("simulate", help="predict time, bubble, memory and weight drift of a schedule",
                               description="Simulate a schedule under a cost model; nothing is trained.")
     p.add_argument("--schedule", default="paci", help=f"one of: {', '.join(schedules.REGISTRY)} (default paci)")
-    p.add_argument("--stages", type=int, default=4, help="pipeline depth P (default 4)")
+    p.add_argument("--stages", type=int, default=4, help="pipeline depth P: ranks (default 4)")
+    p.add_argument("--chunks", type=int, default=None,
+                   help="stages per rank for interleaved-1f1b (default 2): the model cut into chunks x P stages")
     p.add_argument("--microbatches", type=int, default=8,
                    help="micro-batches per mini-batch M; flush schedules step once per M (default 8)")
     p.add_argument("--accum", type=int, default=None,
@@ -37,7 +39,8 @@ def add_simulate_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=4, help="mini-batches to run; M*steps micro-batches in all (default 4)")
     p.add_argument("--checkpoint-every", type=int, default=0, dest="checkpoint_every",
                    help="add paci train's drain points every N optimizer steps and report what they cost")
-    p.add_argument("--costs", default="1,2", help="F,B[,W] op times, same on every stage (default 1,2; W = B/2)")
+    p.add_argument("--costs", default="1,2", help="F,B[,W] op times, same on every stage (default 1,2; W = B/2); "
+                                                  "with --chunks v, each of a rank's v stages takes 1/v of them")
     p.add_argument("--csv", type=Path, help="simulate a torch.distributed.pipelining compute-only CSV instead")
     p.add_argument("--compare", action="store_true", help="one table across all registered schedules")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -60,9 +63,9 @@ def simulate_command(args: argparse.Namespace) -> int:
         schedule = ir.from_csv(_read_text(args.csv), name=args.csv.stem)
     else:
         schedule = schedules.build(args.schedule, args.stages, args.microbatches, args.steps, args.accum,
-                                   args.checkpoint_every)
+                                   args.checkpoint_every, args.chunks)
     check_size(schedule)
-    costs = parse_costs(args.costs, schedule.num_stages)
+    costs = parse_costs(args.costs, schedule.num_stages, schedule.stages_per_rank)
     result = simulate(schedule, costs)
     drains = _drain_cost(args, result, costs) if args.checkpoint_every else None
     if args.timeline is not None:
@@ -82,7 +85,8 @@ def simulate_command(args: argparse.Namespace) -> int:
 def _drain_cost(args: argparse.Namespace, drained: Simulation, costs) -> dict:
     """What `paci train --checkpoint-every` costs this schedule: the makespan with drain points
     against the same schedule without them (each costs one fill and drain of the pipeline)."""
-    schedule = schedules.build(args.schedule, args.stages, args.microbatches, args.steps, args.accum)
+    schedule = schedules.build(args.schedule, args.stages, args.microbatches, args.steps, args.accum,
+                               chunks=args.chunks)
     plain = simulate(schedule, costs)
     return {"drains": (schedule.num_steps - 1) // args.checkpoint_every,
             "drain_cost_fraction": drained.metrics.makespan / plain.metrics.makespan - 1}
@@ -109,7 +113,7 @@ def _write_timeline(result: Simulation, path: Path) -> None:
 
 
 def _summary(schedule: ir.Schedule, result: Simulation) -> dict:
-    return {"schedule": schedule.name, "num_stages": schedule.num_stages,
+    return {"schedule": schedule.name, "num_stages": schedule.num_stages, "num_ranks": schedule.ranks,
             "num_microbatches": schedule.num_microbatches, "accumulation": schedule.accumulation,
             "num_steps": schedule.num_steps, "weight_policy": schedule.weight_policy.value, **result.as_dict()}
 
@@ -117,18 +121,23 @@ def _summary(schedule: ir.Schedule, result: Simulation) -> dict:
 def _print_simulation(schedule: ir.Schedule, result: Simulation) -> None:
     m = result.metrics
     steady = "-" if m.steady_bubble_fraction is None else f"{m.steady_bubble_fraction:.1%}"
-    print(f"{schedule.name}: P={schedule.num_stages}, {schedule.num_microbatches} micro-batches, "
+    layout = f"P={schedule.ranks}" + (f" x {schedule.stages_per_rank} stages per rank" if schedule.stages_per_rank > 1
+                                      else "")
+    print(f"{schedule.name}: {layout}, {schedule.num_microbatches} micro-batches, "
           f"K={schedule.accumulation}, {schedule.num_steps} steps, weights {schedule.weight_policy.value}")
     print(f"makespan {m.makespan:g} | bubble {m.bubble_fraction:.1%} | steady bubble {steady} | "
           f"throughput {m.throughput:.4g} mb/unit | max Δ {m.max_drift}")
+    per_rank = schedule.stages_per_rank > 1  # peak bytes are then a rank's, not a stage's
     rows = [{"stage": s, "busy": st.busy, "idle": st.idle, "max_drift": st.max_drift,
              "hist": " ".join(f"{d}:{n}" for d, n in st.drift_histogram.items()),
-             "inflight": st.peak_inflight, "copies": st.weight_copies, "bytes": result.peak_bytes[s]}
+             "inflight": st.peak_inflight, "copies": st.weight_copies, "bytes": 0.0 if per_rank else result.peak_bytes[s]}
             for s, st in enumerate(m.per_stage)]
     print(format_table(rows, [("stage", "stage", "d"), ("busy", "busy", "g"), ("idle", "idle", "g"),
                               ("max_drift", "max Δ", "d"), ("hist", "Δ histogram", "s"),
-                              ("inflight", "peak in-flight", "d"), ("copies", "weight copies", "d"),
-                              ("bytes", "peak bytes", "g")]))
+                              ("inflight", "peak in-flight", "d"), ("copies", "weight copies", "d")]
+                       + ([] if per_rank else [("bytes", "peak bytes", "g")])))
+    if per_rank:
+        print("peak bytes per rank: " + ", ".join(f"{b:g}" for b in result.peak_bytes))
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -144,11 +153,15 @@ def _compare(args: argparse.Namespace) -> int:
     results: dict[str, Simulation | str] = {}
     for name in schedules.REGISTRY:
         try:
-            schedule = schedules.build(name, args.stages, args.microbatches, args.steps, args.accum)
+            schedule = schedules.build(name, args.stages, args.microbatches, args.steps, args.accum,
+                                       chunks=args.chunks if name == "interleaved-1f1b" else None)
         except ValueError as exc:  # e.g. 2bw with K < P-1, pipedream with --accum: skip, say why
             results[name] = str(exc)
             continue
-        results[name] = base if name == "1f1b" and args.accum is None else simulate(schedule, costs)
+        if schedule.stages_per_rank > 1:  # the same model on the same ranks, cut into v times more stages
+            results[name] = simulate(schedule, parse_costs(args.costs, schedule.num_stages, schedule.stages_per_rank))
+        else:
+            results[name] = base if name == "1f1b" and args.accum is None else simulate(schedule, costs)
     rows = []
     for name, result in results.items():
         if isinstance(result, str):

@@ -9,6 +9,7 @@ before its optimizer step (flush schedules: M; paci and 2bw: default M; async-1f
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -16,17 +17,21 @@ from typing import NamedTuple
 from paci.ir import Schedule, WeightPolicy, with_drains
 from paci.schedules.asynchronous import async_1f1b, paci, pipedream, two_bw
 from paci.schedules.flush import gpipe, one_f_one_b_flush, zb_h1
+from paci.schedules.interleaved import interleaved_1f1b
 
 
 class Entry(NamedTuple):
     builder: Callable[..., Schedule]
     summary: str
+    runs: bool = True  # False: the simulator has it, the runtime (paci train, paci.Pipeline) not yet
 
 
 REGISTRY: dict[str, Entry] = {
     "gpipe": Entry(gpipe, "all F, then all B, flush each step; m micro-batches in flight; Δ = 0"),
     "1f1b": Entry(one_f_one_b_flush, "1F1B with a flush each step; bubble (P-1)/(m+P-1); Δ = 0"),
     "zb-h1": Entry(zb_h1, "Zero Bubble H1: backward split into I and W, W fills the flush; Δ = 0"),
+    "interleaved-1f1b": Entry(interleaved_1f1b, "1F1B over v stages per rank (--chunks v, default 2): "
+                                                "bubble (P-1)/(v·m+P-1); Δ = 0 (simulator only, so far)", runs=False),
     "async-1f1b": Entry(async_1f1b, "no flush, step after every backward, live weights; Δ ≤ P-1-s"),
     "pipedream": Entry(pipedream, "no flush, step after every backward, stashed weights (P-1-s copies)"),
     "2bw": Entry(two_bw, "no flush, step every K ≥ P-1 backwards, stashed weights (≤ 1 copy)"),
@@ -34,16 +39,32 @@ REGISTRY: dict[str, Entry] = {
 }
 
 
+RUNNABLE = [name for name, entry in REGISTRY.items() if entry.runs]
+
+
+def check_runnable(name: str) -> None:
+    """ValueError for a schedule the runtime cannot run yet (the simulator can)."""
+    if name in REGISTRY and not REGISTRY[name].runs:
+        raise ValueError(f"{name} runs in the simulator (paci simulate) but not yet in paci train or paci.Pipeline; "
+                         f"choose one of: {', '.join(RUNNABLE)}")
+
+
 def build(name: str, num_stages: int, num_microbatches: int, num_steps: int = 1,
-          accumulation: int | None = None, drain_every: int = 0) -> Schedule:
+          accumulation: int | None = None, drain_every: int = 0, chunks: int | None = None) -> Schedule:
     """Build a registered schedule; ValueError with the valid names for an unknown one.
 
-    `drain_every` > 0 adds drain points (`ir.with_drains`) after every that many optimizer steps:
-    the checkpoints of `paci train`. It must cover whole mini-batches (see `drain_interval`).
+    `num_stages` is the pipeline's depth P, its ranks; `chunks` (interleaved-1f1b only, default 2)
+    the stages each rank holds. `drain_every` > 0 adds drain points (`ir.with_drains`) after every
+    that many optimizer steps: the checkpoints of `paci train`. It must cover whole mini-batches
+    (see `drain_interval`).
     """
     if name not in REGISTRY:
         raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(REGISTRY)}")
     builder = REGISTRY[name].builder
+    if name == "interleaved-1f1b":
+        builder = functools.partial(builder, chunks=2 if chunks is None else chunks)
+    elif chunks not in (None, 1):
+        raise ValueError(f"{name} runs one stage per rank; --chunks {chunks} needs --schedule interleaved-1f1b")
     schedule = builder(num_stages, num_microbatches, num_steps, accumulation)
     if drain_every and drain_every < schedule.num_steps:
         drain_interval(schedule, num_microbatches, drain_every)  # checks it
@@ -73,4 +94,4 @@ def drain_interval(schedule: Schedule, num_microbatches: int, every: int | None 
     return every
 
 
-__all__ = ["REGISTRY", "build", "drain_interval"]
+__all__ = ["REGISTRY", "RUNNABLE", "build", "check_runnable", "drain_interval"]

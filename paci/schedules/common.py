@@ -24,15 +24,16 @@ def one_f_one_b(stage: int, num_stages: int, first: int, count: int) -> Iterator
 
 
 def with_updates(actions: Iterable[Action], accumulation: int) -> Iterator[Action]:
-    """Insert U right after every `accumulation`-th weight-backward (B or W) of a stage."""
-    done = 0
+    """Insert U right after every `accumulation`-th weight-backward (B or W) of a stage (counted per
+    stage: a rank's stream may hold several)."""
+    done: dict[int, int] = {}
     for action in actions:
         yield action
         if action.op in WEIGHT_GRAD_OPS:
-            done += 1
-            if done == accumulation:
+            done[action.stage] = done.get(action.stage, 0) + 1
+            if done[action.stage] == accumulation:
                 yield Action(action.stage, Op.U)
-                done = 0
+                done[action.stage] = 0
 
 
 def check_sizes(num_stages: int, num_microbatches: int, num_steps: int) -> None:

@@ -127,16 +127,20 @@ class CostModel:
         return replace(costs, time_unit=trace.time_unit)
 
 
-def parse_costs(text: str, num_stages: int) -> CostModel:
-    """`F,B[,W]` (uniform over stages) from the command line, e.g. "1,2" or "1,2,1"."""
+def parse_costs(text: str, num_stages: int, stages_per_rank: int = 1) -> CostModel:
+    """`F,B[,W]` (uniform over stages) from the command line, e.g. "1,2" or "1,2,1": the times of one
+    stage of a one-stage-per-rank split. Where each rank holds v stages (interleaved), the same model
+    is cut v times finer: each stage takes 1/v of those times and of the default bytes."""
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         values = []
     if len(values) not in (2, 3) or any(v <= 0 or math.isnan(v) or math.isinf(v) for v in values):
         raise ValueError(f"--costs expects F,B or F,B,W as positive numbers (e.g. 1,2 or 1,2,1), got {text!r}")
-    forward, backward, *rest = values
-    return CostModel.per_stage(num_stages, forward, backward, rest[0] if rest else None)
+    forward, backward, *rest = [value / stages_per_rank for value in values]
+    v = stages_per_rank
+    return CostModel.per_stage(num_stages, forward, backward, rest[0] if rest else None, static_bytes=4.0 / v,
+                               activation_bytes=1.0 / v, weight_bytes=1.0 / v)
 
 
 def _link_latency(trace: Trace) -> float:

@@ -157,7 +157,7 @@ def build_ours(work: Work, name: str, num_microbatches: int, rank: int, steps: i
 
     transport = DistTransport(schedule, rank, spec, CPU, TIMEOUT_S)
     trace = Trace(schedule.name, NUM_STAGES, schedule.num_microbatches, schedule.weight_policy, kind="measured")
-    return OurRank(stage, Executor(stage, schedule.actions(rank), transport, trace.stages[rank]), transport, trace)
+    return OurRank(stage, Executor(stage, schedule.actions(rank), transport, trace), transport, trace)
 
 
 def time_ours(work: Work, name: str, num_microbatches: int, rank: int) -> list[float]:

@@ -50,7 +50,7 @@ from paci.runtime import payload
 from paci.runtime.executor import StageFailure, join_mesh, run_in_process, run_on_rank
 from paci.runtime.launch import RankInfo, env_rank, init_distributed, rank_device
 from paci.runtime.stage import OptimizerSpec, Stage
-from paci.schedules import REGISTRY, RUNNABLE, build, check_runnable
+from paci.schedules import REGISTRY, build
 
 __all__ = ["DataError", "Pipeline"]
 
@@ -67,8 +67,8 @@ class Pipeline:
                  stages: int = 2, microbatches: int = 4, accumulation: int | None = None,
                  split: str | Sequence[tuple[int, int]] | None = None,
                  lr_scheduler: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
-                 clip_grad_norm: float = 0.0, dp: int = 1, device: torch.device | str | None = None,
-                 timeout_s: float = 45.0) -> None:
+                 clip_grad_norm: float = 0.0, dp: int = 1, chunks: int | None = None,
+                 device: torch.device | str | None = None, timeout_s: float = 45.0) -> None:
         """`loss_fn(output, targets)` -> a scalar, the mean over the micro-batch (paci scales it by 1/K);
         `optimizer(params)` and `lr_scheduler(optimizer)` are called once per stage; `split` is
         "uniform" (the default: as even a count of units per stage as can be), "profile" (time every
@@ -77,31 +77,36 @@ class Pipeline:
         `paci train --clip-grad-norm` (the global norm on flush schedules, each stage's own otherwise);
         `dp` replicas of the pipeline share each micro-batch's rows (under a launcher, dp x stages
         ranks; the replicas of a stage average their gradients at its step and meet nowhere else);
+        `chunks` (interleaved-1f1b only, default 2) is the stages each of the `stages` ranks holds:
+        the units are then cut into chunks x stages stages, rank r holding r, r + stages, ...;
         `device` defaults to the CPU in one process and to this rank's GPU (else CPU) under torchrun;
         `timeout_s` is how long a rank waits for a peer."""
         self.units = list(units)
         if not self.units or not all(isinstance(u, nn.Module) for u in self.units):
             raise ValueError("units must be a non-empty list of torch.nn.Module, in the order the model runs them")
         if schedule not in REGISTRY:
-            raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(RUNNABLE)}")
-        check_runnable(schedule)
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(REGISTRY)}")
         if not clip_grad_norm >= 0:
             raise ValueError(f"clip_grad_norm must be >= 0 (0: off), got {clip_grad_norm}")
         if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
             raise ValueError(f"dp (data-parallel replicas) must be an integer >= 1, got {dp!r}")
-        build(schedule, stages, microbatches, 1, accumulation)  # checks stages, microbatches and accumulation
+        # checks stages, microbatches, accumulation and chunks; an interleaved schedule has chunks x stages stages
+        num_stages = build(schedule, stages, microbatches, 1, accumulation, chunks=chunks).num_stages
+        if num_stages != stages and (split == "profile" or clip_grad_norm):
+            raise ValueError("interleaved-1f1b runs with a uniform or given split and without clipping, so far")
         self.split: list[tuple[int, int]] | None = None  # "profile": chosen at the first fit
         if split == "profile":
-            uniform_split(len(self.units), stages)  # checks there are enough units
+            uniform_split(len(self.units), num_stages)  # checks there are enough units
         elif split == "uniform":
-            self.split = uniform_split(len(self.units), stages)
+            self.split = uniform_split(len(self.units), num_stages)
         elif isinstance(split, str):
-            self.split = parse_split(split, len(self.units), stages)
+            self.split = parse_split(split, len(self.units), num_stages)
         else:
-            self.split = uniform_split(len(self.units), stages) if split is None else [tuple(r) for r in split]
-            parse_split(",".join(f"{a}:{b}" for a, b in self.split), len(self.units), stages)  # checks it
+            self.split = uniform_split(len(self.units), num_stages) if split is None else [tuple(r) for r in split]
+            parse_split(",".join(f"{a}:{b}" for a, b in self.split), len(self.units), num_stages)  # checks it
         self.loss_fn, self.optimizer, self.lr_scheduler = loss_fn, optimizer, lr_scheduler
-        self.schedule, self.num_stages, self.microbatches = schedule, stages, microbatches
+        self.schedule, self.num_stages, self.num_ranks, self.microbatches = schedule, num_stages, stages, microbatches
+        self.chunks = chunks
         self.accumulation, self.clip_grad_norm, self.timeout_s = accumulation, clip_grad_norm, timeout_s
         self.dp = dp
         self.device = None if device is None else torch.device(device)
@@ -133,14 +138,14 @@ class Pipeline:
         weights, optimizer and scheduler state carry over; the pipeline fills and drains per call."""
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        schedule = build(self.schedule, self.num_stages, self.microbatches, steps, self.accumulation)
+        schedule = build(self.schedule, self.num_ranks, self.microbatches, steps, self.accumulation, chunks=self.chunks)
         feeder = _Feeder(iter(data), self.microbatches, steps)
         info = env_rank()
         if info is not None and info.world_size > 1:
             return self._fit_rank(info, schedule, feeder, on_step)
         if self.dp > 1:
-            raise ValueError(f"dp={self.dp} runs one process per stage and replica: launch {self.dp * self.num_stages} "
-                             f"ranks (torchrun --nproc-per-node {self.dp * self.num_stages})")
+            raise ValueError(f"dp={self.dp} runs one process per stage and replica: launch {self.dp * self.num_ranks} "
+                             f"ranks (torchrun --nproc-per-node {self.dp * self.num_ranks})")
         if self._stages is None:
             device = self.device or torch.device("cpu")
             if self.split is None:
@@ -157,15 +162,16 @@ class Pipeline:
         return losses
 
     def _fit_rank(self, info: RankInfo, schedule, feeder: _Feeder, on_step) -> list[float]:
-        """Under torchrun (or any launcher that sets RANK and WORLD_SIZE): this rank runs one stage of
-        one replica (rank = replica x P + stage: a (dp, pp) device mesh). Every rank is given the same
-        data; each replica's first stage reads its share of the inputs, its last its share of the
-        targets. Message layouts come from a first forward of micro-batch 0, handed down each pipeline."""
-        if info.world_size != self.dp * self.num_stages:
-            raise ValueError(f"the world has {info.world_size} ranks but the pipeline has {self.num_stages} stages "
+        """Under torchrun (or any launcher that sets RANK and WORLD_SIZE): this rank runs one stage (or
+        its chunks of an interleaved schedule) of one replica (rank = replica x P + p: a (dp, pp)
+        device mesh). Every rank is given the same data; each replica's first stage reads its share of
+        the inputs, its last its share of the targets. Message layouts come from a first forward of
+        micro-batch 0, handed down each pipeline."""
+        if info.world_size != self.dp * self.num_ranks:
+            raise ValueError(f"the world has {info.world_size} ranks but the pipeline has {self.num_ranks} stages "
                              f"x {self.dp} data-parallel replicas; launch one rank per stage and replica")
-        replica, index = divmod(info.rank, self.num_stages)
-        offset = replica * self.num_stages  # global rank of this replica's stage 0
+        replica, index = divmod(info.rank, self.num_ranks)
+        offset = replica * self.num_ranks  # global rank of this replica's first rank
         device = self.device or rank_device(info)
         if not dist.is_initialized():
             init_distributed(device, self.timeout_s)
@@ -174,16 +180,17 @@ class Pipeline:
                 box = [self._profile_split(feeder, device) if info.rank == 0 else None]
                 dist.broadcast_object_list(box, src=0)
                 self.split = box[0]
-            stage = self._stage(index, schedule.weight_policy, schedule.accumulation, feeder, device)
-            join_mesh(stage, device, self.dp, self.timeout_s, bool(self.clip_grad_norm) and steps_together(schedule))
-            self._stages = [stage]
-        stage = self._stages[0]
-        stage.train_batch = feeder.view(stage.is_first, stage.is_last, replica, self.dp)
+            self._stages = [self._stage(s, schedule.weight_policy, schedule.accumulation, feeder, device)
+                            for s in range(index, self.num_stages, self.num_ranks)]
+            join_mesh(self._stages, device, self.dp, self.num_ranks, self.timeout_s,
+                      bool(self.clip_grad_norm) and steps_together(schedule))
+        for stage in self._stages:
+            stage.train_batch = feeder.view(stage.is_first, stage.is_last, replica, self.dp)
         losses: list[float] = []
         with _data_errors():
-            run_on_rank(stage, schedule, device, self.timeout_s, offset=offset,
+            run_on_rank(self._stages, schedule, device, self.timeout_s, offset=offset,
                         listener=_listener(schedule, losses, on_step))
-        return _losses_everywhere(losses, schedule.num_steps, info.rank, self.num_stages, self.dp)
+        return _losses_everywhere(losses, schedule.num_steps, info.rank, self.num_ranks, self.dp)
 
     def _stage(self, index: int, policy, accumulation: int, feeder: _Feeder, device: torch.device) -> Stage:
         start, stop = self.split[index]

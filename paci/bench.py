@@ -74,7 +74,7 @@ def run_bench_rank(bench: RuntimeBench) -> dict | None:
     transport = DistTransport(schedule, info.rank, lambda msg: (shape, torch.float32), device, bench.timeout_s)
     trace = Trace(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.weight_policy,
                   kind="measured")
-    executor = Executor(stage, schedule.actions(info.rank), transport, trace.stages[info.rank])
+    executor = Executor(stage, schedule.actions(info.rank), transport, trace)
     dist.barrier()
     while not executor.done:
         executor.run_next()

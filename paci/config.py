@@ -19,7 +19,7 @@ from paci.data import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
 from paci.model import PRECISIONS, PRESETS
 from paci.partition import parse_bytes
 from paci.runtime.stage import OptimizerSpec
-from paci.schedules import REGISTRY, RUNNABLE, check_runnable
+from paci.schedules import REGISTRY, TRAINABLE, check_trainable
 
 
 MAX_THREADS = 1024  # torch threads per process; far beyond it the OpenMP pool cannot even be allocated
@@ -104,8 +104,8 @@ class PipelineConfig:
         if self.port is not None and not 1024 <= self.port <= 65535:
             raise ValueError(f"--port must be in 1024..65535, got {self.port}")
         if self.schedule not in REGISTRY:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(RUNNABLE)}")
-        check_runnable(self.schedule)
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(TRAINABLE)}")
+        check_trainable(self.schedule)
         _positive("pipeline", stages=self.stages, microbatches=self.microbatches, accum=self.accum, nproc=self.nproc,
                   dp=self.dp)
         if self.stages is None:

@@ -362,7 +362,7 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
     channel = StatsChannel(stats_group, info.rank, last, 0, messages, device,
                            config.pipeline.timeout_s) if info.rank in (0, last) else None
     norm_channels = _norm_channels(plan, info.rank, device) if plan.optimizer.clip_grad_norm else {}
-    pipeline_group = join_mesh(stage, device, dp, config.pipeline.timeout_s, plan.clips_globally)
+    pipeline_group = join_mesh([stage], device, dp, num_stages, config.pipeline.timeout_s, plan.clips_globally)
     dist.barrier()  # everyone has checked the plan before rank 0 writes anything
     recorder = None
     if info.rank == 0:
@@ -444,7 +444,7 @@ def _run_rank(plan: Plan, stage: Stage, replica: int, channel: StatsChannel | No
         if action.op is Op.U:  # when stage 0 finishes step v, the last rank has long sent everything of step v-1
             record_until(stage.version - 1)
 
-    trace = run_on_rank(stage, plan.schedule, stage.device, plan.config.pipeline.timeout_s,
+    trace = run_on_rank([stage], plan.schedule, stage.device, plan.config.pipeline.timeout_s,
                         offset=replica * plan.num_stages, start_step=plan.start_step, listener=listener,
                         is_drain=plan.is_drain, on_drain=on_drain)
     if channel is not None and stage.is_last:

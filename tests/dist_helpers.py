@@ -23,6 +23,15 @@ def mlp_units(seed: int = 0):
     return [nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)]
 
 
+def deep_units(seed: int = 0):
+    """A four-layer MLP: enough units for four stages with weights each (interleaved, 2 ranks x 2)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return [nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)]
+
+
 def structured_units(seed: int = 0):
     """Units that pass several tensors: a dict, then tuples, with an integer gate that carries no
     gradient and a float skip connection that carries one across two stage boundaries."""
@@ -78,11 +87,13 @@ def fit_pipeline(payload) -> int:
 
     options, steps, out = payload
     options = dict(options)
-    units = structured_units() if options.pop("structured", False) else mlp_units()
+    kind = options.pop("units", "mlp")
+    units = {"mlp": mlp_units, "structured": structured_units, "deep": deep_units}[kind]()
     pipe = paci.Pipeline(units, nn.functional.mse_loss,
                          lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9), **options)
     losses = pipe.fit(regression_data(steps), steps=steps)
     rank = int(__import__("os").environ["RANK"])
-    stage = pipe.stage_modules[rank % pipe.num_stages]
-    torch.save({"losses": losses, "params": [p.detach() for p in stage.parameters()]}, f"{out}/rank{rank}.pt")
+    held = pipe.stage_modules[rank % pipe.num_ranks::pipe.num_ranks]  # one stage, or a rank's interleaved chunks
+    params = [p.detach() for stage in held for p in stage.parameters()]
+    torch.save({"losses": losses, "params": params}, f"{out}/rank{rank}.pt")
     return 0

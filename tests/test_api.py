@@ -13,8 +13,8 @@ import paci.api
 from paci.ir import WeightPolicy
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.runtime.launch import spawn
-from paci.schedules import RUNNABLE, build
-from dist_helpers import fit_pipeline, mlp_units, regression_data, structured_units
+from paci.schedules import TRAINABLE, build
+from dist_helpers import deep_units, fit_pipeline, mlp_units, regression_data, structured_units
 
 STEPS, M = 3, 4
 
@@ -145,7 +145,7 @@ def test_what_cannot_travel_between_stages_gets_one_clear_error(returned, messag
         pipe.fit(_data(), steps=1)
 
 
-@pytest.mark.parametrize("schedule", RUNNABLE)
+@pytest.mark.parametrize("schedule", TRAINABLE)
 def test_every_schedule_trains(schedule):
     """One loss per optimizer step (K = m, or 1 for pipedream and async-1f1b); PACI's falls."""
     pipe = paci.Pipeline(_units(), nn.functional.mse_loss, _sgd, schedule=schedule, stages=2, microbatches=M)
@@ -241,6 +241,8 @@ def test_bad_data_gets_one_clear_error(data, message):
     ({"split": "0:1,1:9"}, "split"),
     ({"clip_grad_norm": -1.0}, "clip_grad_norm"),
     ({"dp": 0}, "dp"),
+    ({"schedule": "interleaved-1f1b", "stages": 2, "clip_grad_norm": 1.0}, "without clipping"),
+    ({"schedule": "paci", "chunks": 2}, "one stage per rank"),
 ])
 def test_bad_settings_get_one_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -251,20 +253,37 @@ def test_bad_settings_get_one_clear_error(kwargs, message):
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("options", [{"schedule": "paci", "stages": 3},
                                      {"schedule": "1f1b", "stages": 2, "clip_grad_norm": 0.05},
-                                     {"schedule": "zb-h1", "stages": 3, "structured": True}],
-                         ids=["paci-3", "1f1b-clip-2", "zb-h1-several-tensors-3"])
+                                     {"schedule": "zb-h1", "stages": 3, "units": "structured"},
+                                     {"schedule": "interleaved-1f1b", "stages": 2, "chunks": 2, "units": "deep",
+                                      "split": "0:2,2:4,4:6,6:7"}],
+                         ids=["paci-3", "1f1b-clip-2", "zb-h1-several-tensors-3", "interleaved-2x2"])
 def test_one_rank_per_stage_is_bit_identical_to_one_process(tmp_path, options):
     """The same script under a launcher (RANK, WORLD_SIZE set: torchrun's contract) runs one stage
-    per rank over gloo and gives the single-process losses and parameters bit for bit."""
+    per rank (or, interleaved, two stages on each rank: messages loop back from the last rank to
+    the first) over gloo and gives the single-process losses and parameters bit for bit."""
     options = {**options, "microbatches": M}
     assert spawn(fit_pipeline, (options, 6, str(tmp_path)), options["stages"], threads=1) == 0
-    units = structured_units() if options.pop("structured", False) else _units()
+    units = {"mlp": _units, "structured": structured_units, "deep": deep_units}[options.pop("units", "mlp")]()
     pipe = paci.Pipeline(units, nn.functional.mse_loss, _sgd, **options)
     losses = pipe.fit(_data(6), steps=6)
-    for rank, module in enumerate(pipe.stage_modules):
+    for rank in range(options["stages"]):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
+        held = pipe.stage_modules[rank::options["stages"]]
         assert saved["losses"] == losses
-        assert all(torch.equal(a, b) for a, b in zip(saved["params"], module.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(saved["params"], (p for m in held for p in m.parameters())))
+        assert len(saved["params"]) == sum(1 for m in held for _ in m.parameters())
+
+
+def test_interleaved_computes_what_1f1b_computes():
+    """Interleaved 1F1B over 2 ranks x 2 stages is a flush schedule: the same losses and weights as
+    1F1B over the same four stages, bit for bit (in one process)."""
+    results = []
+    for options in ({"schedule": "interleaved-1f1b", "stages": 2, "chunks": 2}, {"schedule": "1f1b", "stages": 4}):
+        pipe = paci.Pipeline(deep_units(), nn.functional.mse_loss, _sgd, microbatches=M, split="0:2,2:4,4:6,6:7",
+                             **options)
+        results.append((pipe.fit(_data(6), steps=6), [p.detach().clone() for p in pipe.stage_modules[3].parameters()]))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
 
 
 @pytest.mark.dist

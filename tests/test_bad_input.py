@@ -387,10 +387,10 @@ CASES = [
       "train {tiny} --eval-every 0",
       "paci: error: --eval-every must be an integer >= 1 (optimizer steps between validation rounds); --no-eval "
       "turns validation off"),
-    c("train-schedule-simulated-only", "a schedule the runtime cannot run yet",
+    c("train-schedule-not-trained-yet", "a schedule paci train cannot run yet",
       "train {tiny} --schedule interleaved-1f1b",
-      "paci: error: interleaved-1f1b runs in the simulator (paci simulate) but not yet in paci train or "
-      "paci.Pipeline; choose one of: gpipe, 1f1b, zb-h1, async-1f1b, pipedream, 2bw, paci"),
+      "paci: error: interleaved-1f1b runs in paci.Pipeline and paci simulate but not yet in paci train; choose one "
+      "of: gpipe, 1f1b, zb-h1, async-1f1b, pipedream, 2bw, paci"),
     c("train-checkpoint-every-without-checkpoints", "--checkpoint-every with --no-checkpoint",
       "train {tiny} --no-checkpoint --checkpoint-every 2",
       "paci: error: --checkpoint-every 2 asks for checkpoints that --no-checkpoint turns off; drop one of them"),
@@ -569,6 +569,9 @@ CASES = [
       "a split like 0:3,3:6",
       folder("empty")),
     # ---------- paci bench runtime --synthetic
+    c("bench-interleaved", "a schedule with several stages per rank",
+      "bench runtime --synthetic --schedule interleaved-1f1b --stages 2",
+      "paci: error: paci bench runs one stage per rank; interleaved-1f1b is not supported there yet"),
     c("bench-stages-zero", "zero stages",
       "bench runtime --synthetic --stages 0",
       "paci: error: number of stages must be an integer >= 1, got 0"),
@@ -683,10 +686,10 @@ CASES = [
       "partition --preset tiny --schedule nope",
       "paci: error: unknown schedule 'nope'; choose one of: gpipe, 1f1b, zb-h1, interleaved-1f1b, async-1f1b, "
       "pipedream, 2bw, paci"),
-    c("partition-schedule-simulated-only", "a schedule the runtime cannot run yet",
+    c("partition-schedule-not-trained-yet", "a schedule paci train cannot run yet",
       "partition --preset tiny --schedule interleaved-1f1b",
-      "paci: error: interleaved-1f1b runs in the simulator (paci simulate) but not yet in paci train or "
-      "paci.Pipeline; choose one of: gpipe, 1f1b, zb-h1, async-1f1b, pipedream, 2bw, paci"),
+      "paci: error: interleaved-1f1b runs in paci.Pipeline and paci simulate but not yet in paci train; choose one "
+      "of: gpipe, 1f1b, zb-h1, async-1f1b, pipedream, 2bw, paci"),
     c("partition-preset-unknown", "an unknown preset",
       "partition --preset tiny --preset huge",
       "paci: error: unknown preset 'huge'; choose one of: tiny, small, deep, gpt2, gpt2-medium"),

@@ -18,7 +18,7 @@ from dist_helpers import train_each
 from paci.checkpoint import latest, load_stage
 from paci.config import load_config
 from paci.runtime.launch import free_port, rank_pids, spawn
-from paci.schedules import RUNNABLE
+from paci.schedules import TRAINABLE
 from paci.train import train
 
 pytestmark = pytest.mark.dist
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.dist
 
 # every schedule, PACI with recompute and compensations, clipping by the global norm (1f1b) and
 # by each stage's own (paci): (label, schedule, options)
-RUNS = [(name, name, {}) for name in RUNNABLE] + [
+RUNS = [(name, name, {}) for name in TRAINABLE] + [
     ("paci-recompute-nesterov", "paci", {"recompute": True, "compensate": "nesterov"}),
     ("paci-predict-bf16", "paci", {"compensate": "predict", "precision": "bf16"}),
     ("1f1b-clip", "1f1b", {"clip_grad_norm": 0.05}), ("paci-clip", "paci", {"clip_grad_norm": 0.05})]

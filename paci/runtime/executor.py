@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from paci.runtime import payload
 from paci.runtime.launch import mesh_groups
 from paci.runtime.stage import Stage
 from paci.runtime.transport import DistTransport, LocalTransport, MessageSpec, Transport
-from paci.trace import StageTrace, Trace
+from paci.trace import Trace
 
 Listener = Callable[[Stage, Action], None]
 Gate = Callable[[Stage, Action], bool]
@@ -38,25 +38,36 @@ class StageFailure(RuntimeError):
 
 
 class Executor:
-    def __init__(self, stage: Stage, actions: Iterable[Action], transport: Transport, record: StageTrace,
-                 clock: Callable[[], float] = time.perf_counter, listener: Listener | None = None,
+    """Runs one rank's action stream: the actions of its one stage, or of the several stages it
+    holds (interleaved schedules), each on its own `Stage`."""
+
+    def __init__(self, stages: Stage | Sequence[Stage], actions: Iterable[Action], transport: Transport,
+                 trace: Trace, clock: Callable[[], float] = time.perf_counter, listener: Listener | None = None,
                  is_drain: Callable[[int], bool] | None = None, on_drain: Callable[[Stage], None] | None = None,
                  gate: Gate | None = None) -> None:
-        self.stage = stage
+        self.stages = {stage.index: stage for stage in (stages if isinstance(stages, (list, tuple)) else [stages])}
         self.transport = transport
-        self.record = record
+        self.trace = trace
         self.clock = clock
         self._actions: Iterator[Action] = iter(actions)
         self._head: Action | None = next(self._actions, None)
         self._position = 0
         self.listener = listener  # listener(stage, action) after every action
-        # checkpoints: on_drain(stage) after the U of each step where is_drain(step) and the evaluation
-        # round that follows it, i.e. where the schedule has nothing in flight (ir.with_drains)
+        # checkpoints: on_drain(stage) for every stage held here once all of them have finished the
+        # U of a step where is_drain(step) and the evaluation round that follows it, i.e. where the
+        # schedule has nothing in flight (ir.with_drains)
         self.is_drain, self.on_drain = is_drain, on_drain
+        self._drained = -1
         self.gate = gate  # gate(stage, action): may the action start now, besides its message (one process only)
-        self._dispatch = {Op.F: stage.forward, Op.E: stage.evaluate, Op.B: stage.backward,
-                          Op.I: stage.backward_input, Op.W: lambda mb, _: stage.backward_weight(mb),
-                          Op.U: lambda mb, _: stage.step()}
+        self._dispatch = {index: {Op.F: stage.forward, Op.E: stage.evaluate, Op.B: stage.backward,
+                                  Op.I: stage.backward_input, Op.W: lambda mb, _, s=stage: s.backward_weight(mb),
+                                  Op.U: lambda mb, _, s=stage: s.step()}
+                          for index, stage in self.stages.items()}
+
+    @property
+    def stage(self) -> Stage:
+        """The stage of the next action (or of the last, once done)."""
+        return self.stages[self._head.stage] if self._head is not None else next(reversed(self.stages.values()))
 
     @property
     def done(self) -> bool:
@@ -70,37 +81,46 @@ class Executor:
         """Could the next action start now without waiting for a message?"""
         if self._head is None:
             return False
-        msg = needs(self._head, self.stage.num_stages)
-        return (msg is None or self.transport.ready(msg)) and (self.gate is None or self.gate(self.stage, self._head))
+        stage = self.stages[self._head.stage]
+        msg = needs(self._head, stage.num_stages)
+        return (msg is None or self.transport.ready(msg)) and (self.gate is None or self.gate(stage, self._head))
 
     def run_next(self) -> Action:
         """Run the next action, receiving (blocking) its input first and sending its output after."""
-        action, num_stages = self._head, self.stage.num_stages
-        msg = needs(action, num_stages)
+        action = self._head
+        stage = self.stages[action.stage]
+        msg = needs(action, stage.num_stages)
         received, waited = None, 0.0
         if msg is not None:
             before = self.clock()
             received = self.transport.recv(msg)
             waited = self.clock() - before
-        start, version = self.clock(), self.stage.version
+        start, version = self.clock(), stage.version
         try:
-            output = self._dispatch[action.op](action.microbatch, received)
+            output = self._dispatch[action.stage][action.op](action.microbatch, received)
         except Exception as exc:
-            raise StageFailure(f"stage {self.stage.index}, action {action} (position {self._position}): "
+            raise StageFailure(f"stage {stage.index}, action {action} (position {self._position}): "
                                f"{type(exc).__name__}: {exc}") from exc
-        out = sends(action, num_stages)
+        out = sends(action, stage.num_stages)
         if out is not None:  # issuing the send is part of the action's time
             self.transport.send(out, output)
-        self.record.append(action.op, action.microbatch, start, self.clock(), version)
-        self.record.wait.append(waited)
+        record = self.trace.stages[action.stage]
+        record.append(action.op, action.microbatch, start, self.clock(), version)
+        record.wait.append(waited)
         self._head = next(self._actions, None)
         self._position += 1
         if self.listener is not None:
-            self.listener(self.stage, action)
-        if self.on_drain is not None and action.op in (Op.U, Op.E) and self.is_drain(self.stage.version) and \
-                (self._head is None or self._head.op is not Op.E):
-            self.on_drain(self.stage)
+            self.listener(stage, action)
+        if self.on_drain is not None and action.op in (Op.U, Op.E) and (self._head is None or self._head.op is not Op.E):
+            self._maybe_drain()
         return action
+
+    def _maybe_drain(self) -> None:
+        versions = {stage.version for stage in self.stages.values()}
+        if len(versions) == 1 and (step := versions.pop()) != self._drained and self.is_drain(step):
+            self._drained = step
+            for stage in self.stages.values():
+                self.on_drain(stage)
 
 
 def run_local(stages: list[Stage], schedule: Schedule, transport: Transport,
@@ -111,7 +131,7 @@ def run_local(stages: list[Stage], schedule: Schedule, transport: Transport,
     (a collective: see `NormExchange`)."""
     trace = Trace(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.weight_policy,
                   kind="measured")
-    executors = [Executor(stage, schedule.actions(s), transport, trace.stages[s],
+    executors = [Executor(stage, schedule.actions(s), transport, trace,
                           listener=listener, is_drain=is_drain, on_drain=on_drain, gate=gate)
                  for s, stage in enumerate(stages)]
     while not all(ex.done for ex in executors):
@@ -149,66 +169,76 @@ def run_in_process(stages: list[Stage], schedule: Schedule, *, clip_globally: bo
     return trace
 
 
-def join_mesh(stage: Stage, device: torch.device, dp: int, timeout_s: float, clip_globally: bool):
-    """Connect this rank's stage to its peers of the (dp, pp) mesh (a collective: every rank calls
-    it): the replicas of the stage average its gradients at its step, and with `clip_globally` the
-    stages of its pipeline exchange their norms. Returns the pipeline's group (None when dp = 1
-    and nothing needs it)."""
-    pipeline_group, replica_group = mesh_groups(device, dp, stage.num_stages, timeout_s, pipeline=clip_globally)
-    if clip_globally:
-        stage.exchange = dist_norm_exchange(pipeline_group, stage.num_stages)
-    if replica_group is not None:
-        stage.replica_mean = dist_replica_mean(replica_group, dp)
+def join_mesh(stages: list[Stage], device: torch.device, dp: int, ranks: int, timeout_s: float,
+              clip_globally: bool):
+    """Connect this rank's stages to their peers of the (dp, pp) mesh of dp x `ranks` processes (a
+    collective: every rank calls it): the replicas of a stage average its gradients at its step,
+    and with `clip_globally` the stages of its pipeline exchange their norms. Returns the
+    pipeline's group (None when dp = 1 and nothing needs it)."""
+    if clip_globally and len(stages) > 1:
+        raise ValueError("clipping by the global norm exchanges one norm per rank at its step; a rank holding "
+                         "several stages (interleaved) steps them at different times: not supported yet")
+    pipeline_group, replica_group = mesh_groups(device, dp, ranks, timeout_s, pipeline=clip_globally)
+    for stage in stages:
+        if clip_globally:
+            stage.exchange = dist_norm_exchange(pipeline_group, stage.num_stages)
+        if replica_group is not None:
+            stage.replica_mean = dist_replica_mean(replica_group, dp)
     return pipeline_group
 
 
-def run_on_rank(stage: Stage, schedule: Schedule, device: torch.device, timeout_s: float, *, offset: int = 0,
+def run_on_rank(stages: list[Stage], schedule: Schedule, device: torch.device, timeout_s: float, *, offset: int = 0,
                 start_step: int = 0, listener: Listener | None = None,
                 is_drain: Callable[[int], bool] | None = None,
                 on_drain: Callable[[Stage], None] | None = None) -> Trace:
-    """This rank's stage over torch.distributed (its pipeline's stage s is global rank `offset` + s):
-    message layouts from one forward of micro-batch 0 handed down the pipeline, then `schedule` from
-    after step `start_step`, every backward's versions checked as in `run_in_process`. Returns the
-    trace with this stage's columns filled in."""
-    index = stage.index
+    """This rank's stages over torch.distributed (one, or the several an interleaved schedule puts
+    on it; its pipeline's rank p is global rank `offset` + p): message layouts from one forward of
+    micro-batch 0 handed down the pipeline, then the rank's part of `schedule` from after step
+    `start_step`, every backward's versions checked as in `run_in_process`. Returns the trace with
+    these stages' columns filled in."""
+    rank = stages[0].index % schedule.ranks
     resumed = from_step(schedule, start_step)
-    transport = DistTransport(resumed, index, exchange_layouts(stage, device, offset), device, timeout_s,
-                              offset=offset)
-    trace = Trace(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.weight_policy, "measured")
-    check = VersionCheck(schedule, index, start_step * schedule.accumulation, stage.version - start_step)
+    transport = DistTransport(resumed, rank, exchange_layouts(stages, schedule.ranks, device, offset), device,
+                              timeout_s, offset=offset)
+    trace = Trace(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.weight_policy, "measured",
+                  num_ranks=schedule.num_ranks)
+    checks = {stage.index: VersionCheck(schedule, stage.index, start_step * schedule.accumulation,
+                                        stage.version - start_step) for stage in stages}
 
     def on_action(stage: Stage, action: Action) -> None:
-        check(stage, action)
+        checks[stage.index](stage, action)
         if listener is not None:
             listener(stage, action)
 
-    executor = Executor(stage, resumed.actions(index), transport, trace.stages[index], listener=on_action,
+    executor = Executor(stages, resumed.rank_actions(rank), transport, trace, listener=on_action,
                         is_drain=is_drain, on_drain=on_drain)
     while not executor.done:
         executor.run_next()
     transport.flush()
-    check.finish()
+    for check in checks.values():
+        check.finish()
     return trace
 
 
-def exchange_layouts(stage: Stage, device: torch.device, offset: int = 0) -> MessageSpec:
+def exchange_layouts(stages: list[Stage], ranks: int, device: torch.device, offset: int = 0) -> MessageSpec:
     """What this rank receives and sends, as `DistTransport` needs it: the layout of each payload,
     from one forward of micro-batch 0 (stage 0) or of zeros laid out as the stage before reported,
-    handed down the pipeline rank by rank (a model's own shapes, never written by hand)."""
-    received = None
-    if not stage.is_first:
-        box = [None]
-        dist.recv_object_list(box, src=offset + stage.index - 1)
-        received = box[0]
-        x = payload.rebuild(received, [torch.zeros(shape, dtype=dtype, device=device)
-                                       for shape, dtype in received.leaves])
-    else:
-        x = stage.train_batch(0)[0]
-    sent = None
-    if not stage.is_last:
-        sent = stage.output_layout(x)
-        dist.send_object_list([sent], dst=offset + stage.index + 1)
-    return lambda msg: sent.grads() if msg.kind == "B" else received
+    handed down the pipeline stage by stage (a model's own shapes, never written by hand)."""
+    received: dict[int, payload.Layout] = {}
+    sent: dict[int, payload.Layout] = {}
+    for stage in sorted(stages, key=lambda stage: stage.index):
+        if stage.is_first:
+            x = stage.train_batch(0)[0]
+        else:
+            box = [None]
+            dist.recv_object_list(box, src=offset + (stage.index - 1) % ranks)
+            received[stage.index] = box[0]
+            x = payload.rebuild(box[0], [torch.zeros(shape, dtype=dtype, device=device)
+                                         for shape, dtype in box[0].leaves])
+        if not stage.is_last:
+            sent[stage.index] = stage.output_layout(x)
+            dist.send_object_list([sent[stage.index]], dst=offset + (stage.index + 1) % ranks)
+    return lambda msg: sent[msg.dst].grads() if msg.kind == "B" else received[msg.dst]
 
 
 class VersionCheck:

@@ -65,10 +65,12 @@ MAX_LEAVES = 16  # tensors in one message: each travels with a tag of its own
 
 
 class DistTransport:
-    """isend/irecv between neighbouring ranks (rank = stage), every handle waited with a timeout.
+    """isend/irecv between neighbouring ranks, every handle waited with a timeout.
 
+    Rank r holds stage r, or with an interleaved schedule every stage s with s % P = r, so its
+    peers are the ranks of its stages' neighbours (a ring when stages loop through the ranks).
     Receives are posted ahead, in the order the *sender* sends them: this rank walks its
-    neighbours' action streams (the schedule is static), so the posting order matches the peer's
+    peers' action streams (the schedule is static), so the posting order matches the peer's
     send order even where two message kinds interleave differently on the two sides. That keeps
     NCCL, which matches by order, correct; gloo additionally matches by tag. Buffers are sized
     from `spec`, known up front, so no shape travels with a message.
@@ -76,17 +78,21 @@ class DistTransport:
 
     def __init__(self, schedule: Schedule, rank: int, spec: MessageSpec, device: torch.device,
                  timeout_s: float = 45.0, group=None, offset: int = 0) -> None:
-        """`rank` is this rank's stage; stage s is global rank `offset` + s (data parallel: one
-        pipeline per replica, each over consecutive ranks)."""
-        self.rank, self.num_stages, self.offset = rank, schedule.num_stages, offset
+        """`rank` is this rank's place in its pipeline; the pipeline's rank p is global rank
+        `offset` + p (data parallel: one pipeline per replica, each over consecutive ranks)."""
+        self.rank, self.num_stages, self.ranks, self.offset = rank, schedule.num_stages, schedule.ranks, offset
+        self.chunks = schedule.stages_per_rank
         self.spec, self.device, self.group = spec, device, group
         self.timeout = timedelta(seconds=timeout_s)
-        # Receives posted ahead per neighbour, and sends kept in flight before the oldest is waited.
-        # A stage is at most P-1 forwards ahead of its neighbour, so P+1 and 2P+8 never throttle 1F1B.
+        # Receives posted ahead per peer, and sends kept in flight before the oldest is waited. A
+        # stage is at most (its rank's stages) x P forwards ahead of its neighbour, so these bounds
+        # never throttle 1F1B.
         self.depth = schedule.num_stages + 1
         self.max_sends = 2 * schedule.num_stages + 8
-        self._incoming = {peer: self._sent_to_me(schedule, peer) for peer in (rank - 1, rank + 1)
-                          if 0 <= peer < schedule.num_stages}
+        mine = range(rank, schedule.num_stages, schedule.ranks)
+        peers = sorted({neighbour % self.ranks for s in mine for neighbour in (s - 1, s + 1)
+                        if 0 <= neighbour < self.num_stages} - ({rank} if self.ranks > 1 else set()))
+        self._incoming = {peer: self._sent_to_me(schedule, peer) for peer in peers}
         self._posted: dict[Message, tuple[list[dist.Work], Payload]] = {}
         self._outstanding = dict.fromkeys(self._incoming, 0)
         self._sending: list[tuple[list[dist.Work], list[torch.Tensor], Message]] = []
@@ -94,9 +100,9 @@ class DistTransport:
             self._top_up(peer)
 
     def _sent_to_me(self, schedule: Schedule, peer: int) -> Iterator[Message]:
-        for action in schedule.actions(peer):
+        for action in schedule.rank_actions(peer):
             msg = sends(action, self.num_stages)
-            if msg is not None and msg.dst == self.rank:
+            if msg is not None and msg.dst % self.ranks == self.rank:
                 yield msg
 
     def _top_up(self, peer: int, until: Message | None = None) -> None:
@@ -108,13 +114,13 @@ class DistTransport:
             spec = self.spec(msg)
             spec = spec if isinstance(spec, Layout) else Layout.single(*spec)
             buffers = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in spec.leaves]
-            works = [dist.irecv(buffer, src=self.offset + peer, group=self.group, tag=_tag(msg, i))
+            works = [dist.irecv(buffer, src=self.offset + peer, group=self.group, tag=self._tag(msg, i))
                      for i, buffer in enumerate(buffers)]
             self._posted[msg] = (works, rebuild(spec, buffers))
             self._outstanding[peer] += 1
 
     def recv(self, msg: Message) -> torch.Tensor:
-        peer = _source(msg)
+        peer = _source(msg) % self.ranks
         if msg not in self._posted:
             self._top_up(peer, until=msg)
             if msg not in self._posted:
@@ -128,7 +134,7 @@ class DistTransport:
 
     def send(self, msg: Message, data: Payload) -> None:
         tensors = [tensor.detach().contiguous() for tensor in leaves(data)]  # they must outlive the send
-        works = [dist.isend(tensor, dst=self.offset + msg.dst, group=self.group, tag=_tag(msg, i))
+        works = [dist.isend(tensor, dst=self.offset + msg.dst % self.ranks, group=self.group, tag=self._tag(msg, i))
                  for i, tensor in enumerate(tensors)]
         self._sending.append((works, tensors, msg))
         if len(self._sending) > self.max_sends:  # gloo never reports completion by itself: bound the list
@@ -142,7 +148,7 @@ class DistTransport:
 
     def _wait_sent(self, works: list[dist.Work], tensors: list[torch.Tensor], msg: Message) -> None:
         for work in works:
-            self._wait(work, f"sending {msg.kind} of micro-batch {msg.microbatch} to rank {msg.dst}")
+            self._wait(work, f"sending {msg.kind} of micro-batch {msg.microbatch} to rank {msg.dst % self.ranks}")
 
     def _wait(self, work: dist.Work, what: str) -> None:
         start = time.monotonic()
@@ -154,16 +160,18 @@ class DistTransport:
             raise PeerFailure(f"rank {self.rank}: {what} failed after {waited:.0f} s ({reason}); "
                               "that rank died or hung") from None
 
+    def _tag(self, msg: Message, leaf: int = 0) -> int:
+        """Unique between two ranks among messages in flight: kind, micro-batch, which of the
+        receiver's stages, and which tensor of the payload."""
+        index = (msg.microbatch * len(_KINDS) + _KINDS[msg.kind]) * self.chunks + msg.dst // self.ranks
+        return index * MAX_LEAVES + leaf
+
 
 def _source(msg: Message) -> int:
     return msg.dst + 1 if msg.kind == "B" else msg.dst - 1
 
 
 _KINDS = {"F": 0, "B": 1, "E": 2}
-
-
-def _tag(msg: Message, leaf: int = 0) -> int:
-    return (msg.microbatch * len(_KINDS) + _KINDS[msg.kind]) * MAX_LEAVES + leaf
 
 
 STATS_WIDTH = 5  # the fields of a metrics.StatsEvent

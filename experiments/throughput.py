@@ -1,4 +1,4 @@
-"""Throughput against micro-batch count at P = 8: PACI, 1F1B-flush, GPipe, ZB-H1 (the paper's Fig. 3).
+"""Throughput against micro-batch count at P = 8: PACI, 1F1B-flush, GPipe, ZB-H1, interleaved 1F1B (the paper's Fig. 3).
 
 The paper's claim: flush schedules reach only m/(m+P-1) of PACI's throughput at m micro-batches per
 step, PACI (K = m) runs bubble-free at any m. Here: the `deep` GPT preset (vocab 1024), a global
@@ -9,7 +9,8 @@ at once, so the real multi-process runtime (gloo, 8 ranks, the real schedules, r
 tensors of the real size) runs synthetic stages that sleep each stage's profiled F, B, I/W and U
 times. Per cell it reports the measured throughput, the simulator's prediction from the same
 profiled costs (made before the run), their ratio, the throughput relative to PACI at the same m
-and the bubble model m/(m+P-1) beside it.
+and the bubble model m/(m+P-1) beside it (v·m/(v·m+P-1) for interleaved 1F1B, whose v = 2 stages
+per rank come from the same profile cut into 2P stages; skipped where the model has fewer units).
 
 Cost: about 4 min wall and 2 CPU-min on 2 cores (profiling five micro-batch sizes, then 20 runs of
 64 steps in one 8-rank process group; the ranks mostly sleep); --quick (tiny preset, P = 4,
@@ -30,16 +31,17 @@ from pathlib import Path
 import torch
 
 from paci.bench import RuntimeBench, run_bench_rank
-from paci.model import PRESETS
+from paci.model import PRESETS, num_units
 from paci.partition import partition, stage_memory_model
-from paci.profiler import profile_units, stage_costs
+from paci.profiler import UnitProfile, profile_units, stage_costs
 from paci.runtime.launch import spawn
 from paci.sim import CostModel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import Cells, cpu_seconds, machine, save_figure  # noqa: E402
 
-SCHEDULES = ("paci", "1f1b", "gpipe", "zb-h1")
+SCHEDULES = ("paci", "1f1b", "gpipe", "zb-h1", "interleaved-1f1b")
+CHUNKS = 2  # interleaved-1f1b: stages per rank
 FLUSHED = ("1f1b", "gpipe")  # the schedules the bubble model m/(m+P-1) describes
 VOCAB = 1024
 
@@ -59,23 +61,34 @@ FULL = Setup("deep", 8, (2, 4, 8, 16, 32), 64)
 QUICK = Setup("tiny", 4, (2, 4), 6, seq_len=32, repeats=3)
 
 
-def plan(setup: Setup, m: int, cells: Cells) -> dict:
-    """Profile the units at micro-batch size global_batch/m (one thread), split them into stages,
-    and turn the split into the simulator's cost model (cached as the cell costs-m<m>)."""
-    name = f"costs-m{m}"
+def schedules_of(setup: Setup) -> tuple[str, ...]:
+    """The schedules the setup measures: interleaving needs a unit for each of its 2P stages."""
+    units = num_units(dataclasses.replace(PRESETS[setup.preset], vocab_size=VOCAB))
+    return tuple(name for name in SCHEDULES if name != "interleaved-1f1b" or units >= CHUNKS * setup.stages)
+
+
+def plan(setup: Setup, m: int, cells: Cells, chunks: int = 1) -> dict:
+    """Profile the units at micro-batch size global_batch/m (one thread), split them into `chunks`
+    x P stages, and turn the split into the simulator's cost model (cached as the cell costs-m<m>,
+    or costs-m<m>-v<chunks>)."""
+    name = f"costs-m{m}" + (f"-v{chunks}" if chunks > 1 else "")
     cached = cells.get(name)
     if cached is not None:
         return cached
     config = dataclasses.replace(PRESETS[setup.preset], vocab_size=VOCAB)
     batch = setup.global_batch // m
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        profiles = profile_units(config, batch, setup.seq_len, "cpu", repeats=setup.repeats)
-    finally:
-        torch.set_num_threads(threads)
-    inflight, copies = stage_memory_model("paci", setup.stages, m)  # no budget on CPU: only times matter
-    split = partition(profiles, setup.stages, inflight, copies)
+    if chunks > 1:  # the same profile as the one-stage-per-rank schedules, cut finer
+        profiles = [UnitProfile(**p) for p in plan(setup, m, cells)["profiles"]]
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            profiles = profile_units(config, batch, setup.seq_len, "cpu", repeats=setup.repeats)
+        finally:
+            torch.set_num_threads(threads)
+    stages = chunks * setup.stages
+    inflight, copies = stage_memory_model("paci", stages, m)  # no budget on CPU: only times matter
+    split = partition(profiles, stages, inflight, copies)
     message = batch * setup.seq_len * config.n_embd * 4  # one float32 activation (or its gradient)
     costs = stage_costs(profiles, split.ranges, message_bytes=message)
     return cells.put(name, {"microbatch_size": batch, "split": split.spec, "costs": costs.as_dict(),
@@ -83,13 +96,19 @@ def plan(setup: Setup, m: int, cells: Cells) -> dict:
                             "profiles": [dataclasses.asdict(p) for p in profiles]})
 
 
-def run_cells(setup: Setup, plans: dict[int, dict], cells: Cells) -> None:
+def run_cells(setup: Setup, plans: dict[tuple[int, int], dict], cells: Cells) -> None:
     """Run every (m, schedule) cell not cached yet, all in one spawned process group."""
-    todo = [(m, name) for m in setup.microbatches for name in SCHEDULES if cells.get(f"m{m}-{name}") is None]
+    todo = [(m, name) for m in setup.microbatches for name in schedules_of(setup)
+            if cells.get(f"m{m}-{name}") is None]
     if not todo:
         return
-    benches = [RuntimeBench.from_cost_model(name, m, setup.steps, None, CostModel.from_dict(plans[m]["costs"]),
-                                            plans[m]["activation_shape"], timeout_s=120.0) for m, name in todo]
+    benches = []
+    for m, name in todo:
+        chunks = CHUNKS if name == "interleaved-1f1b" else 1
+        cost_plan = plans[m, chunks]
+        benches.append(RuntimeBench.from_cost_model(name, m, setup.steps, None, CostModel.from_dict(cost_plan["costs"]),
+                                                    cost_plan["activation_shape"], timeout_s=120.0,
+                                                    chunks=chunks if chunks > 1 else None))
     print(f"running {len(todo)} cells on {setup.stages} ranks ...", flush=True)
     code = spawn(_rank, (benches, [f"m{m}-{name}" for m, name in todo], cells), setup.stages, threads=1)
     if code != 0:
@@ -110,14 +129,15 @@ def _rank(payload) -> int:
     return 0
 
 
-def rows(setup: Setup, plans: dict[int, dict], cells: Cells) -> list[dict]:
+def rows(setup: Setup, plans: dict[tuple[int, int], dict], cells: Cells) -> list[dict]:
     """One row per (m, schedule): tokens/s measured and predicted, and both relative to PACI's."""
     out = []
     for m in setup.microbatches:
-        tokens = plans[m]["microbatch_size"] * setup.seq_len  # per micro-batch
+        tokens = plans[m, 1]["microbatch_size"] * setup.seq_len  # per micro-batch
         paci = cells.get(f"m{m}-paci")
-        bubble_model = {name: m / (m + setup.stages - 1) for name in FLUSHED} | {"paci": 1.0}
-        for name in SCHEDULES:
+        bubble_model = {name: m / (m + setup.stages - 1) for name in FLUSHED} | {"paci": 1.0} | \
+            {"interleaved-1f1b": CHUNKS * m / (CHUNKS * m + setup.stages - 1)}
+        for name in schedules_of(setup):
             r = cells.get(f"m{m}-{name}")
             out.append({"m": m, "schedule": name, "measured": r["throughput_mb_per_s"] * tokens,
                         "predicted": r["planned_throughput_mb_per_s"] * tokens,
@@ -150,7 +170,7 @@ def plot(setup: Setup, table: list[dict], path: Path) -> None:
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2)
     ms = list(setup.microbatches)
-    for index, name in enumerate(SCHEDULES):
+    for index, name in enumerate(schedules_of(setup)):
         picked = [r for r in table if r["schedule"] == name]
         color = f"C{index}"
         left.plot(ms, [r["measured"] for r in picked], "o-", color=color, label=f"{name} measured")
@@ -182,7 +202,8 @@ def main() -> None:
     out = args.out or Path("runs/throughput-quick" if args.quick else "runs/throughput")
     cells = Cells(out, dataclasses.asdict(setup))
     start, cpu = time.monotonic(), cpu_seconds()
-    plans = {m: plan(setup, m, cells) for m in setup.microbatches}
+    chunks = (1, CHUNKS) if "interleaved-1f1b" in schedules_of(setup) else (1,)
+    plans = {(m, v): plan(setup, m, cells, v) for m in setup.microbatches for v in chunks}
     run_cells(setup, plans, cells)
     table = rows(setup, plans, cells)
     text = markdown(table)
@@ -190,7 +211,9 @@ def main() -> None:
     (out / "table.md").write_text(text + "\n")
     print(f"machine: {machine()}")
     print(f"{setup.preset} GPT (vocab {VOCAB}), P = {setup.stages}, {setup.steps} steps of {setup.global_batch} x "
-          f"{setup.seq_len} tokens; splits: " + ", ".join(f"m={m} {plans[m]['split']}" for m in setup.microbatches))
+          f"{setup.seq_len} tokens; splits: " + ", ".join(f"m={m} {plans[m, 1]['split']}" for m in setup.microbatches)
+          + "".join(f"; interleaved m={m} {plans[m, CHUNKS]['split']}" for m in setup.microbatches
+                    if (m, CHUNKS) in plans))
     print(text)
     print(f"this invocation: {time.monotonic() - start:.0f} s wall, {cpu_seconds() - cpu:.0f} CPU-s "
           f"(cached cells cost nothing); plot {out / 'throughput.png'}")

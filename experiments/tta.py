@@ -84,7 +84,9 @@ FULL = Setting(preset="deep", vocab_size=1024, stages=8,
                microbatches=(4, 8, 16, 32), flush_m=8, lrs=(2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3), seeds=(0, 1, 2))
 QUICK = Setting(preset="tiny", vocab_size=512, stages=4, splits={4: "uniform", 2: "uniform"}, global_batch=8, seq_len=32, steps=12,
                 eval_every=4, eval_sequences=8, microbatches=(2, 4), flush_m=4, lrs=(2e-3, 4e-3), seeds=(0, 1))
-SYNC = ("1f1b", "gpipe", "zb-h1")  # the synchronous schedules, all timed on the flush trajectory
+SYNC = ("1f1b", "gpipe", "zb-h1", "interleaved-1f1b")  # the synchronous schedules, all on the flush trajectory
+BUDGET_SYNC = SYNC[:3]  # the equal-budget cells were planned (and trained) against these, before interleaving
+CHUNKS = 2  # interleaved-1f1b: stages per rank
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +217,7 @@ def best_lr(setting: Setting, done: dict[str, dict], schedule: str, m: int, comp
 
 def equal_budget_steps(setting: Setting, clock: dict, paci_m: int) -> int:
     """Steps PACI at m takes in the time the fastest synchronous setting needs for the full run."""
-    fastest = min(step_time(clock, s, m, setting.steps) for s in SYNC for m in setting.microbatches)
+    fastest = min(step_time(clock, s, m, setting.steps) for s in BUDGET_SYNC for m in setting.microbatches)
     period = step_time(clock, "paci", paci_m, setting.steps) / setting.steps
     return int(fastest / period)
 
@@ -248,7 +250,7 @@ def make_clock(setting: Setting, cache: Path) -> dict:
         costs = clock_costs(config, ranges, setting.batch_size(m), setting.seq_len, link, scale)
         clock["costs"][str(m)] = {"forward_s": costs.forward, "backward_s": costs.backward,
                                   "weight_s": costs.weight, "update_s": costs.update}
-        for name in (*SYNC, "paci"):
+        for name in (*BUDGET_SYNC, "paci"):  # interleaving needs a finer split: add_interleaved
             ends = step_end_times(schedules.build(name, setting.stages, m, setting.steps), costs)
             clock["step_end_s"][f"{name}-m{m}"] = [round(t, 6) for t in ends]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -292,6 +294,64 @@ def add_predicted(setting: Setting, cache: Path, clock: dict) -> dict:
         clock["step_end_s"][f"paci-predict-m{m}"] = [round(t, 6) for t in step_end_times(schedule, costs)]
     (cache / "clock.json").write_text(json.dumps(clock) + "\n")
     return clock
+
+
+def synchronous(clock: dict) -> list[str]:
+    """The synchronous schedules the clock times (interleaving needs two units per stage)."""
+    return [s for s in SYNC if any(key.startswith(f"{s}-m") for key in clock["step_end_s"])]
+
+
+def add_interleaved(setting: Setting, cache: Path, clock: dict) -> dict:
+    """Interleaved 1F1B (CHUNKS stages per rank) on the clock, at every m; added to clock.json once.
+
+    The model is cut into CHUNKS x P stages by the partitioner on a fresh one-thread profile of its
+    units, whose times are first calibrated to the clock: each unit's forward, backward, input
+    gradient and update times are scaled so that the units of each stage of the pinned P-stage split
+    add up to that stage's stored (calibrated) costs. So the same model takes the same compute on
+    both clocks, distributed over its units as the profile says."""
+    from clock import model_config, step_end_times, unit_profiles
+    from paci import schedules
+    from paci.model import num_units
+    from paci.partition import parse_split, partition, split_spec, stage_memory_model, uniform_split
+    from paci.profiler import stage_costs
+
+    config = model_config(setting.preset, setting.vocab_size)
+    n, stages = num_units(config), CHUNKS * setting.stages
+    if n < stages or all(f"interleaved-1f1b-m{m}" in clock["step_end_s"] for m in setting.microbatches):
+        return clock
+    ranges = uniform_split(n, setting.stages) if setting.split == "uniform" else \
+        parse_split(setting.split, n, setting.stages)
+    clock.setdefault("interleaved", {"chunks": CHUNKS, "splits": {}})
+    for m in setting.microbatches:
+        profiles = calibrated(unit_profiles(config, setting.batch_size(m), setting.seq_len), ranges,
+                              clock["costs"][str(m)])
+        inflight, copies = stage_memory_model("1f1b", stages, m)
+        split = list(partition(profiles, stages, inflight, copies).ranges)
+        activation = setting.batch_size(m) * setting.seq_len * config.n_embd * 4
+        costs = stage_costs(profiles, split, message_bytes=[activation] * (stages - 1) + [0],
+                            latency=clock["link"]["latency_s"], bandwidth=clock["link"]["bandwidth_Bps"])
+        schedule = schedules.build("interleaved-1f1b", setting.stages, m, setting.steps, chunks=CHUNKS)
+        clock["interleaved"]["splits"][str(m)] = split_spec(split)
+        clock["step_end_s"][f"interleaved-1f1b-m{m}"] = [round(t, 6) for t in step_end_times(schedule, costs)]
+    (cache / "clock.json").write_text(json.dumps(clock) + "\n")
+    return clock
+
+
+def calibrated(profiles: list, ranges: list[tuple[int, int]], stored: dict) -> list:
+    """`profiles` with each unit's times scaled so that every stage of `ranges` sums to `stored`
+    (the clock's per-stage seconds: forward_s, backward_s, weight_s = backward - input gradient, update_s)."""
+    out = list(profiles)
+    for j, (start, stop) in enumerate(ranges):
+        units = profiles[start:stop]
+        fresh_input = 0.0 if j == 0 else sum(p.input_backward_s for p in units)  # stage 0 takes no input gradient
+        stored_input = stored["backward_s"][j] - stored["weight_s"][j]
+        factor = {"forward_s": stored["forward_s"][j] / sum(p.forward_s for p in units),
+                  "backward_s": stored["backward_s"][j] / sum(p.backward_s for p in units),
+                  "input_backward_s": stored_input / fresh_input if fresh_input else 1.0,
+                  "update_s": stored["update_s"][j] / max(sum(p.update_s for p in units), 1e-12)}
+        for i in range(start, stop):
+            out[i] = dataclasses.replace(profiles[i], **{k: getattr(profiles[i], k) * f for k, f in factor.items()})
+    return out
 
 
 def step_time(clock: dict, schedule: str, m: int, step: float) -> float:
@@ -344,7 +404,7 @@ class Study:
     def fastest_sync(self, target: float, lr: float, seed: int = 0) -> tuple[float | None, str]:
         """The fastest synchronous (schedule, m) to `target` on the flush trajectory at `lr`."""
         cell = self.cell("1f1b", self.setting.flush_m, lr, seed)
-        options = [(time_to(self.clock, s, m, cell, target), f"{s} m={m}") for s in SYNC
+        options = [(time_to(self.clock, s, m, cell, target), f"{s} m={m}") for s in synchronous(self.clock)
                    for m in self.setting.microbatches] if cell else []
         reached = [o for o in options if o[0] is not None]
         return min(reached) if reached else (None, "-")
@@ -372,6 +432,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def report(study: Study) -> list[str]:
     st, clock = study.setting, study.clock
+    sync_names = synchronous(clock)
     flush_lr = study.flush_lr()
     paci_m, paci_lr = st.flush_m, best_lr(st, study.done, "paci", st.flush_m)  # the headline: PACI at flush's m
     lines = [f"Setting: {st.preset} GPT (vocab {st.vocab_size}), P = {st.stages}, split {st.split}, "
@@ -387,13 +448,13 @@ def report(study: Study) -> list[str]:
                   *check_table(clock["check"]), ""]
     lines += ["Calibrated time per step (steady state, s) and the bubble ceiling; paci+predict charges each "
               "predicted forward its measured extra:", "",
-              "| m | micro-batch | " + " | ".join(SYNC) + " | paci | paci+predict | paci / fastest sync at this m | "
-              "paci+predict / fastest sync | (m+P-1)/m |", "|---|---|" + "---|" * (len(SYNC) + 5)]
+              "| m | micro-batch | " + " | ".join(sync_names) + " | paci | paci+predict | paci / fastest sync at this m | "
+              "paci+predict / fastest sync | (m+P-1)/m |", "|---|---|" + "---|" * (len(sync_names) + 5)]
     for m in st.microbatches:
-        period = {s: step_time(clock, s, m, st.steps) / st.steps for s in (*SYNC, "paci", "paci-predict")}
-        sync = min(period[s] for s in SYNC)
+        period = {s: step_time(clock, s, m, st.steps) / st.steps for s in (*sync_names, "paci", "paci-predict")}
+        sync = min(period[s] for s in sync_names)
         lines.append(f"| {m} | {st.batch_size(m)} x {st.seq_len} | " +
-                     " | ".join(f"{period[s]:.3f}" for s in SYNC) +
+                     " | ".join(f"{period[s]:.3f}" for s in sync_names) +
                      f" | {period['paci']:.3f} | {period['paci-predict']:.3f} | {sync / period['paci']:.2f}x | "
                      f"{sync / period['paci-predict']:.2f}x | {(m + st.stages - 1) / m:.2f} |")
     lines += ["", "Final validation loss after the full run, seed 0 (the learning-rate sweep):", "",
@@ -530,8 +591,8 @@ def main() -> None:
     setting = QUICK if args.quick else FULL
     cache = args.cache or HERE / "results" / ("tta-quick" if args.quick else "tta")
     clock_file = cache / "clock.json"
-    clock = add_predicted(setting, cache, make_clock(setting, cache)) if args.command in ("all", "clock") else \
-        json.loads(clock_file.read_text()) if clock_file.is_file() else None
+    clock = add_interleaved(setting, cache, add_predicted(setting, cache, make_clock(setting, cache))) \
+        if args.command in ("all", "clock") else json.loads(clock_file.read_text()) if clock_file.is_file() else None
     if args.command in ("all", "cells"):  # without a clock yet, all but the equal-budget cells
         run_study(setting, cache, clock, args.workers)
     if args.command in ("all", "report"):

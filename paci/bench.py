@@ -39,22 +39,25 @@ class RuntimeBench:
     costs: SyntheticCosts
     timeout_s: float = 60.0
     planned: CostModel | None = None  # the cost model the sleeps came from: its prediction is reported too
+    chunks: int | None = None  # interleaved-1f1b: stages per rank (num_stages counts ranks)
 
     @classmethod
     def from_cost_model(cls, schedule: str, num_microbatches: int, num_steps: int, accumulation: int | None,
-                        costs: CostModel, activation_shape: Sequence[int], timeout_s: float = 60.0) -> RuntimeBench:
-        """A bench at the cost model's depth whose stages sleep its per-stage times."""
-        return cls(schedule, costs.num_stages, num_microbatches, num_steps, accumulation,
-                   synthetic_costs(costs, activation_shape), timeout_s, costs)
+                        costs: CostModel, activation_shape: Sequence[int], timeout_s: float = 60.0,
+                        chunks: int | None = None) -> RuntimeBench:
+        """A bench at the cost model's depth (its stages over ranks of `chunks` stages each, if given)
+        whose stages sleep its per-stage times."""
+        return cls(schedule, costs.num_stages // (chunks or 1), num_microbatches, num_steps, accumulation,
+                   synthetic_costs(costs, activation_shape), timeout_s, costs, chunks)
 
     def build(self):
         """The schedule; ValueError for bad sizes or costs for another depth, before any process starts."""
-        for stages in (self.costs.num_stages, self.planned and self.planned.num_stages):
-            if stages not in (None, self.num_stages):
-                raise ValueError(f"the costs are for {stages} stages, the bench has {self.num_stages}; "
-                                 "give one time per stage")
         schedule = schedules.build(self.schedule, self.num_stages, self.num_microbatches, self.num_steps,
-                                   self.accumulation)
+                                   self.accumulation, chunks=self.chunks)
+        for stages in (self.costs.num_stages, self.planned and self.planned.num_stages):
+            if stages not in (None, schedule.num_stages):
+                raise ValueError(f"the costs are for {stages} stages, the bench has {schedule.num_stages}; "
+                                 "give one time per stage")
         check_nproc(self.num_stages)
         check_size(schedule)  # the trace it records is simulated at the end
         return schedule
@@ -69,17 +72,18 @@ def run_bench_rank(bench: RuntimeBench) -> dict | None:
     if info.world_size != bench.num_stages:
         raise ValueError(f"{info.world_size} ranks for {bench.num_stages} stages; they must be equal")
     schedule = bench.build()
-    stage = SyntheticStage(info.rank, bench.num_stages, bench.costs, device)
+    stages = [SyntheticStage(s, schedule.num_stages, bench.costs, device)
+              for s in range(info.rank, schedule.num_stages, schedule.ranks)]
     shape = bench.costs.activation_shape
     transport = DistTransport(schedule, info.rank, lambda msg: (shape, torch.float32), device, bench.timeout_s)
     trace = Trace(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.weight_policy,
-                  kind="measured")
-    executor = Executor(stage, schedule.actions(info.rank), transport, trace)
+                  kind="measured", num_ranks=schedule.num_ranks)
+    executor = Executor(stages, schedule.rank_actions(info.rank), transport, trace)
     dist.barrier()
     while not executor.done:
         executor.run_next()
     transport.flush()
-    gathered = gather_trace(trace, info.rank, stage.versions)
+    gathered = gather_trace(trace, [stage.index for stage in stages])
     if gathered is None:
         return None
     trace, _ = gathered

@@ -97,3 +97,17 @@ def fit_pipeline(payload) -> int:
     params = [p.detach() for stage in held for p in stage.parameters()]
     torch.save({"losses": losses, "params": params}, f"{out}/rank{rank}.pt")
     return 0
+
+
+def bench_rank(payload) -> int:
+    """One rank of a synthetic runtime bench; rank 0 saves the result as JSON."""
+    import json
+
+    from paci.bench import run_bench_rank
+
+    bench, out = payload
+    result = run_bench_rank(bench)
+    if result is not None:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    return 0

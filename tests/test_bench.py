@@ -9,7 +9,10 @@ import sys
 
 import pytest
 
+from dist_helpers import bench_rank
+
 from paci.bench import RuntimeBench, synthetic_costs
+from paci.runtime.launch import spawn
 from paci.runtime.synthetic import SyntheticCosts, StageTimes
 from paci.schedules import build
 from paci.sim import CostModel, simulate
@@ -66,3 +69,19 @@ def test_bench_cli_with_costs_reports_the_cost_models_prediction(tmp_path):
     assert result["num_stages"] == 2 and result["schedule"] == "zb-h1"
     assert result["planned_makespan_s"] == pytest.approx(simulate(build("zb-h1", 2, 4, 2), model).metrics.makespan)
     assert result["planned_ratio"] >= 0.99  # sleeps never end early
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(120)
+def test_interleaved_bench_runs_two_stages_per_rank_as_planned(tmp_path):
+    """Interleaved 1F1B on 2 ranks x 2 sleeping stages (the messages loop from the last rank back to
+    the first): the run takes what the cost model plans, to the sleeps' and the link's overhead."""
+    model = CostModel.per_stage(4, 0.004, 0.008)
+    bench = RuntimeBench.from_cost_model("interleaved-1f1b", 4, 3, None, model, (2, 3), chunks=2)
+    assert bench.num_stages == 2 and bench.build().num_stages == 4
+    out = tmp_path / "result.json"
+    assert spawn(bench_rank, (bench, str(out)), 2, threads=1) == 0
+    result = json.loads(out.read_text())
+    planned = simulate(build("interleaved-1f1b", 2, 4, 3, chunks=2), model).metrics.makespan
+    assert result["num_stages"] == 4 and result["planned_makespan_s"] == pytest.approx(planned)
+    assert 0.99 <= result["planned_ratio"] < 1.5

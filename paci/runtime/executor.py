@@ -326,23 +326,26 @@ def dist_replica_mean(group, replicas: int) -> Callable[[list[torch.Tensor]], No
     return reduce
 
 
-def gather_trace(trace: Trace, stage_index: int, extra: Any = None, group=None) -> tuple[Trace, list[Any]] | None:
-    """Collect every rank's columns of `trace` on rank 0 (a collective: every rank of `group`, one
-    rank per stage, calls it).
+def gather_trace(trace: Trace, held: int | Sequence[int], extra: Any = None, group=None
+                 ) -> tuple[Trace, list[Any]] | None:
+    """Collect every rank's columns of `trace` on rank 0 (a collective: every rank of `group` calls
+    it with the stage, or the stages, it ran).
 
     Each rank's times are moved onto the wall clock, then the whole trace onto its first action,
-    so ranks on different machines line up as well as their clocks do. Rank 0 gets the full trace
-    and every rank's `extra`, in rank order; the other ranks get None.
+    so ranks on different machines line up as well as their clocks do. Rank 0 (the one holding
+    stage 0) gets the full trace and every rank's `extra`, in rank order; the others get None.
     """
+    held = [held] if isinstance(held, int) else list(held)
     offset = time.time() - time.perf_counter()
-    mine = (stage_index, trace.stages[stage_index], offset, extra)
-    parts = [None] * trace.num_stages if stage_index == 0 else None
+    mine = (held, [trace.stages[i] for i in held], offset, extra)
+    parts = [None] * dist.get_world_size(group) if 0 in held else None
     dist.gather_object(mine, parts, dst=0, group=group)
     if parts is None:
         return None
-    for index, columns, rank_offset, _ in parts:
-        columns.start = array("d", (t + rank_offset for t in columns.start))
-        columns.end = array("d", (t + rank_offset for t in columns.end))
-        trace.stages[index] = columns
+    for indices, columns_list, rank_offset, _ in parts:
+        for index, columns in zip(indices, columns_list):
+            columns.start = array("d", (t + rank_offset for t in columns.start))
+            columns.end = array("d", (t + rank_offset for t in columns.end))
+            trace.stages[index] = columns
     trace.shift(min(c.start[0] for c in trace.stages if len(c)))
-    return trace, [part[3] for part in sorted(parts, key=lambda part: part[0])]
+    return trace, [part[3] for part in sorted(parts, key=lambda part: part[0][0])]

@@ -19,7 +19,7 @@ from paci.data import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
 from paci.model import PRECISIONS, PRESETS
 from paci.partition import parse_bytes
 from paci.runtime.stage import OptimizerSpec
-from paci.schedules import REGISTRY, TRAINABLE, check_trainable
+from paci.schedules import REGISTRY
 
 
 MAX_THREADS = 1024  # torch threads per process; far beyond it the OpenMP pool cannot even be allocated
@@ -96,6 +96,7 @@ class PipelineConfig:
     port: int | None = None  # rendezvous port for --nproc (default: a free one)
     timeout_s: float = 45.0  # a rank waiting longer than this on a peer (or at start-up) gives up
     recompute: bool = False  # keep only stage inputs; backward re-runs the forward with the weights of then
+    chunks: int | None = None  # interleaved-1f1b: stages per rank (default 2); the model is cut into chunks x stages
 
     def __post_init__(self) -> None:
         _check_types("pipeline", self)
@@ -104,10 +105,12 @@ class PipelineConfig:
         if self.port is not None and not 1024 <= self.port <= 65535:
             raise ValueError(f"--port must be in 1024..65535, got {self.port}")
         if self.schedule not in REGISTRY:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(TRAINABLE)}")
-        check_trainable(self.schedule)
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(REGISTRY)}")
         _positive("pipeline", stages=self.stages, microbatches=self.microbatches, accum=self.accum, nproc=self.nproc,
-                  dp=self.dp)
+                  dp=self.dp, chunks=self.chunks)
+        if self.chunks not in (None, 1) and self.schedule != "interleaved-1f1b":
+            raise ValueError(f"{self.schedule} runs one stage per rank; --chunks {self.chunks} needs --schedule "
+                             "interleaved-1f1b")
         if self.stages is None:
             self.stages = self.nproc // self.dp if self.nproc > 1 else 4
         if self.dp > 1 and self.nproc == 1:

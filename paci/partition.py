@@ -55,7 +55,7 @@ SPLIT_SPECS = ("profile", "uniform")  # besides an explicit "0:5,5:9,..." list
 
 
 def stage_memory_model(schedule_name: str, num_stages: int, microbatches: int,
-                       accum: int | None = None) -> tuple[list[int], list[int]]:
+                       accum: int | None = None, chunks: int | None = None) -> tuple[list[int], list[int]]:
     """(peak in-flight micro-batches, peak stashed weight copies) per stage, as the simulator counts them.
 
     Both follow from each stage's fixed action order alone, so unit costs suffice; the run is
@@ -64,8 +64,8 @@ def stage_memory_model(schedule_name: str, num_stages: int, microbatches: int,
     """
     check_sizes(num_stages, microbatches, 1)  # before dividing by M
     steps = max(3, math.ceil(4 * num_stages / microbatches))
-    schedule = schedules.build(schedule_name, num_stages, microbatches, steps, accum)
-    per_stage = simulate(schedule, CostModel.per_stage(num_stages)).metrics.per_stage
+    schedule = schedules.build(schedule_name, num_stages, microbatches, steps, accum, chunks=chunks)
+    per_stage = simulate(schedule, CostModel.per_stage(schedule.num_stages)).metrics.per_stage
     return [m.peak_inflight for m in per_stage], [m.weight_copies for m in per_stage]
 
 
@@ -366,10 +366,13 @@ def _check_budget(budget: float | None) -> None:
 
 def choose_split(spec: str, config: GPTConfig, num_stages: int, schedule_name: str, microbatches: int,
                  accum: int | None, batch_size: int, seq_len: int, device: torch.device | str,
-                 budget: float | None = None, precision: str = "fp32") -> list[tuple[int, int]]:
+                 budget: float | None = None, precision: str = "fp32", chunks: int | None = None
+                 ) -> list[tuple[int, int]]:
     """The split `paci train` uses: "profile" (measure the units here, then `partition`), "uniform",
-    or an explicit "0:5,5:9,..." list. `budget` None means the device's total memory on CUDA and
-    no limit elsewhere. Profiling uses torch's current thread count: set it first."""
+    or an explicit "0:5,5:9,..." list, of `num_stages` stages (with `chunks`, an interleaved
+    schedule's chunks x ranks: the budget of a device is then shared by its chunks). `budget` None
+    means the device's total memory on CUDA and no limit elsewhere. Profiling uses torch's current
+    thread count: set it first."""
     n = num_units(config)
     if spec not in SPLIT_SPECS:
         return parse_split(spec, n, num_stages)
@@ -378,7 +381,10 @@ def choose_split(spec: str, config: GPTConfig, num_stages: int, schedule_name: s
     _check_stage_count(n, num_stages)
     _check_budget(budget)
     budget = default_budget(device) if budget is None else budget
-    inflight, copies = stage_memory_model(schedule_name, num_stages, microbatches, accum)  # checks the schedule
+    ranks = num_stages // (chunks or 1)
+    if chunks and budget is not None:  # a device's memory, shared by its chunks
+        budget /= chunks
+    inflight, copies = stage_memory_model(schedule_name, ranks, microbatches, accum, chunks)  # checks the schedule
     profiles = profile_units(config, batch_size, seq_len, device, precision)
     split = partition(profiles, num_stages, inflight, copies, budget)
     uniform = evaluate_split(profiles, uniform_split(n, num_stages), inflight, copies, budget)

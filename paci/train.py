@@ -67,6 +67,11 @@ class Plan:
         return self.schedule.num_stages
 
     @property
+    def num_ranks(self) -> int:
+        """Processes per pipeline: num_stages, or with an interleaved schedule num_stages / chunks."""
+        return self.schedule.ranks
+
+    @property
     def tokens_per_microbatch(self) -> int:
         """Tokens in one micro-batch, over every data-parallel replica."""
         return self.batch_size * self.seq_len * self.config.pipeline.dp
@@ -108,6 +113,7 @@ class Plan:
                   "model": dataclasses.asdict(self.model), "precision": c.train.precision, "steps": c.train.steps,
                   "seed": c.train.seed, "data": self.data.source, "batch_size": self.batch_size,
                   "seq_len": self.seq_len, "recompute": c.pipeline.recompute, "checkpoint_every": self.checkpoint_every,
+                  **({"ranks": self.num_ranks} if self.num_ranks != self.num_stages else {}),
                   "optimizer": dataclasses.asdict(self.optimizer),
                   **({"dp": c.pipeline.dp} if c.pipeline.dp > 1 else {})}
         return json.loads(json.dumps(fields))  # as the manifest stores it (tuples become lists)
@@ -119,25 +125,31 @@ def make_plan(config: RunConfig, resume: bool = False) -> Plan:
     run_dir = Path(config.train.out) if resume else _run_dir(config)
     manifest = checkpoint.latest(run_dir) if resume else None
     pipe = config.pipeline
-    base = schedules.build(pipe.schedule, pipe.stages, pipe.microbatches, config.train.steps, pipe.accum)
+    base = schedules.build(pipe.schedule, pipe.stages, pipe.microbatches, config.train.steps, pipe.accum,
+                           chunks=pipe.chunks)
     check_size(base)  # the run keeps a trace of every action and simulates it at the end
     every = schedules.drain_interval(base, pipe.microbatches, config.train.checkpoint_every) if config.train.checkpoint else 0
     if every and every < base.num_steps:  # drain points: the schedule fills and drains around each checkpoint
-        base = schedules.build(pipe.schedule, pipe.stages, pipe.microbatches, config.train.steps, pipe.accum, every)
+        base = schedules.build(pipe.schedule, pipe.stages, pipe.microbatches, config.train.steps, pipe.accum, every,
+                               pipe.chunks)
+    chunks = base.stages_per_rank if base.stages_per_rank > 1 else None
+    if chunks and config.optim.clip_grad_norm:
+        raise ValueError("--clip-grad-norm with interleaved-1f1b is not supported yet (a rank steps its stages at "
+                         "different times, so the global norm has no one point to be exchanged at)")
     if config.optim.compensate == "predict" and base.weight_policy is WeightPolicy.STASHED:
         raise ValueError(f"--compensate predict moves live weights; {pipe.schedule} stashes them instead")
     preset = PRESETS[config.model.preset]
     seq_len = config.data.seq_len or preset.block_size
     pinned = pinned_split(pipe.split)
-    check_split(pinned, num_units(preset), pipe.stages)  # before the data, which may take minutes
+    check_split(pinned, num_units(preset), base.num_stages)  # before the data, which may take minutes
     budget = parse_bytes(pipe.memory_per_stage) if pipe.memory_per_stage is not None else None
     data = load_data(config.data.path, config.model.vocab_size, batch_shape=(config.data.batch_size, seq_len))
     model = dataclasses.replace(preset, vocab_size=data.vocab_size, block_size=max(seq_len, preset.block_size))
     check_memory(model, config.data.batch_size, seq_len, default_device())
     eval_batches = min(config.train.eval_batches,
                        data.num_val_batches(config.data.batch_size * config.pipeline.dp, seq_len))
-    split = choose_split(pinned, model, pipe.stages, pipe.schedule, pipe.microbatches, pipe.accum,
-                         config.data.batch_size, seq_len, default_device(), budget, config.train.precision)
+    split = choose_split(pinned, model, base.num_stages, pipe.schedule, pipe.microbatches, pipe.accum,
+                         config.data.batch_size, seq_len, default_device(), budget, config.train.precision, chunks)
     opt = config.optim
     warmup = opt.warmup_steps if opt.warmup_steps is not None else max(1, base.num_steps // 20)
     optimizer = OptimizerSpec(lr=opt.lr, weight_decay=opt.weight_decay, betas=(opt.beta1, 0.95), warmup_steps=warmup,
@@ -339,12 +351,12 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
     summary. At each checkpoint the ranks agree whether any was asked to `stop` (Stopped)."""
     info = env_rank()
     device = rank_device(info)
-    num_stages, dp = config.pipeline.stages, config.pipeline.dp
-    if num_stages * dp != info.world_size:
-        raise ValueError(f"the world has {info.world_size} ranks but the pipeline has {num_stages} stages"
+    ranks, dp = config.pipeline.stages, config.pipeline.dp  # --stages: the pipeline's ranks
+    if ranks * dp != info.world_size:
+        raise ValueError(f"the world has {info.world_size} ranks but the pipeline has {ranks} stages"
                          + (f" x {dp} replicas" if dp > 1 else "") + f"; pass --stages {info.world_size // dp}"
                          + (f" --dp {dp}" if dp > 1 else "") + " (one process per stage and replica)")
-    replica, index = divmod(info.rank, num_stages)  # a (dp, pp) mesh: each replica on consecutive ranks
+    replica, index = divmod(info.rank, ranks)  # a (dp, pp) mesh: each replica on consecutive ranks
     if not dist.is_initialized():
         init_distributed(device, config.pipeline.timeout_s)
     if config.train.threads:
@@ -353,16 +365,18 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
         config = dataclasses.replace(config, pipeline=dataclasses.replace(
             config.pipeline, split=_broadcast(split_spec(make_plan(config).split) if info.rank == 0 else "")))
     plan = make_plan(config, resume=resume)
-    last = num_stages - 1  # replica 0's last stage: the one that reports to rank 0
+    last = ranks - 1  # replica 0's rank of the last stage: the one that reports to rank 0
     stats_group = dist.new_group([0, last])
     checkpoint_group = dist.new_group(list(range(info.world_size)))  # apart from the P2P traffic
-    stage = build_stage(plan, index, device, replica)
-    resume_stage(plan, stage)
+    # this rank's stage, or its chunks of an interleaved schedule
+    stages = [build_stage(plan, s, device, replica) for s in range(index, plan.num_stages, ranks)]
+    for stage in stages:
+        resume_stage(plan, stage)
     messages = sum(1 for _ in _stats_order(plan))
     channel = StatsChannel(stats_group, info.rank, last, 0, messages, device,
                            config.pipeline.timeout_s) if info.rank in (0, last) else None
     norm_channels = _norm_channels(plan, info.rank, device) if plan.optimizer.clip_grad_norm else {}
-    pipeline_group = join_mesh([stage], device, dp, num_stages, config.pipeline.timeout_s, plan.clips_globally)
+    pipeline_group = join_mesh(stages, device, dp, ranks, config.pipeline.timeout_s, plan.clips_globally)
     dist.barrier()  # everyone has checked the plan before rank 0 writes anything
     recorder = None
     if info.rank == 0:
@@ -375,8 +389,8 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
     plan.run_dir = Path(_broadcast(str(plan.run_dir)))
     try:
         with stop.armed(plan.drains_midway) if stop is not None else contextlib.nullcontext():
-            trace = _run_rank(plan, stage, replica, channel, recorder, checkpoint_group, norm_channels, stop)
-        return _gather(plan, stage, trace, recorder, pipeline_group) if replica == 0 else None
+            trace = _run_rank(plan, stages, replica, channel, recorder, checkpoint_group, norm_channels, stop)
+        return _gather(plan, stages, trace, recorder, pipeline_group) if replica == 0 else None
     finally:
         if recorder is not None:
             recorder.close()
@@ -394,7 +408,7 @@ def _norm_channels(plan: Plan, rank: int, device: torch.device) -> dict[int, Sta
     return channels
 
 
-def _run_rank(plan: Plan, stage: Stage, replica: int, channel: StatsChannel | None, recorder: Recorder | None,
+def _run_rank(plan: Plan, stages: list[Stage], replica: int, channel: StatsChannel | None, recorder: Recorder | None,
               checkpoint_group, norm_channels: dict[int, StatsChannel], stop: StopRequest | None) -> Trace:
     stats = StepStats(plan.schedule.accumulation, plan.eval_batches)
     due = _stats_order(plan)  # on rank 0: the step after which each stats message is sent
@@ -415,16 +429,23 @@ def _run_rank(plan: Plan, stage: Stage, replica: int, channel: StatsChannel | No
             recorder.consume(StatsEvent(*_as_event(channel.receive())))
             next_due = next(due, None)
 
+    written: list[dict] = []  # this rank's stage files of the drain point being taken
+
     def on_drain(stage: Stage) -> None:
-        """Each rank writes its stage file; rank 0, having recorded every step up to here, writes the
-        manifest once all files are on disk (a gather, at a point where the pipeline is empty anyway)."""
+        """Each rank writes its stage files (one per stage it holds); rank 0, having recorded every
+        step up to here, writes the manifest once all files are on disk (a gather, at a point where
+        the pipeline is empty anyway)."""
+        if replica == 0:  # the other replicas hold the same weights
+            written.append(save_stage(plan, stage))
+        if stage is not stages[-1]:  # the executor drains a rank's stages in order, at one point
+            return
         record_until(stage.version)
         world = dist.get_world_size()
         entries = [None] * world if dist.get_rank() == 0 else None
-        mine = save_stage(plan, stage) if replica == 0 else None  # the other replicas hold the same weights
-        dist.gather_object(mine, entries, dst=0, group=checkpoint_group)
+        dist.gather_object(list(written), entries, dst=0, group=checkpoint_group)
+        written.clear()
         if entries is not None:
-            finish_checkpoint(plan, stage.version, entries[:plan.num_stages])
+            finish_checkpoint(plan, stage.version, [e for part in entries[:plan.num_ranks] for e in part])
         if stop is not None:  # a stop asked of any rank (they get the signal at slightly different times)
             asked = torch.tensor([float(stop.requested)], device=stage.device)
             dist.all_reduce(asked, op=dist.ReduceOp.MAX, group=checkpoint_group)
@@ -444,13 +465,14 @@ def _run_rank(plan: Plan, stage: Stage, replica: int, channel: StatsChannel | No
         if action.op is Op.U:  # when stage 0 finishes step v, the last rank has long sent everything of step v-1
             record_until(stage.version - 1)
 
-    trace = run_on_rank([stage], plan.schedule, stage.device, plan.config.pipeline.timeout_s,
-                        offset=replica * plan.num_stages, start_step=plan.start_step, listener=listener,
+    trace = run_on_rank(stages, plan.schedule, stages[0].device, plan.config.pipeline.timeout_s,
+                        offset=replica * plan.num_ranks, start_step=plan.start_step, listener=listener,
                         is_drain=plan.is_drain, on_drain=on_drain)
-    if channel is not None and stage.is_last:
+    if channel is not None and stages[-1].is_last:
         channel.flush()
-    if stage.index in norm_channels:
-        norm_channels[stage.index].flush()
+    for stage in stages:
+        if stage.index in norm_channels:
+            norm_channels[stage.index].flush()
     record_until(math.inf)
     return trace
 
@@ -483,16 +505,18 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _gather(plan: Plan, stage: Stage, trace: Trace, recorder: Recorder | None, group=None) -> Record | None:
+def _gather(plan: Plan, stages: list[Stage], trace: Trace, recorder: Recorder | None, group=None) -> Record | None:
     """Collect every rank's trace, memory and skipped updates on rank 0 (each rank checked its own
     versions as it ran); write the trace files and summary."""
-    gathered = gather_trace(trace, stage.index, (_peak_memory(stage.device), stage.skipped), group)
+    mine = (_peak_memory(stages[0].device), {stage.index: stage.skipped for stage in stages})
+    gathered = gather_trace(trace, [stage.index for stage in stages], mine, group)
     if gathered is None:
         return None
     trace, extras = gathered
+    skipped = {index: steps for _, per_stage in extras for index, steps in per_stage.items()}
     report = run_report(plan, trace, [memory for memory, _ in extras])
     recorder.append_final(report)
-    return write_summary(plan, recorder, {**report, "skipped_updates": [skipped for _, skipped in extras]})
+    return write_summary(plan, recorder, {**report, "skipped_updates": [skipped[s] for s in range(plan.num_stages)]})
 
 
 def run_report(plan: Plan, trace: Trace, peak_memory: list[int]) -> Record:

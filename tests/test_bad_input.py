@@ -387,10 +387,13 @@ CASES = [
       "train {tiny} --eval-every 0",
       "paci: error: --eval-every must be an integer >= 1 (optimizer steps between validation rounds); --no-eval "
       "turns validation off"),
-    c("train-schedule-not-trained-yet", "a schedule paci train cannot run yet",
-      "train {tiny} --schedule interleaved-1f1b",
-      "paci: error: interleaved-1f1b runs in paci.Pipeline and paci simulate but not yet in paci train; choose one "
-      "of: gpipe, 1f1b, zb-h1, async-1f1b, pipedream, 2bw, paci"),
+    c("train-chunks-without-interleaving", "--chunks with a one-stage-per-rank schedule",
+      "train {tiny} --schedule paci --chunks 2",
+      "paci: error: paci runs one stage per rank; --chunks 2 needs --schedule interleaved-1f1b"),
+    c("train-interleaved-clip", "global-norm clipping with interleaved 1F1B",
+      "train {tiny} --schedule interleaved-1f1b --stages 2 --clip-grad-norm 1",
+      "paci: error: --clip-grad-norm with interleaved-1f1b is not supported yet (a rank steps its stages at "
+      "different times, so the global norm has no one point to be exchanged at)"),
     c("train-checkpoint-every-without-checkpoints", "--checkpoint-every with --no-checkpoint",
       "train {tiny} --no-checkpoint --checkpoint-every 2",
       "paci: error: --checkpoint-every 2 asks for checkpoints that --no-checkpoint turns off; drop one of them"),
@@ -449,7 +452,7 @@ CASES = [
       write("run.toml", "[modle]\npreset = 'tiny'\n")),
     c("config-unknown-key", "an unknown key (`stagez = 2` in `[pipeline]`)",
       "train {tiny} --config run.toml",
-      "paci: error: run.toml: unknown key 'stagez' in [pipeline]; known keys: accum, dp, memory_per_stage, "
+      "paci: error: run.toml: unknown key 'stagez' in [pipeline]; known keys: accum, chunks, dp, memory_per_stage, "
       "microbatches, nproc, port, recompute, schedule, split, stages, timeout_s",
       write("run.toml", "[pipeline]\nstagez = 2\n")),
     c("config-key-outside-section", "a key outside any section (`stages = 2` first)",
@@ -571,7 +574,8 @@ CASES = [
     # ---------- paci bench runtime --synthetic
     c("bench-interleaved", "a schedule with several stages per rank",
       "bench runtime --synthetic --schedule interleaved-1f1b --stages 2",
-      "paci: error: paci bench runs one stage per rank; interleaved-1f1b is not supported there yet"),
+      "paci: error: paci bench handles one stage per rank; interleaved-1f1b is not supported there yet (choose one "
+      "of: gpipe, 1f1b, zb-h1, async-1f1b, pipedream, 2bw, paci)"),
     c("bench-stages-zero", "zero stages",
       "bench runtime --synthetic --stages 0",
       "paci: error: number of stages must be an integer >= 1, got 0"),
@@ -686,10 +690,10 @@ CASES = [
       "partition --preset tiny --schedule nope",
       "paci: error: unknown schedule 'nope'; choose one of: gpipe, 1f1b, zb-h1, interleaved-1f1b, async-1f1b, "
       "pipedream, 2bw, paci"),
-    c("partition-schedule-not-trained-yet", "a schedule paci train cannot run yet",
+    c("partition-interleaved", "a schedule with several stages per rank",
       "partition --preset tiny --schedule interleaved-1f1b",
-      "paci: error: interleaved-1f1b runs in paci.Pipeline and paci simulate but not yet in paci train; choose one "
-      "of: gpipe, 1f1b, zb-h1, async-1f1b, pipedream, 2bw, paci"),
+      "paci: error: paci partition handles one stage per rank; interleaved-1f1b is not supported there yet (choose "
+      "one of: gpipe, 1f1b, zb-h1, async-1f1b, pipedream, 2bw, paci)"),
     c("partition-preset-unknown", "an unknown preset",
       "partition --preset tiny --preset huge",
       "paci: error: unknown preset 'huge'; choose one of: tiny, small, deep, gpt2, gpt2-medium"),

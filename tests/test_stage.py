@@ -21,7 +21,7 @@ from paci.runtime.executor import run_local
 from paci.runtime.memory import StageMemory
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.runtime.transport import LocalTransport
-from paci.schedules import TRAINABLE, build
+from paci.schedules import ONE_STAGE_PER_RANK, build
 from paci.sim import CostModel, simulate
 
 
@@ -49,7 +49,7 @@ def test_paci_single_stage_is_plain_accumulation():
     assert all(torch.equal(a, b) for a, b in zip(stage_parameters(pipeline), reference.parameters()))
 
 
-@pytest.mark.parametrize("name", TRAINABLE)
+@pytest.mark.parametrize("name", ONE_STAGE_PER_RANK)
 def test_recorded_versions_equal_simulator(name):
     """The (v_f, v_b) recorded for every (stage, micro-batch) equal the simulator's, evaluation rounds included."""
     schedule = with_evaluation(build(name, 3, 4, 3), every=2, num_batches=2)
@@ -222,7 +222,7 @@ def test_bf16_peak_bytes_equal_the_simulators(name):
     assert measured == [predicted.peak_bytes[0] + token_column, *predicted.peak_bytes[1:]]
 
 
-@pytest.mark.parametrize("name", TRAINABLE)
+@pytest.mark.parametrize("name", ONE_STAGE_PER_RANK)
 def test_recompute_changes_no_bit_unless_weights_are_live_and_move(name):
     """Recompute re-runs the forward with the weights backward would read anyway on flush schedules
     (nothing moved) and stashed ones (the same copy): every parameter ends bit-identical. On the
@@ -258,7 +258,7 @@ def _measured_peaks(samples) -> list[int]:
             for taken in samples]
 
 
-@pytest.mark.parametrize("name", TRAINABLE)
+@pytest.mark.parametrize("name", ONE_STAGE_PER_RANK)
 def test_memory_meter_changes_no_number(name):
     """With the saved-tensor hooks installed every parameter ends bit-identical, and every saved
     activation is released once its backward has run."""
@@ -272,7 +272,7 @@ def test_memory_meter_changes_no_number(name):
     assert pipeline[0].saved_tensors_hooks is None
 
 
-@pytest.mark.parametrize("name", [n for n in TRAINABLE if n != "zb-h1"])
+@pytest.mark.parametrize("name", [n for n in ONE_STAGE_PER_RANK if n != "zb-h1"])
 def test_recompute_peak_bytes_equal_the_simulators(name):
     """With recompute a stage holds only inputs: the measured peak equals the simulator's with
     `CostModel.recomputed` (stage 0 holds its (batch, T+1) token tensor, of which the ids are a
@@ -290,7 +290,7 @@ def test_recompute_peak_bytes_equal_the_simulators(name):
     assert all(r < p for r, p in zip(predicted.peak_bytes, plain.peak_bytes))
 
 
-@pytest.mark.parametrize("name", TRAINABLE)
+@pytest.mark.parametrize("name", ONE_STAGE_PER_RANK)
 def test_measured_peak_bytes_equal_the_simulators(name):
     """Per stage, the largest static bytes plus the peak of saved activations + weight copies, counted
     from the stage's own tensors, equal the simulator's peak fed with the profiled bytes; except that

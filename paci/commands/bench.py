@@ -46,8 +46,7 @@ def bench_command(args: argparse.Namespace) -> int:
     from paci.runtime.launch import spawn
     from paci.runtime.synthetic import SyntheticCosts
 
-    if args.schedule in schedules.REGISTRY and not schedules.REGISTRY[args.schedule].trains:
-        raise ValueError(f"paci bench runs one stage per rank; {args.schedule} is not supported there yet")
+    schedules.check_one_stage_per_rank(args.schedule, "paci bench")
     if not 0 < args.activation_mib <= MAX_ACTIVATION_MIB:
         raise ValueError(f"--activation-mib must be in (0, {MAX_ACTIVATION_MIB}] MiB (every rank holds several such "
                          f"messages at once), got {args.activation_mib}")

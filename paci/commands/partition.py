@@ -40,7 +40,7 @@ def add_partition_parser(subparsers) -> None:
 
 
 def partition_command(args: argparse.Namespace) -> int:
-    schedules.check_trainable(args.schedule)  # a split for paci train
+    schedules.check_one_stage_per_rank(args.schedule, "paci partition")
     if args.preset not in PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
     preset = PRESETS[args.preset]

@@ -26,7 +26,9 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--preset", help="model preset: tiny, small (default), deep, gpt2, gpt2-medium")
     p.add_argument("--vocab-size", type=int, help="BPE vocabulary trained on a text corpus (default 4096)")
     p.add_argument("--schedule", help=f"one of: {', '.join(schedules.REGISTRY)} (default paci)")
-    p.add_argument("--stages", type=int, help="pipeline depth P (default: --nproc if given, else 4)")
+    p.add_argument("--stages", type=int, help="pipeline depth P: ranks (default: --nproc if given, else 4)")
+    p.add_argument("--chunks", type=int, help="stages per rank for interleaved-1f1b (default 2): the model is cut "
+                                              "into chunks x P stages, rank r holding r, r + P, ...")
     p.add_argument("--microbatches", type=int, help="micro-batches per mini-batch M (default 8)")
     p.add_argument("--accum", type=int, help="K, backwards per optimizer step for paci/2bw (default M)")
     p.add_argument("--steps", type=int, help="mini-batches to train (default 400)")
@@ -98,7 +100,7 @@ _TRAIN_FLAGS = {"model": {"preset": "preset", "vocab_size": "vocab_size"},
                 "pipeline": {"schedule": "schedule", "stages": "stages", "microbatches": "microbatches",
                              "accum": "accum", "nproc": "nproc", "dp": "dp", "port": "port", "timeout_s": "timeout_s",
                              "split": "split", "memory_per_stage": "memory_per_stage",
-                             "recompute": "recompute"},
+                             "recompute": "recompute", "chunks": "chunks"},
                 "optim": {"lr": "lr", "warmup_steps": "warmup_steps", "min_lr_ratio": "min_lr_ratio",
                           "weight_decay": "weight_decay", "optimizer": "optimizer", "beta1": "beta1",
                           "compensate": "compensate", "clip_grad_norm": "clip_grad_norm"},
@@ -231,8 +233,10 @@ class _Progress:
         self.every = max(1, self.total // 10)
         if self.quiet:
             return
-        log.info("%s | P=%d, M=%d, K=%d | compensate %s | %s | %s | run dir %s", plan.schedule.name,
-                 plan.num_stages, plan.config.pipeline.microbatches, plan.schedule.accumulation,
+        depth = f"P={plan.num_ranks}" + (f" x {plan.schedule.stages_per_rank} stages per rank"
+                                         if plan.num_ranks != plan.num_stages else "")
+        log.info("%s | %s, M=%d, K=%d | compensate %s | %s | %s | run dir %s", plan.schedule.name,
+                 depth, plan.config.pipeline.microbatches, plan.schedule.accumulation,
                  plan.config.optim.compensate, plan.config.model.preset, plan.data.source, plan.run_dir)
         every = f"every {plan.checkpoint_every} steps and " if plan.checkpoint_every else ""
         if plan.checkpoints:

@@ -23,7 +23,7 @@ from paci.schedules.interleaved import interleaved_1f1b
 class Entry(NamedTuple):
     builder: Callable[..., Schedule]
     summary: str
-    trains: bool = True  # False: paci.Pipeline runs it, paci train not yet
+    chunked: bool = False  # True: a rank holds several stages (--chunks)
 
 
 REGISTRY: dict[str, Entry] = {
@@ -31,7 +31,7 @@ REGISTRY: dict[str, Entry] = {
     "1f1b": Entry(one_f_one_b_flush, "1F1B with a flush each step; bubble (P-1)/(m+P-1); Δ = 0"),
     "zb-h1": Entry(zb_h1, "Zero Bubble H1: backward split into I and W, W fills the flush; Δ = 0"),
     "interleaved-1f1b": Entry(interleaved_1f1b, "1F1B over v stages per rank (--chunks v, default 2): "
-                                                "bubble (P-1)/(v·m+P-1); Δ = 0 (paci.Pipeline, not yet paci train)", trains=False),
+                                                "bubble (P-1)/(v·m+P-1); Δ = 0", chunked=True),
     "async-1f1b": Entry(async_1f1b, "no flush, step after every backward, live weights; Δ ≤ P-1-s"),
     "pipedream": Entry(pipedream, "no flush, step after every backward, stashed weights (P-1-s copies)"),
     "2bw": Entry(two_bw, "no flush, step every K ≥ P-1 backwards, stashed weights (≤ 1 copy)"),
@@ -39,14 +39,15 @@ REGISTRY: dict[str, Entry] = {
 }
 
 
-TRAINABLE = [name for name, entry in REGISTRY.items() if entry.trains]
+ONE_STAGE_PER_RANK = [name for name, entry in REGISTRY.items() if not entry.chunked]
 
 
-def check_trainable(name: str) -> None:
-    """ValueError for a schedule that paci train cannot run yet (paci.Pipeline and the simulator can)."""
-    if name in REGISTRY and not REGISTRY[name].trains:
-        raise ValueError(f"{name} runs in paci.Pipeline and paci simulate but not yet in paci train; "
-                         f"choose one of: {', '.join(TRAINABLE)}")
+def check_one_stage_per_rank(name: str, command: str) -> None:
+    """ValueError naming `command` for a schedule whose ranks hold several stages, where `command`
+    handles one stage per rank only."""
+    if name in REGISTRY and REGISTRY[name].chunked:
+        raise ValueError(f"{command} handles one stage per rank; {name} is not supported there yet (choose one of: "
+                         f"{', '.join(ONE_STAGE_PER_RANK)})")
 
 
 def build(name: str, num_stages: int, num_microbatches: int, num_steps: int = 1,
@@ -94,4 +95,4 @@ def drain_interval(schedule: Schedule, num_microbatches: int, every: int | None 
     return every
 
 
-__all__ = ["REGISTRY", "TRAINABLE", "build", "check_trainable", "drain_interval"]
+__all__ = ["ONE_STAGE_PER_RANK", "REGISTRY", "build", "check_one_stage_per_rank", "drain_interval"]

@@ -181,7 +181,7 @@ class Pipeline:
                 dist.broadcast_object_list(box, src=0)
                 self.split = box[0]
             self._stages = [self._stage(s, schedule.weight_policy, schedule.accumulation, feeder, device)
-                            for s in range(index, self.num_stages, self.num_ranks)]
+                            for s in schedule.stages_of(index)]
             join_mesh(self._stages, device, self.dp, self.num_ranks, self.timeout_s,
                       bool(self.clip_grad_norm) and steps_together(schedule))
         for stage in self._stages:

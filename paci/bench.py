@@ -73,7 +73,7 @@ def run_bench_rank(bench: RuntimeBench) -> dict | None:
         raise ValueError(f"{info.world_size} ranks for {bench.num_stages} stages; they must be equal")
     schedule = bench.build()
     stages = [SyntheticStage(s, schedule.num_stages, bench.costs, device)
-              for s in range(info.rank, schedule.num_stages, schedule.ranks)]
+              for s in schedule.stages_of(info.rank)]
     shape = bench.costs.activation_shape
     transport = DistTransport(schedule, info.rank, lambda msg: (shape, torch.float32), device, bench.timeout_s)
     trace = Trace(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.weight_policy,

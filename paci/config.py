@@ -107,10 +107,7 @@ class PipelineConfig:
         if self.schedule not in REGISTRY:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(REGISTRY)}")
         _positive("pipeline", stages=self.stages, microbatches=self.microbatches, accum=self.accum, nproc=self.nproc,
-                  dp=self.dp, chunks=self.chunks)
-        if self.chunks not in (None, 1) and self.schedule != "interleaved-1f1b":
-            raise ValueError(f"{self.schedule} runs one stage per rank; --chunks {self.chunks} needs --schedule "
-                             "interleaved-1f1b")
+                  dp=self.dp, chunks=self.chunks)  # a --chunks the schedule cannot take: schedules.build says so
         if self.stages is None:
             self.stages = self.nproc // self.dp if self.nproc > 1 else 4
         if self.dp > 1 and self.nproc == 1:

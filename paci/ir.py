@@ -121,6 +121,10 @@ class Schedule:
     def rank_of(self, stage: int) -> int:
         return stage % self.ranks
 
+    def stages_of(self, rank: int) -> range:
+        """The stages `rank` holds, in stage order."""
+        return range(rank, self.num_stages, self.ranks)
+
     def rank_actions(self, rank: int) -> Iterator[Action]:
         """A fresh iterator over everything `rank` does, in order (lazy)."""
         if not 0 <= rank < self.ranks:
@@ -220,7 +224,7 @@ def with_evaluation(schedule: Schedule, every: int, num_batches: int) -> Schedul
     last = schedule.num_steps
 
     def stream(rank: int) -> Iterator[Action]:
-        stages = range(rank, schedule.num_stages, schedule.ranks)
+        stages = schedule.stages_of(rank)
         rounds = 0
 
         def round_() -> Iterator[Action]:

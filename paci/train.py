@@ -369,7 +369,7 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
     stats_group = dist.new_group([0, last])
     checkpoint_group = dist.new_group(list(range(info.world_size)))  # apart from the P2P traffic
     # this rank's stage, or its chunks of an interleaved schedule
-    stages = [build_stage(plan, s, device, replica) for s in range(index, plan.num_stages, ranks)]
+    stages = [build_stage(plan, s, device, replica) for s in plan.schedule.stages_of(index)]
     for stage in stages:
         resume_stage(plan, stage)
     messages = sum(1 for _ in _stats_order(plan))

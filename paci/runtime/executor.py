@@ -65,11 +65,6 @@ class Executor:
                           for index, stage in self.stages.items()}
 
     @property
-    def stage(self) -> Stage:
-        """The stage of the next action (or of the last, once done)."""
-        return self.stages[self._head.stage] if self._head is not None else next(reversed(self.stages.values()))
-
-    @property
     def done(self) -> bool:
         return self._head is None
 
@@ -153,20 +148,28 @@ def run_in_process(stages: list[Stage], schedule: Schedule, *, clip_globally: bo
     """Every stage in this process: `schedule` from after optimizer step `start_step` (a resumed
     run), every backward's (v_f, v_b) checked against the schedule as it happens, clipping by the
     global norm if `clip_globally`, `listener(stage, action)` after each action."""
-    checks = {stage.index: VersionCheck(schedule, stage.index, start_step * schedule.accumulation, stage.version
-                                        - start_step) for stage in stages}
     exchange = NormExchange(stages) if clip_globally else None
+    on_action, finish = _checked(schedule, stages, start_step, listener)
+    trace = run_local(stages, from_step(schedule, start_step), LocalTransport(), on_action, is_drain, on_drain,
+                      exchange.gate if exchange is not None else None)
+    finish()
+    return trace
+
+
+def _checked(schedule: Schedule, stages: list[Stage], start_step: int, listener: Listener | None
+             ) -> tuple[Listener, Callable[[], None]]:
+    """`listener` preceded by a `VersionCheck` of every backward of `stages` (from after step
+    `start_step`, each stage's versions counted from where it stands now), and the call that checks,
+    after the run, that none was missing."""
+    checks = {stage.index: VersionCheck(schedule, stage.index, start_step * schedule.accumulation,
+                                        stage.version - start_step) for stage in stages}
 
     def on_action(stage: Stage, action: Action) -> None:
         checks[stage.index](stage, action)
         if listener is not None:
             listener(stage, action)
 
-    trace = run_local(stages, from_step(schedule, start_step), LocalTransport(), on_action, is_drain, on_drain,
-                      exchange.gate if exchange is not None else None)
-    for check in checks.values():
-        check.finish()
-    return trace
+    return on_action, lambda: [check.finish() for check in checks.values()]
 
 
 def join_mesh(stages: list[Stage], device: torch.device, dp: int, ranks: int, timeout_s: float,
@@ -202,21 +205,13 @@ def run_on_rank(stages: list[Stage], schedule: Schedule, device: torch.device, t
                               timeout_s, offset=offset)
     trace = Trace(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.weight_policy, "measured",
                   num_ranks=schedule.num_ranks)
-    checks = {stage.index: VersionCheck(schedule, stage.index, start_step * schedule.accumulation,
-                                        stage.version - start_step) for stage in stages}
-
-    def on_action(stage: Stage, action: Action) -> None:
-        checks[stage.index](stage, action)
-        if listener is not None:
-            listener(stage, action)
-
+    on_action, finish = _checked(schedule, stages, start_step, listener)
     executor = Executor(stages, resumed.rank_actions(rank), transport, trace, listener=on_action,
                         is_drain=is_drain, on_drain=on_drain)
     while not executor.done:
         executor.run_next()
     transport.flush()
-    for check in checks.values():
-        check.finish()
+    finish()
     return trace
 
 

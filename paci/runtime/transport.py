@@ -89,9 +89,8 @@ class DistTransport:
         # never throttle 1F1B.
         self.depth = schedule.num_stages + 1
         self.max_sends = 2 * schedule.num_stages + 8
-        mine = range(rank, schedule.num_stages, schedule.ranks)
-        peers = sorted({neighbour % self.ranks for s in mine for neighbour in (s - 1, s + 1)
-                        if 0 <= neighbour < self.num_stages} - ({rank} if self.ranks > 1 else set()))
+        peers = sorted({neighbour % self.ranks for s in schedule.stages_of(rank) for neighbour in (s - 1, s + 1)
+                        if 0 <= neighbour < self.num_stages} - {rank})
         self._incoming = {peer: self._sent_to_me(schedule, peer) for peer in peers}
         self._posted: dict[Message, tuple[list[dist.Work], Payload]] = {}
         self._outstanding = dict.fromkeys(self._incoming, 0)

@@ -61,10 +61,11 @@ def build(name: str, num_stages: int, num_microbatches: int, num_steps: int = 1,
     """
     if name not in REGISTRY:
         raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(REGISTRY)}")
-    builder = REGISTRY[name].builder
-    if name == "interleaved-1f1b":
-        builder = functools.partial(builder, chunks=2 if chunks is None else chunks)
-    elif chunks not in (None, 1):
+    entry = REGISTRY[name]
+    builder = entry.builder
+    if entry.chunked and chunks is not None:
+        builder = functools.partial(builder, chunks=chunks)
+    elif not entry.chunked and chunks not in (None, 1):
         raise ValueError(f"{name} runs one stage per rank; --chunks {chunks} needs --schedule interleaved-1f1b")
     schedule = builder(num_stages, num_microbatches, num_steps, accumulation)
     if drain_every and drain_every < schedule.num_steps:

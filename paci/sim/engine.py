@@ -75,7 +75,7 @@ def _rank_peak(trace: Trace, costs: CostModel, schedule: Schedule, rank: int, pe
     """Peak bytes of a rank holding several stages: their static bytes, plus the activations that
     its stages hold at once, followed through the rank's actions in the order it ran them (plus
     each stage's peak weight copies)."""
-    stages = range(rank, schedule.num_stages, schedule.ranks)
+    stages = schedule.stages_of(rank)
     starts, deltas = [], []
     for s in stages:
         columns = trace.columns(s)

@@ -127,7 +127,8 @@ class OptimConfig:
     weight_decay: float = 0.1
     warmup_steps: int | None = None  # default: 5% of the optimizer steps
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
-    optimizer: str = "adamw"  # "adamw" or "nadamw" (Adam with Nesterov momentum, decoupled weight decay)
+    optimizer: str = "adamw"  # "adamw", "nadamw" (Adam with Nesterov momentum, decoupled weight decay) or "muon"
+    # (Muon on the hidden matrices, AdamW on embeddings, head and 1-D parameters: paci.optim)
     beta1: float = 0.9  # first-moment decay
     compensate: str | None = None  # stash-free correction for delayed gradients: none, pipemare, nesterov,
     # predict; default: predict for paci (docs/experiments.md), none for every other schedule

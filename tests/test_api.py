@@ -10,6 +10,7 @@ from torch import nn
 
 import paci
 import paci.api
+import paci.optim
 from paci.ir import WeightPolicy
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.runtime.launch import spawn
@@ -161,7 +162,8 @@ def test_every_schedule_trains(schedule):
     (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), lambda w, g, x: w - 0.1 * (g.T @ x)),
     (lambda ps: torch.optim.Adafactor(ps, lr=0.05, foreach=False), None),
     (lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.5), None),
-], ids=["sgd-momentum", "adafactor", "rmsprop-momentum"])
+    (lambda ps: paci.optim.MuonAdamW(ps, {p.data_ptr() for p in ps if p.dim() == 2}, lr=0.05), None),
+], ids=["sgd-momentum", "adafactor", "rmsprop-momentum", "muon"])
 def test_a_users_optimizer_keeps_the_live_weights_semantics(make, by_hand):
     """A Linear stage, one update between F(0) and its backward: the update lands in the parameters'
     own storage and is what it should be (SGD by hand: its first momentum buffer is the gradient, so

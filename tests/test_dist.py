@@ -29,7 +29,8 @@ pytestmark = pytest.mark.dist
 RUNS = [(name, name, {}) for name in REGISTRY] + [
     ("paci-recompute-nesterov", "paci", {"recompute": True, "compensate": "nesterov"}),
     ("paci-predict-bf16", "paci", {"compensate": "predict", "precision": "bf16"}),
-    ("1f1b-clip", "1f1b", {"clip_grad_norm": 0.05}), ("paci-clip", "paci", {"clip_grad_norm": 0.05})]
+    ("1f1b-clip", "1f1b", {"clip_grad_norm": 0.05}), ("paci-clip", "paci", {"clip_grad_norm": 0.05}),
+    ("paci-muon", "paci", {"optimizer": "muon"})]
 
 
 def _config(name: str, stages: int, out, nproc: int, options: dict | None = None):
@@ -38,7 +39,7 @@ def _config(name: str, stages: int, out, nproc: int, options: dict | None = None
         "model": {"preset": "tiny"}, "data": {"batch_size": 2, "seq_len": 16},
         "pipeline": {"schedule": name, "stages": stages, "microbatches": 4, "nproc": nproc, "timeout_s": 30.0,
                      "split": "uniform", "recompute": options.get("recompute", False)},
-        "optim": {"lr": 1e-2, "compensate": options.get("compensate", "none"),
+        "optim": {"lr": 1e-2, "compensate": options.get("compensate", "none"), "optimizer": options.get("optimizer", "adamw"),
                   "clip_grad_norm": options.get("clip_grad_norm", 0.0)},
         "train": {"steps": 3, "eval_every": 2, "eval_batches": 2, "out": str(out), "threads": 1,
                   "precision": options.get("precision", "fp32")}})

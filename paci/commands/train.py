@@ -37,7 +37,8 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--min-lr-ratio", type=float, dest="min_lr_ratio",
                    help="the cosine schedule ends at this fraction of --lr (default 0.1)")
     p.add_argument("--weight-decay", type=float, dest="weight_decay", help="decoupled weight decay (default 0.1)")
-    p.add_argument("--optimizer", help="adamw (default) or nadamw (Adam with Nesterov momentum)")
+    p.add_argument("--optimizer", help="adamw (default), nadamw (Adam with Nesterov momentum) or muon (Muon on the "
+                                       "hidden matrices, AdamW with --beta1 on the rest, one --lr)")
     p.add_argument("--beta1", type=float, help="the optimizer's first-moment decay (default 0.9)")
     p.add_argument("--clip-grad-norm", type=float, dest="clip_grad_norm",
                    help="clip the gradient to this norm before each step (default 0: off): the global norm on a "

@@ -27,7 +27,7 @@ import contextlib
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +36,7 @@ from torch.func import functional_call
 
 from paci.ir import WeightPolicy
 from paci.model import autocast, lm_loss
+from paci.optim import MuonAdamW, hidden_matrices
 from paci.runtime import payload, split
 
 Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # index -> (inputs, targets)
@@ -44,7 +45,7 @@ MakeOptimizer = Callable[[list[nn.Parameter]],
                          tuple[torch.optim.Optimizer, "torch.optim.lr_scheduler.LRScheduler | None"]]
 
 
-OPTIMIZERS = ("adamw", "nadamw")
+OPTIMIZERS = ("adamw", "nadamw", "muon")
 COMPENSATIONS = ("none", "pipemare", "nesterov", "predict")
 # Nesterov look-ahead for delayed gradients (Ajanthan et al., ICML 2025, arXiv 2505.01099): their
 # released recipe is torch's NAdam with decoupled weight decay and beta1 = 0.99. NAdam warms its
@@ -61,7 +62,9 @@ PIPEMARE_ANNEAL = 0.15
 @dataclass(frozen=True)
 class OptimizerSpec:
     """The optimizer of one stage: AdamW (or NAdamW) with decoupled weight decay on >=2-D weights only,
-    linear warm-up then cosine decay, and optionally a stash-free correction for delayed gradients.
+    or Muon on the hidden matrices with that AdamW on the rest (paci.optim.MuonAdamW, one learning
+    rate for both); linear warm-up then cosine decay; optionally a stash-free correction for
+    delayed gradients.
 
     `delay` is the stage's largest drift (the most updates one of its backwards crosses, fixed by
     the schedule); `for_stage` sets it. Every compensation is the identity at delay 0, so a
@@ -86,6 +89,7 @@ class OptimizerSpec:
     compensate: str = "none"  # one of COMPENSATIONS
     delay: int = 0
     clip_grad_norm: float = 0.0  # 0: off (see `Stage.step`)
+    momentum: float = 0.95  # Muon's (its AdamW part and AdamW take `betas`)
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -94,6 +98,9 @@ class OptimizerSpec:
             raise ValueError(f"unknown --compensate {self.compensate!r}; choose one of: {', '.join(COMPENSATIONS)}")
         if self.compensate == "predict" and self.name != "adamw":
             raise ValueError("--compensate predict predicts AdamW's steps; use it with --optimizer adamw")
+        if self.compensate == "nesterov" and self.name == "muon":
+            raise ValueError("--compensate nesterov gives delayed stages NAdamW instead of their optimizer; use it "
+                             "with --optimizer adamw")
 
     def for_stage(self, delay: int) -> OptimizerSpec:
         """This spec for a stage whose backwards cross at most `delay` updates."""
@@ -115,11 +122,16 @@ class OptimizerSpec:
             lr /= self.delay ** (1.0 - min(step / anneal, 1.0))
         return lr
 
-    def build(self, params: Sequence[nn.Parameter]) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-        """The optimizer over `params` (weight decay on >=2-D ones only) and its LR schedule."""
+    def build(self, params: Sequence[nn.Parameter], hidden: Collection[int] = frozenset()
+              ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """The optimizer over `params` (weight decay on >=2-D ones only) and its LR schedule; Muon takes
+        the parameters whose storage address is in `hidden` (paci.optim.hidden_matrices)."""
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        if self.name == "adamw":
+        if self.name == "muon":
+            optimizer = MuonAdamW(params, hidden, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas,
+                                  eps=self.eps, momentum=self.momentum)
+        elif self.name == "adamw":
             optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, foreach=False)
         else:
             optimizer = torch.optim.NAdam(groups, lr=self.lr, betas=self.betas, eps=self.eps,
@@ -207,7 +219,9 @@ class Stage:
         self._shadows = {name: nn.Parameter(p.data) for name, p in self._params.items()}
         self.loss_fn = loss_fn
         self._checked: payload.Layout | None = None  # the layout of this stage's first output
-        self.optimizer, self.scheduler = (make_optimizer or optim.build)(list(self._shadows.values()))
+        shadows = list(self._shadows.values())
+        self.optimizer, self.scheduler = make_optimizer(shadows) if make_optimizer else \
+            optim.build(shadows, hidden_matrices(list(self.module), holds_output=self.is_last))
 
     # ------------------------------------------------------------------------------------------
     # forward

@@ -31,7 +31,7 @@ from collections.abc import Callable, Collection, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Muon", "MuonAdamW", "hidden_matrices", "muon", "ns_dtype_for"]
+__all__ = ["Muon", "MuonAdamW", "decay_groups", "hidden_matrices", "muon", "ns_dtype_for"]
 
 # Keller Jordan's quintic coefficients, as torch.optim.Muon's defaults
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -58,6 +58,22 @@ def orthogonalize(update: torch.Tensor, coefficients: tuple[float, float, float]
     return x.T if tall else x
 
 
+def decay_groups(params: Sequence[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Parameter groups with weight decay on the >= 2-D parameters and none on the others (biases,
+    norm gains), leaving out an empty group."""
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _closure_loss(closure: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
+    """torch's optimizer convention: re-evaluate the loss with gradients on, if asked to."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Muon(torch.optim.Muon):
     """``torch.optim.Muon`` (its arguments, checks, state and maths) with the Newton–Schulz iteration
     in `ns_dtype` (default: `ns_dtype_for` the parameters' device)."""
@@ -71,10 +87,7 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             params: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []
@@ -115,9 +128,7 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError("Muon takes 2-D matrices only; `hidden` names a parameter of another shape")
         self.muon = Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
                          adjust_lr_fn="match_rms_adamw", ns_dtype=ns_dtype) if matrices else None
-        groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
+        groups = decay_groups(rest, weight_decay)
         self.adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=False) if groups else None
         self._parts = [o for o in (self.muon, self.adamw) if o is not None]
         if not self._parts:
@@ -128,10 +139,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for part in self._parts:
             part.step()
         return loss

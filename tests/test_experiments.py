@@ -1,6 +1,7 @@
 """Smoke tests of the experiments' quick modes: the whole pipeline (clock, cached cells, report, plot)
 runs end to end on the tiny setting, and a second run reuses every cached cell."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,23 @@ def test_stability_model_matches_its_closed_form():
                           timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| Adam (EMA momentum) | 0.9 | 38.1 | 10.0 | 4.0 | 2.3 | 1.0 |" in done.stdout, done.stdout
+
+
+@pytest.mark.timeout(480)
+def test_optimizer_axis_quick_mode(tmp_path):
+    """optimizers.py --quick adds Muon's step to the clock, brackets each optimizer's rates for flush and
+    PACI, runs the seeds, the drift and the long cells, and reports every table; run again, it trains
+    nothing."""
+    cache = tmp_path / "tta"
+    report = _run("optimizers.py", cache)
+    for heading in ("Optimizer step U per stage", "learning-rate sweep", "Headline cells", "Time to target",
+                    "Equal wall-clock budget", "Drift ablation with Muon", "The headline pair with Muon"):
+        assert heading in report, report
+    clock = json.loads((cache / "clock.json").read_text())
+    assert len(clock["optimizers"]["muon"]["update_ratio"]) == 4 and "paci-muon-m4" in clock["step_end_s"]
+    cells = {p.stem for p in (cache / "cells").glob("*.json")}
+    assert {"1f1b-m4-lr0.032-s0-muon0.9", "paci-m4-lr0.016-s0-adamw0.98", "paci-m2-lr0.032-s0-muon0.9"} <= cells
+    assert (cache / "optimizers.png").is_file()
+    again = _run("optimizers.py", cache)
+    assert "cells to run" not in again
+    assert {p.stem for p in (cache / "cells").glob("*.json")} == cells

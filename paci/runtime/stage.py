@@ -36,7 +36,7 @@ from torch.func import functional_call
 
 from paci.ir import WeightPolicy
 from paci.model import autocast, lm_loss
-from paci.optim import MuonAdamW, hidden_matrices
+from paci.optim import MuonAdamW, decay_groups, hidden_matrices
 from paci.runtime import payload, split
 
 Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # index -> (inputs, targets)
@@ -126,15 +126,14 @@ class OptimizerSpec:
               ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         """The optimizer over `params` (weight decay on >=2-D ones only) and its LR schedule; Muon takes
         the parameters whose storage address is in `hidden` (paci.optim.hidden_matrices)."""
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         if self.name == "muon":
             optimizer = MuonAdamW(params, hidden, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas,
                                   eps=self.eps, momentum=self.momentum)
         elif self.name == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, eps=self.eps, foreach=False)
+            optimizer = torch.optim.AdamW(decay_groups(params, self.weight_decay), lr=self.lr, betas=self.betas,
+                                          eps=self.eps, foreach=False)
         else:
-            optimizer = torch.optim.NAdam(groups, lr=self.lr, betas=self.betas, eps=self.eps,
+            optimizer = torch.optim.NAdam(decay_groups(params, self.weight_decay), lr=self.lr, betas=self.betas, eps=self.eps,
                                           momentum_decay=NESTEROV_WARMUP / max(1, self.total_steps),
                                           decoupled_weight_decay=True, foreach=False)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_at(step) / self.lr)

@@ -79,6 +79,14 @@ VARIANTS = [FLUSH, PACI, *COMPENSATED, *CONTROLS]
 PIPEMARE_K = 2
 PIPEMARE = [Variant(f"PACI K={PIPEMARE_K}", "paci", (("accum", PIPEMARE_K),)),
             Variant(f"PACI K={PIPEMARE_K} + pipemare", "paci", (("accum", PIPEMARE_K), ("compensate", "pipemare")))]
+# issue 19's remedies for AdamW: the window's partial gradient in the prediction, and over-relaxed
+# predictions (gain gamma > 1: under-prediction is the less stable side in the linear delay model)
+WINDOW = [Variant("PACI + predict-window (the window's gradient so far in the prediction)", "paci",
+                  (("compensate", "predict-window"),)),
+          *(Variant(f"PACI + {c}, gain {g:g}", "paci", (("compensate", c), ("predict_gain", g)))
+            for c in ("predict", "predict-window") for g in (1.5, 2.0))]
+
+
 def sweep(setting: Setting) -> tuple[float, ...]:
     """The learning rates every variant is run at."""
     return QUICK.lrs if setting is QUICK else (5e-4, 1e-3, 2e-3, 4e-3)
@@ -142,6 +150,8 @@ def planned_cells(setting: Setting, done: dict[str, dict]) -> list[Cell]:
         cells += [v.cell(setting, lr) for v in PIPEMARE for lr in lrs[:2]]
     if study.swept(NESTEROV_ALL) and study.swept(CONTROLS[0]):  # does NAdamW catch up over a longer run?
         cells += [v.cell(setting, study.best_lr(v), steps=HORIZON * setting.steps) for v in (NESTEROV_ALL, CONTROLS[0])]
+    if setting is not QUICK:  # the newer remedies, swept at the rates around the old prediction's best
+        cells += [v.cell(setting, lr) for v in WINDOW for lr in lrs[:3]]
     if best_comp is not None:  # last, the costliest: 3 seeds of the longer runs too
         cells += [v.cell(setting, lr, steps=HORIZON * setting.steps, seed=s) for v, lr in best.items() for s in setting.seeds]
     return [c for c in dict.fromkeys(cells) if c.name not in done]
@@ -172,7 +182,7 @@ def report(study: Study) -> list[str]:
              "Final validation loss (seed 0) against the peak learning rate:", "",
              "| variant | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr | at its best, vs flush's best |"
              + " at flush's lr, vs flush |", "|---|" + "---|" * (len(lrs) + 3)]
-    for v in VARIANTS + PIPEMARE:
+    for v in VARIANTS + PIPEMARE + WINDOW:
         best = study.best_lr(v)
         at_best = study.final(v, best) if best else math.inf
         at_flush = study.final(v, flush_lr) if flush_lr else math.inf

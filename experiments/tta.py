@@ -105,6 +105,7 @@ class Cell:
     optimizer: str = "adamw"
     beta1: float = 0.9
     compensate: str = "none"  # experiments/quality.py: stash-free corrections for delayed gradients
+    predict_gain: float = 1.0  # --predict-gain, with compensate predict or predict-window
     warmup: int | None = None  # None: 5% of the steps
     recompute: bool = False
     precision: str = "fp32"
@@ -115,6 +116,7 @@ class Cell:
         extra += f"-K{self.accum}" if self.accum else ""
         extra += f"-{self.optimizer}{self.beta1:g}" if (self.optimizer, self.beta1) != ("adamw", 0.9) else ""
         extra += f"-{self.compensate}" if self.compensate != "none" else ""
+        extra += f"-g{self.predict_gain:g}" if self.predict_gain != 1.0 else ""
         extra += f"-wu{self.warmup}" if self.warmup is not None else ""
         extra += "-recompute" if self.recompute else ""
         extra += f"-{self.precision}" if self.precision != "fp32" else ""
@@ -124,6 +126,7 @@ class Cell:
         """The `paci train` flags this cell adds to the setting's."""
         flags = ["--accum", str(self.accum)] if self.accum else []
         flags += ["--optimizer", self.optimizer, "--beta1", str(self.beta1), "--compensate", self.compensate]
+        flags += ["--predict-gain", str(self.predict_gain)] if self.predict_gain != 1.0 else []
         flags += ["--recompute"] if self.recompute else []
         flags += ["--precision", self.precision]
         return flags + (["--warmup", str(self.warmup)] if self.warmup is not None else [])

@@ -131,13 +131,14 @@ class OptimConfig:
     # (Muon on the hidden matrices, AdamW on embeddings, head and 1-D parameters: paci.optim)
     beta1: float = 0.9  # first-moment decay
     compensate: str | None = None  # stash-free correction for delayed gradients: none, pipemare, nesterov,
-    # predict; default: predict for paci (docs/experiments.md), none for every other schedule
+    # predict, predict-window; default: predict for paci (docs/experiments.md), none for every other schedule
+    predict_gain: float = 1.0  # the predicted displacement's scale (predict, predict-window)
     clip_grad_norm: float = 0.0  # 0: off; else the largest gradient norm (global on flush schedules, per stage
     # on asynchronous ones: docs/design.md)
 
     def __post_init__(self) -> None:
         _check_types("optim", self)
-        for name in ("lr", "weight_decay", "min_lr_ratio", "beta1", "clip_grad_norm"):
+        for name in ("lr", "weight_decay", "min_lr_ratio", "beta1", "clip_grad_norm", "predict_gain"):
             value = getattr(self, name)
             if not math.isfinite(value):
                 raise ValueError(f"[optim] {name} must be a finite number, got {value!r}")
@@ -151,6 +152,8 @@ class OptimConfig:
             raise ValueError(f"--beta1 must be in [0, 1), got {self.beta1}")
         if self.clip_grad_norm < 0:
             raise ValueError(f"--clip-grad-norm must be >= 0 (0: off), got {self.clip_grad_norm}")
+        if not self.predict_gain > 0:
+            raise ValueError(f"--predict-gain must be > 0, got {self.predict_gain}")
         OptimizerSpec(name=self.optimizer, compensate=self.compensate or "none")  # checks the choices
 
 

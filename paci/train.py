@@ -38,7 +38,7 @@ from paci.report import render_png, write_chrome_trace
 from paci.runtime.executor import gather_trace, join_mesh, run_in_process, run_on_rank
 from paci.runtime.launch import StopRequest, Stopped, env_rank, init_distributed, rank_device
 from paci.runtime.payload import shard
-from paci.runtime.stage import OptimizerSpec, Stage
+from paci.runtime.stage import PREDICTIONS, OptimizerSpec, Stage
 from paci.runtime.transport import StatsChannel
 from paci.sim import CostModel, check_size, simulate
 from paci.trace import Trace
@@ -136,8 +136,9 @@ def make_plan(config: RunConfig, resume: bool = False) -> Plan:
     if chunks and config.optim.clip_grad_norm:
         raise ValueError("--clip-grad-norm with interleaved-1f1b is not supported yet (a rank steps its stages at "
                          "different times, so the global norm has no one point to be exchanged at)")
-    if config.optim.compensate == "predict" and base.weight_policy is WeightPolicy.STASHED:
-        raise ValueError(f"--compensate predict moves live weights; {pipe.schedule} stashes them instead")
+    if config.optim.compensate in PREDICTIONS and base.weight_policy is WeightPolicy.STASHED:
+        raise ValueError(f"--compensate {config.optim.compensate} moves live weights; {pipe.schedule} stashes them "
+                         "instead")
     preset = PRESETS[config.model.preset]
     seq_len = config.data.seq_len or preset.block_size
     pinned = pinned_split(pipe.split)
@@ -154,7 +155,8 @@ def make_plan(config: RunConfig, resume: bool = False) -> Plan:
     warmup = opt.warmup_steps if opt.warmup_steps is not None else max(1, base.num_steps // 20)
     optimizer = OptimizerSpec(lr=opt.lr, weight_decay=opt.weight_decay, betas=(opt.beta1, 0.95), warmup_steps=warmup,
                               total_steps=base.num_steps, min_lr_ratio=opt.min_lr_ratio, name=opt.optimizer,
-                              compensate=opt.compensate, clip_grad_norm=opt.clip_grad_norm)
+                              compensate=opt.compensate, clip_grad_norm=opt.clip_grad_norm,
+                              predict_gain=opt.predict_gain)
     schedule = with_evaluation(base, config.train.eval_every, eval_batches) if config.train.eval else base
     plan = Plan(config, data, model, split, schedule, optimizer, seq_len, config.data.batch_size, eval_batches,
                 every, config.train.checkpoint, run_dir, manifest)

@@ -28,7 +28,7 @@ def _train(schedule, spec: OptimizerSpec) -> list[torch.Tensor]:
     return stage_parameters(pipeline)
 
 
-@pytest.mark.parametrize("compensate", ["pipemare", "nesterov", "predict"])
+@pytest.mark.parametrize("compensate", ["pipemare", "nesterov", "predict", "predict-window"])
 @pytest.mark.parametrize("name", ["1f1b", "gpipe", "zb-h1"])
 def test_identity_without_delay(name, compensate):
     """On a synchronous schedule (Δ = 0 on every stage) a compensation changes no bit."""
@@ -101,6 +101,43 @@ def test_predicted_forward_by_hand():
     stage.backward(1, torch.ones(2, 3))
     stage.backward(2, torch.ones(2, 3))
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in stage.module.parameters())
+
+
+@pytest.mark.parametrize("gain", [1.0, 1.5])
+def test_window_predicted_forward_by_hand(gain):
+    """predict-window: with a share f of the coming update's micro-batches already backpropagated, the
+    first predicted step's first moment is beta1 m + (1 - beta1) (g_so_far + (1 - f) m); the gain
+    scales the whole displacement; the weights are bit for bit back afterwards, and the share
+    starts again from 0 after a step."""
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 3)
+    spec = OptimizerSpec(lr=0.1, weight_decay=0.1, warmup_steps=0, total_steps=10, compensate="predict-window",
+                         predict_gain=gain)
+    ahead = {0: 0, 1: 0, 2: 0, 3: 1}
+    stage = Stage(1, 3, [linear], policy=WeightPolicy.LIVE, optim=spec, loss_scale=0.25, train_batch=None,
+                  val_batch=None, updates_ahead=ahead.__getitem__)
+    x = [torch.randn(2, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    g = [torch.randn(2, 3, generator=torch.Generator().manual_seed(10 + i)) for i in range(4)]
+    stage.forward(0, x[0].clone())
+    stage.backward(0, g[0])
+    stage.step()
+    assert stage.window == 0.0
+    stage.forward(1, x[1].clone())
+    stage.forward(2, x[2].clone())
+    stage.backward(1, g[1])
+    stage.backward(2, g[2])  # two of the window's four micro-batches: f = 1/2
+    assert stage.window == 0.5
+    before = [p.detach().clone() for p in linear.parameters()]
+    predicted = []
+    for p, shadow in zip(linear.parameters(), stage._shadows.values()):
+        state = stage.optimizer.state[shadow]
+        m = 0.9 * state["exp_avg"] + 0.1 * (p.grad + 0.5 * state["exp_avg"])
+        lr, decay = spec.lr_at(1), 0.1 if p.dim() >= 2 else 0.0
+        step = p.detach() * (1 - lr * decay) - lr * (m / (1 - 0.9 ** 2)) / ((state["exp_avg_sq"] / (1 - 0.95 ** 2)).sqrt() + 1e-8)
+        predicted.append(p.detach() + gain * (step - p.detach()))
+    w, b = predicted
+    torch.testing.assert_close(stage.forward(3, x[3].clone()), x[3] @ w.T + b, rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(a, b) for a, b in zip(linear.parameters(), before))
 
 
 def test_predict_acts_only_where_updates_overtake():

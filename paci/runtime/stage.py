@@ -46,7 +46,8 @@ MakeOptimizer = Callable[[list[nn.Parameter]],
 
 
 OPTIMIZERS = ("adamw", "nadamw", "muon")
-COMPENSATIONS = ("none", "pipemare", "nesterov", "predict")
+COMPENSATIONS = ("none", "pipemare", "nesterov", "predict", "predict-window")
+PREDICTIONS = ("predict", "predict-window")  # the compensations that move an overtaken forward's weights
 # Nesterov look-ahead for delayed gradients (Ajanthan et al., ICML 2025, arXiv 2505.01099): their
 # released recipe is torch's NAdam with decoupled weight decay and beta1 = 0.99. NAdam warms its
 # momentum up as mu_t = beta1 (1 - 0.5 * 0.96^(t psi)); their runs take 50 000 steps with psi = 0.004,
@@ -76,6 +77,12 @@ class OptimizerSpec:
       steps are predicted to reach (`Stage` does it; weight prediction as in SpecTrain, Chen et
       al., arXiv 1809.02839, and for Adam XPipe, Guan et al., arXiv 1911.04610). Forwards that no
       update overtakes are untouched.
+    * "predict-window": as "predict", but the first predicted step's gradient uses what the stage's
+      window already holds: the gradient accumulated so far (a share f of the coming update's
+      micro-batches) plus (1 - f) times the first moment for the rest.
+
+    `predict_gain` (gamma) scales the predicted displacement of both: 1 is the prediction itself,
+    > 1 over-relaxes it (under-prediction is the less stable side in the linear delay model).
     """
 
     lr: float = 2e-3
@@ -90,14 +97,19 @@ class OptimizerSpec:
     delay: int = 0
     clip_grad_norm: float = 0.0  # 0: off (see `Stage.step`)
     momentum: float = 0.95  # Muon's (its AdamW part and AdamW take `betas`)
+    predict_gain: float = 1.0  # gamma: the predicted displacement's scale ("predict", "predict-window")
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
             raise ValueError(f"unknown --optimizer {self.name!r}; choose one of: {', '.join(OPTIMIZERS)}")
         if self.compensate not in COMPENSATIONS:
             raise ValueError(f"unknown --compensate {self.compensate!r}; choose one of: {', '.join(COMPENSATIONS)}")
-        if self.compensate == "predict" and self.name != "adamw":
-            raise ValueError("--compensate predict predicts AdamW's steps; use it with --optimizer adamw")
+        if self.compensate in PREDICTIONS and self.name != "adamw":
+            raise ValueError(f"--compensate {self.compensate} predicts AdamW's steps; use it with --optimizer adamw")
+        if not (math.isfinite(self.predict_gain) and self.predict_gain > 0):
+            raise ValueError(f"--predict-gain must be a number > 0, got {self.predict_gain}")
+        if self.predict_gain != 1.0 and self.compensate not in PREDICTIONS:
+            raise ValueError("--predict-gain scales a prediction; use it with --compensate predict or predict-window")
         if self.compensate == "nesterov" and self.name == "muon":
             raise ValueError("--compensate nesterov gives delayed stages NAdamW instead of their optimizer; use it "
                              "with --optimizer adamw")
@@ -189,8 +201,8 @@ class Stage:
         self.spec = optim
         # mb -> updates between F(mb) and its backward, from the schedule (ir.updates_ahead); "predict" needs it
         self.updates_ahead = updates_ahead
-        if optim.compensate == "predict" and (updates_ahead is None or policy is WeightPolicy.STASHED):
-            raise ValueError("--compensate predict needs live weights (not pipedream or 2bw) and the schedule's "
+        if optim.compensate in PREDICTIONS and (updates_ahead is None or policy is WeightPolicy.STASHED):
+            raise ValueError(f"--compensate {optim.compensate} needs live weights (not pipedream or 2bw) and the schedule's "
                              "updates_ahead")
         self.is_first, self.is_last = index == 0, index == num_stages - 1
         self.device = torch.device(device)
@@ -199,6 +211,7 @@ class Stage:
         self.loss_scale = loss_scale
         self.train_batch, self.val_batch = train_batch, val_batch
         self.version = 0
+        self.window = 0.0  # the share of the coming update's micro-batches whose backward has run ("predict-window")
         self.versions: dict[int, tuple[int, int]] = {}  # mb -> (v_f, v_b)
         self.losses: dict[int, torch.Tensor] = {}  # mb -> unscaled training loss (last stage)
         self.eval_losses: dict[int, float] = {}  # eval index -> loss (last stage)
@@ -230,7 +243,7 @@ class Stage:
         saved activations, or with recompute only the input."""
         x = payload.to(self.train_batch(mb)[0], self.device) if self.is_first else received
         weights = self._stash_acquire() if self.policy is WeightPolicy.STASHED else None
-        ahead = self.updates_ahead(mb) if self.spec.compensate == "predict" else 0
+        ahead = self.updates_ahead(mb) if self.spec.compensate in PREDICTIONS else 0
         with self._predicted_weights(ahead) if ahead else contextlib.nullcontext():
             if self.recompute:
                 with torch.no_grad():
@@ -249,32 +262,45 @@ class Stage:
     def _predicted_weights(self, ahead: int) -> Iterator[None]:
         """For the length of one forward, the weights where AdamW's next `ahead` steps are predicted
         to take them: each step as the current moments would make it (the coming gradients assumed
-        equal to the first moment), with the LR schedule's rates and the decoupled weight decay.
-        Written through the shadow parameters, so autograd keeps referring to the live weights that
-        the backward will read; restored exactly from a copy that lives only this long."""
+        equal to the first moment; with "predict-window" the first one is the window's accumulated
+        gradient plus the first moment for its missing share), with the LR schedule's rates and the
+        decoupled weight decay, the displacement times `predict_gain`. Written through the shadow
+        parameters, so autograd keeps referring to the live weights that the backward will read;
+        restored exactly from a copy that lives only this long."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if not self.optimizer.state:  # before the first step there are no moments to predict with
             yield
             return
-        originals = [p.detach().clone() for p in params]
+        originals = {p: p.detach().clone() for p in params}
+        window = self.spec.compensate == "predict-window"
+        grads = {self._shadows[name].data_ptr(): p.grad for name, p in self._params.items()} if window else {}
+        gain = self.spec.predict_gain
         with torch.no_grad():
             for group in self.optimizer.param_groups:
                 beta1, beta2 = group["betas"]
                 for p in group["params"]:
-                    state = self.optimizer.state.get(p)
+                    state, original = self.optimizer.state.get(p), originals[p]
                     if not state:
                         continue
                     t = int(state["step"])
+                    moment = state["exp_avg"]
+                    if window:  # beta1 m + (1 - beta1) (g_so_far + (1 - f) m)
+                        known = grads.get(p.data_ptr())
+                        moment = moment * (1 - (1 - beta1) * self.window)
+                        if known is not None:
+                            moment.add_(known, alpha=1 - beta1)
                     for k in range(1, ahead + 1):
                         lr = self.spec.lr_at(t + k - 1)
                         p.mul_(1 - lr * group["weight_decay"])
                         denom = (state["exp_avg_sq"] / (1 - beta2 ** (t + k))).sqrt_().add_(group["eps"])
-                        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** (t + k)))
+                        p.addcdiv_(moment, denom, value=-lr / (1 - beta1 ** (t + k)))
+                    if gain != 1.0:
+                        p.sub_(original).mul_(gain).add_(original)
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, original in zip(params, originals):
+                for p, original in originals.items():
                     p.copy_(original)
 
     def _graph(self, mb: int, x: torch.Tensor, weights: dict[str, torch.Tensor] | None, record: bool) -> torch.Tensor:
@@ -408,6 +434,7 @@ class Stage:
 
     def _record_backward(self, mb: int, state: _InFlight) -> None:
         self.versions[mb] = (state.version, self.version)
+        self.window += self.loss_scale
 
     def _finish(self, state: _InFlight) -> None:
         if self.policy is WeightPolicy.STASHED:
@@ -446,6 +473,7 @@ class Stage:
             p.grad = None
             self._shadows[name].grad = None
         self.version += 1
+        self.window = 0.0
         if not finite:
             self._check_limit(f"step {self.version} has a non-finite gradient")
 

@@ -133,6 +133,47 @@ def predicted_forwards(config: GPTConfig, ranges: list[tuple[int, int]], batch_s
     return out
 
 
+def update_costs(config: GPTConfig, ranges: list[tuple[int, int]], names: tuple[str, ...] = ("adamw", "muon"),
+                 device: str = "cpu", repeats: int = 50) -> dict[str, list[float]]:
+    """Per optimizer in `names` (OptimizerSpec's), the median seconds of one step of each stage of
+    `ranges`, built as a stage builds it (Muon on the stage's hidden matrices), with gradients
+    present; the optimizers step alternately on the same parameters, so load from elsewhere lands
+    on all alike. One torch thread on a CPU (a stage owns one core)."""
+    from paci.model import build_units
+    from paci.optim import hidden_matrices
+    from paci.runtime.stage import OptimizerSpec
+
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    try:
+        for s, (start, stop) in enumerate(ranges):
+            units = [u.to(device) for u in build_units(config, 0, start, stop)]
+            params = [p for u in units for p in u.parameters()]
+            for p in params:
+                p.grad = torch.full_like(p, 1e-3)
+            hidden = hidden_matrices(units, holds_output=s == len(ranges) - 1)
+            spec = OptimizerSpec(lr=1e-4, warmup_steps=1, total_steps=10 ** 6)
+            optimizers = {n: dataclasses.replace(spec, name=n).build(params, hidden)[0] for n in names}
+            samples: dict[str, list[float]] = {n: [] for n in names}
+            for i in range(repeats + 3):  # the first rounds warm up (and create the optimizers' state)
+                for n, optimizer in optimizers.items():
+                    if device != "cpu":
+                        torch.cuda.synchronize(device)
+                    t0 = time.perf_counter()
+                    optimizer.step()
+                    if device != "cpu":
+                        torch.cuda.synchronize(device)
+                    if i >= 3:
+                        samples[n].append(time.perf_counter() - t0)
+            for n in names:
+                out[n].append(statistics.median(samples[n]))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def with_predicted_forwards(costs: CostModel, predicted: dict[str, list[float]], scale: float = 1.0) -> CostModel:
     """`costs` with each stage's forward made longer by its predicted share of the measured extra."""
     forward = tuple(f + scale * share * max(0.0, p - q) for f, share, p, q in

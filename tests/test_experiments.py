@@ -18,11 +18,11 @@ def _run(script: str, cache: Path) -> str:
     return done.stdout
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(600)
 def test_time_to_accuracy_drift_and_quality_quick_modes(tmp_path):
-    """tta.py --quick writes a clock, the cells and a report with every table; drift.py and quality.py
-    --quick add their cells to the same cache (quality.py reusing tta's); rerunning tta.py trains
-    nothing new."""
+    """tta.py --quick writes a clock, the cells and a report with every table; drift.py, quality.py and
+    optimizers.py --quick add their cells to the same cache (quality.py reusing tta's, optimizers.py
+    tta's clock); rerunning tta.py or optimizers.py trains nothing new."""
     cache = tmp_path / "tta"
     report = _run("tta.py", cache)
     for heading in ("Calibrated time per step", "learning-rate sweep", "Time to target validation loss",
@@ -39,9 +39,18 @@ def test_time_to_accuracy_drift_and_quality_quick_modes(tmp_path):
     for row in ("| PACI + nesterov", "| 1F1B-flush, NAdamW 0.99 (control)", "| PACI K=2 + pipemare", "4x steps"):
         assert row in quality, quality
     assert (cache / "quality.png").is_file() and (cache / "cells" / "paci-m4-lr0.002-s0-nesterov.json").is_file()
+    optimizers = _run("optimizers.py", cache)  # Muon's step added to tta's clock, its cells beside tta's
+    for heading in ("Optimizer step U per stage", "learning-rate sweep", "Headline cells", "Time to target",
+                    "Equal wall-clock budget", "Drift ablation with Muon", "The headline pair with Muon"):
+        assert heading in optimizers, optimizers
+    clock = json.loads((cache / "clock.json").read_text())
+    assert len(clock["optimizers"]["muon"]["update_ratio"]) == 4 and "paci-muon-m4" in clock["step_end_s"]
+    assert {"1f1b-m4-lr0.032-s0-muon0.9.json", "paci-m2-lr0.032-s0-muon0.9.json"} <= \
+        {p.name for p in (cache / "cells").glob("*.json")}
+    assert (cache / "optimizers.png").is_file()
     before = sorted(p.name for p in (cache / "cells").glob("*.json"))
-    again = _run("tta.py", cache)
-    assert "cells to run" not in again
+    for script in ("tta.py", "optimizers.py"):
+        assert "cells to run" not in _run(script, cache)
     assert sorted(p.name for p in (cache / "cells").glob("*.json")) == before
 
 
@@ -53,21 +62,30 @@ def test_stability_model_matches_its_closed_form():
     assert "| Adam (EMA momentum) | 0.9 | 38.1 | 10.0 | 4.0 | 2.3 | 1.0 |" in done.stdout, done.stdout
 
 
-@pytest.mark.timeout(480)
-def test_optimizer_axis_quick_mode(tmp_path):
-    """optimizers.py --quick adds Muon's step to the clock, brackets each optimizer's rates for flush and
-    PACI, runs the seeds, the drift and the long cells, and reports every table; run again, it trains
-    nothing."""
-    cache = tmp_path / "tta"
-    report = _run("optimizers.py", cache)
-    for heading in ("Optimizer step U per stage", "learning-rate sweep", "Headline cells", "Time to target",
-                    "Equal wall-clock budget", "Drift ablation with Muon", "The headline pair with Muon"):
-        assert heading in report, report
-    clock = json.loads((cache / "clock.json").read_text())
-    assert len(clock["optimizers"]["muon"]["update_ratio"]) == 4 and "paci-muon-m4" in clock["step_end_s"]
-    cells = {p.stem for p in (cache / "cells").glob("*.json")}
-    assert {"1f1b-m4-lr0.032-s0-muon0.9", "paci-m4-lr0.016-s0-adamw0.98", "paci-m2-lr0.032-s0-muon0.9"} <= cells
-    assert (cache / "optimizers.png").is_file()
-    again = _run("optimizers.py", cache)
-    assert "cells to run" not in again
-    assert {p.stem for p in (cache / "cells").glob("*.json")} == cells
+
+@pytest.mark.timeout(300)
+def test_gpu_script_runs_on_the_cpu_at_tiny_size(tmp_path):
+    """experiments/gpu.py --quick trains the headline pair with both optimizers on the CPU, writes the
+    clock and the table, and `report` puts the table into a results file between its markers (again:
+    replaced, not repeated); without a GPU the full run is refused in one line."""
+    out, docs = tmp_path / "gpu", tmp_path / "results.md"
+    done = subprocess.run([sys.executable, str(EXPERIMENTS / "gpu.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in (out / "gpu.md").read_text().splitlines() if line.startswith(("| adamw |", "| muon |"))]
+    assert len(rows) == 2 and all("not run" not in row for row in rows), rows
+    assert len(list((out / "cells").glob("*.json"))) == 4 and (out / "clock.json").is_file()
+    docs.write_text("# Measured results\n")
+    for _ in range(2):
+        report = subprocess.run([sys.executable, str(EXPERIMENTS / "gpu.py"), "report", str(out), "--docs", str(docs)],
+                                capture_output=True, text=True, timeout=60)
+        assert report.returncode == 0, report.stderr
+    text = docs.read_text()
+    assert text.count("experiments/gpu.py: begin") == 1 and rows[1] in text
+    import torch
+
+    if not torch.cuda.is_available():
+        refused = subprocess.run([sys.executable, str(EXPERIMENTS / "gpu.py"), "--out", str(tmp_path / "x")],
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].endswith(
+            "no CUDA device here: run it on a GPU machine, or --quick for the CPU smoke test")

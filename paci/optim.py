@@ -93,14 +93,22 @@ class Muon(torch.optim.Muon):
             grads: list[torch.Tensor] = []
             buffers: list[torch.Tensor] = []
             self._init_group(group, params, grads, buffers)
-            lr, momentum = float(group["lr"]), group["momentum"]
+            lr = float(group["lr"])
             for p, grad, buffer in zip(params, grads, buffers):
-                buffer.lerp_(grad, 1 - momentum)
-                update = grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+                buffer.lerp_(grad, 1 - group["momentum"])
                 p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay
-                p.add_(update, alpha=-lr * _rms_ratio(group["adjust_lr_fn"], p.shape))
+                p.add_(self.direction(group, grad, buffer), alpha=-lr * self.scale(group, p))
         return loss
+
+    def direction(self, group: dict, grad: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+        """The orthogonalised (Nesterov) momentum of a matrix with gradient `grad` and momentum
+        `buffer` (already updated with it); the step is -lr * scale * direction."""
+        update = grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+        return orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+
+    @staticmethod
+    def scale(group: dict, p: torch.Tensor) -> float:
+        return _rms_ratio(group["adjust_lr_fn"], p.shape)
 
 
 def _rms_ratio(adjust_lr_fn: str | None, shape: torch.Size) -> float:

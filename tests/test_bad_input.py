@@ -420,7 +420,7 @@ CASES = [
       "paci: error: --compensate predict moves live weights; 2bw stashes them instead"),
     c("train-predict-nadamw", "predict with NAdamW",
       "train {tiny} --optimizer nadamw --compensate predict",
-      "paci: error: --compensate predict predicts AdamW's steps; use it with --optimizer adamw"),
+      "paci: error: --compensate predict predicts AdamW's or Muon's steps; use it with --optimizer adamw or muon"),
     c("train-nesterov-muon", "Nesterov compensation with Muon",
       "train {tiny} --optimizer muon --compensate nesterov",
       "paci: error: --compensate nesterov gives delayed stages NAdamW instead of their optimizer; use it with "

@@ -140,6 +140,52 @@ def test_window_predicted_forward_by_hand(gain):
     assert all(torch.equal(a, b) for a, b in zip(linear.parameters(), before))
 
 
+@pytest.mark.parametrize("compensate", ["predict", "predict-window"])
+def test_muon_predicted_forward_by_hand(compensate):
+    """predict with Muon: the hidden matrix moves by Muon's next step with the momentum as the coming
+    gradient, -lr (scale NS(m) + wd w) (predict-window: the window's gradient so far plus (1 - f) m,
+    through the Nesterov momentum), the bias by AdamW's predicted step; weights bit for bit back
+    afterwards; the moment-only direction is orthogonalised once per window."""
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 8)
+    spec = OptimizerSpec(lr=0.1, weight_decay=0.1, warmup_steps=0, total_steps=10, name="muon", compensate=compensate)
+    ahead = {0: 0, 1: 0, 2: 1, 3: 1}
+    stage = Stage(1, 3, [linear], policy=WeightPolicy.LIVE, optim=spec, loss_scale=0.5, train_batch=None,
+                  val_batch=None, updates_ahead=ahead.__getitem__)
+    muon, adamw = stage.optimizer.muon, stage.optimizer.adamw
+    x = [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    g = [torch.randn(3, 8, generator=torch.Generator().manual_seed(10 + i)) for i in range(4)]
+    stage.forward(0, x[0].clone())
+    stage.backward(0, g[0])
+    stage.step()
+    stage.forward(1, x[1].clone())
+    stage.backward(1, g[1])  # half the window: f = 1/2
+    w, b = linear.weight, linear.bias
+    (w_shadow, b_shadow) = stage._shadows.values()
+    group, buffer = muon.param_groups[0], muon.state[w_shadow]["momentum_buffer"]
+    lr = spec.lr_at(1)
+    estimate = buffer if compensate == "predict" else w.grad + 0.5 * buffer
+    nesterov = estimate.lerp(buffer.lerp(estimate, 0.05), 0.95)
+    w_pred = w.detach() * (1 - lr * 0.1) - lr * 0.2 * 8 ** 0.5 * paci_orthogonalize(nesterov)
+    m, v = adamw.state[b_shadow]["exp_avg"], adamw.state[b_shadow]["exp_avg_sq"]
+    if compensate == "predict-window":
+        m = 0.9 * m + 0.1 * (b.grad + 0.5 * m)
+    b_pred = b.detach() - lr * (m / (1 - 0.9 ** 2)) / ((v / (1 - 0.95 ** 2)).sqrt() + 1e-8)
+    before = [p.detach().clone() for p in linear.parameters()]
+    torch.testing.assert_close(stage.forward(2, x[2].clone()), x[2] @ w_pred.T + b_pred, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(a, c) for a, c in zip(linear.parameters(), before))
+    assert len(stage._directions) == (1 if compensate == "predict" else 0)
+    stage.backward(2, g[2])
+    stage.step()
+    assert not stage._directions and stage.window == 0.0
+
+
+def paci_orthogonalize(update: torch.Tensor) -> torch.Tensor:
+    from paci.optim import NS_COEFFICIENTS, orthogonalize
+
+    return orthogonalize(update, NS_COEFFICIENTS, 5, 1e-7, torch.float32)
+
+
 def test_predict_acts_only_where_updates_overtake():
     """PACI at K >= P-1: prediction changes training (stages 0..P-2 have delayed forwards), and a
     one-stage PACI (no delay anywhere) is bit for bit plain."""

@@ -44,7 +44,8 @@ def add_train_parser(subparsers) -> None:
                    help="clip the gradient to this norm before each step (default 0: off): the global norm on a "
                         "flush schedule, each stage's own on an asynchronous one")
     p.add_argument("--compensate", help="stash-free correction for delayed gradients: predict (the default for "
-                                        "paci with adamw: forwards that an update will overtake run on predicted weights), none "
+                                        "paci with adamw; adamw or muon: forwards that an update will overtake run on "
+                                        "predicted weights), none "
                                         "(the default elsewhere; the paper's plain PACI), pipemare (lr / delay^p, "
                                         "annealed), nesterov (NAdamW, beta1 0.99, on delayed stages), predict-window "
                                         "(predict, with the gradient the stage's window already holds)")

@@ -36,7 +36,7 @@ from torch.func import functional_call
 
 from paci.ir import WeightPolicy
 from paci.model import autocast, lm_loss
-from paci.optim import MuonAdamW, decay_groups, hidden_matrices
+from paci.optim import Muon, MuonAdamW, decay_groups, hidden_matrices
 from paci.runtime import payload, split
 
 Batch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # index -> (inputs, targets)
@@ -73,8 +73,8 @@ class OptimizerSpec:
 
     * "pipemare": lr / delay^p with p annealed from 1 to 0 (PipeMare); the identity at delay <= 1.
     * "nesterov": a delayed stage steps with NAdamW, beta1 = 0.99 (Ajanthan et al.).
-    * "predict": a forward whose backward comes after d updates runs on the weights AdamW's next d
-      steps are predicted to reach (`Stage` does it; weight prediction as in SpecTrain, Chen et
+    * "predict": a forward whose backward comes after d updates runs on the weights AdamW's (or
+      Muon's) next d steps are predicted to reach (`Stage` does it; weight prediction as in SpecTrain, Chen et
       al., arXiv 1809.02839, and for Adam XPipe, Guan et al., arXiv 1911.04610). Forwards that no
       update overtakes are untouched.
     * "predict-window": as "predict", but the first predicted step's gradient uses what the stage's
@@ -104,8 +104,9 @@ class OptimizerSpec:
             raise ValueError(f"unknown --optimizer {self.name!r}; choose one of: {', '.join(OPTIMIZERS)}")
         if self.compensate not in COMPENSATIONS:
             raise ValueError(f"unknown --compensate {self.compensate!r}; choose one of: {', '.join(COMPENSATIONS)}")
-        if self.compensate in PREDICTIONS and self.name != "adamw":
-            raise ValueError(f"--compensate {self.compensate} predicts AdamW's steps; use it with --optimizer adamw")
+        if self.compensate in PREDICTIONS and self.name == "nadamw":
+            raise ValueError(f"--compensate {self.compensate} predicts AdamW's or Muon's steps; use it with "
+                             "--optimizer adamw or muon")
         if not (math.isfinite(self.predict_gain) and self.predict_gain > 0):
             raise ValueError(f"--predict-gain must be a number > 0, got {self.predict_gain}")
         if self.predict_gain != 1.0 and self.compensate not in PREDICTIONS:
@@ -212,6 +213,7 @@ class Stage:
         self.train_batch, self.val_batch = train_batch, val_batch
         self.version = 0
         self.window = 0.0  # the share of the coming update's micro-batches whose backward has run ("predict-window")
+        self._directions: dict[torch.Tensor, torch.Tensor] = {}  # "predict" with Muon: the window's predicted directions
         self.versions: dict[int, tuple[int, int]] = {}  # mb -> (v_f, v_b)
         self.losses: dict[int, torch.Tensor] = {}  # mb -> unscaled training loss (last stage)
         self.eval_losses: dict[int, float] = {}  # eval index -> loss (last stage)
@@ -260,13 +262,14 @@ class Stage:
 
     @contextlib.contextmanager
     def _predicted_weights(self, ahead: int) -> Iterator[None]:
-        """For the length of one forward, the weights where AdamW's next `ahead` steps are predicted
-        to take them: each step as the current moments would make it (the coming gradients assumed
-        equal to the first moment; with "predict-window" the first one is the window's accumulated
-        gradient plus the first moment for its missing share), with the LR schedule's rates and the
-        decoupled weight decay, the displacement times `predict_gain`. Written through the shadow
-        parameters, so autograd keeps referring to the live weights that the backward will read;
-        restored exactly from a copy that lives only this long."""
+        """For the length of one forward, the weights where the optimizer's next `ahead` steps are
+        predicted to take them: each step as the current state would make it, the coming gradients
+        assumed equal to the first moment (AdamW) or the momentum (Muon); with "predict-window" the
+        first one is the window's accumulated gradient plus that estimate for its missing share. The
+        LR schedule's rates and the decoupled weight decay apply; the displacement is scaled by
+        `predict_gain`. Written through the shadow parameters, so autograd keeps referring to the
+        live weights that the backward will read; restored exactly from a copy that lives only this
+        long."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if not self.optimizer.state:  # before the first step there are no moments to predict with
             yield
@@ -274,34 +277,70 @@ class Stage:
         originals = {p: p.detach().clone() for p in params}
         window = self.spec.compensate == "predict-window"
         grads = {self._shadows[name].data_ptr(): p.grad for name, p in self._params.items()} if window else {}
-        gain = self.spec.predict_gain
+        optimizer = self.optimizer
         with torch.no_grad():
-            for group in self.optimizer.param_groups:
-                beta1, beta2 = group["betas"]
-                for p in group["params"]:
-                    state, original = self.optimizer.state.get(p), originals[p]
-                    if not state:
-                        continue
-                    t = int(state["step"])
-                    moment = state["exp_avg"]
-                    if window:  # beta1 m + (1 - beta1) (g_so_far + (1 - f) m)
-                        known = grads.get(p.data_ptr())
-                        moment = moment * (1 - (1 - beta1) * self.window)
-                        if known is not None:
-                            moment.add_(known, alpha=1 - beta1)
-                    for k in range(1, ahead + 1):
-                        lr = self.spec.lr_at(t + k - 1)
-                        p.mul_(1 - lr * group["weight_decay"])
-                        denom = (state["exp_avg_sq"] / (1 - beta2 ** (t + k))).sqrt_().add_(group["eps"])
-                        p.addcdiv_(moment, denom, value=-lr / (1 - beta1 ** (t + k)))
-                    if gain != 1.0:
-                        p.sub_(original).mul_(gain).add_(original)
+            if isinstance(optimizer, MuonAdamW):
+                if optimizer.muon is not None:
+                    self._predict_muon(optimizer.muon, ahead, grads if window else None)
+                optimizer = optimizer.adamw
+            if optimizer is not None:
+                self._predict_adamw(optimizer, ahead, grads if window else None)
+            if self.spec.predict_gain != 1.0:
+                for p, original in originals.items():
+                    p.sub_(original).mul_(self.spec.predict_gain).add_(original)
         try:
             yield
         finally:
             with torch.no_grad():
                 for p, original in originals.items():
                     p.copy_(original)
+
+    def _predict_adamw(self, optimizer: torch.optim.Optimizer, ahead: int, grads: dict | None) -> None:
+        """AdamW's next `ahead` steps, written into its parameters (see `_predicted_weights`)."""
+        for group in optimizer.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                state = optimizer.state.get(p)
+                if not state:
+                    continue
+                t = int(state["step"])
+                moment = state["exp_avg"]
+                if grads is not None:  # beta1 m + (1 - beta1) (g_so_far + (1 - f) m)
+                    known = grads.get(p.data_ptr())
+                    moment = moment * (1 - (1 - beta1) * self.window)
+                    if known is not None:
+                        moment.add_(known, alpha=1 - beta1)
+                for k in range(1, ahead + 1):
+                    lr = self.spec.lr_at(t + k - 1)
+                    p.mul_(1 - lr * group["weight_decay"])
+                    denom = (state["exp_avg_sq"] / (1 - beta2 ** (t + k))).sqrt_().add_(group["eps"])
+                    p.addcdiv_(moment, denom, value=-lr / (1 - beta1 ** (t + k)))
+
+    def _predict_muon(self, muon: Muon, ahead: int, grads: dict | None) -> None:
+        """Muon's next `ahead` steps, written into its matrices: the coming gradient taken as the
+        momentum (or, with `grads`, the window's gradient so far plus the momentum for the rest),
+        so that the direction is the orthogonalised momentum. Without `grads` the direction stays
+        the same until the next update, so it is orthogonalised once per window and kept."""
+        for group in muon.param_groups:
+            for p in group["params"]:
+                buffer = muon.state.get(p, {}).get("momentum_buffer")
+                if buffer is None:
+                    continue
+                direction = self._directions.get(p) if grads is None else None
+                if direction is None:
+                    if grads is None:
+                        estimate = buffer
+                    else:
+                        estimate = buffer * (1 - self.window)
+                        if (known := grads.get(p.data_ptr())) is not None:
+                            estimate.add_(known)
+                    direction = muon.direction(group, estimate, buffer.lerp(estimate, 1 - group["momentum"]))
+                    if grads is None:
+                        self._directions[p] = direction
+                for k in range(1, ahead + 1):
+                    lr = self.spec.lr_at(self.version + k - 1)
+                    p.mul_(1 - lr * group["weight_decay"])
+                    p.add_(direction, alpha=-lr * muon.scale(group, p))
 
     def _graph(self, mb: int, x: torch.Tensor, weights: dict[str, torch.Tensor] | None, record: bool) -> torch.Tensor:
         """The stage's forward of x; on the last stage the loss scaled by 1/K (recorded if `record`)."""
@@ -474,6 +513,7 @@ class Stage:
             self._shadows[name].grad = None
         self.version += 1
         self.window = 0.0
+        self._directions.clear()
         if not finite:
             self._check_limit(f"step {self.version} has a non-finite gradient")
 

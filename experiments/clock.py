@@ -87,11 +87,12 @@ def clock_costs(config: GPTConfig, ranges: list[tuple[int, int]], batch_size: in
 
 
 def predicted_forwards(config: GPTConfig, ranges: list[tuple[int, int]], batch_size: int, seq_len: int,
-                       schedule: Schedule, repeats: int = 30) -> dict[str, list[float]]:
+                       schedule: Schedule, repeats: int = 30, optimizer: str = "adamw") -> dict[str, list[float]]:
     """What `--compensate predict` adds to a forward, per stage, with one thread: median seconds of a
-    plain forward, of a predicted one (AdamW's next step written into the weights, restored after)
-    and of a backward, side by side on the same stage and input; and the share of the stage's
-    forwards that `schedule` predicts (those an update overtakes)."""
+    plain forward, of the first predicted one after an update (`optimizer`'s next step written into
+    the weights, restored after; Muon orthogonalises its direction there, once per window), of a
+    second predicted one and of a backward, side by side on the same stage and input; and the share
+    of the stage's forwards that `schedule` predicts (those an update overtakes)."""
     from paci.data import load_data
     from paci.ir import WeightPolicy, stage_versions
     from paci.model import build_units
@@ -100,10 +101,11 @@ def predicted_forwards(config: GPTConfig, ranges: list[tuple[int, int]], batch_s
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     data = load_data(None, config.vocab_size)
-    spec = OptimizerSpec(lr=1e-3, warmup_steps=1, total_steps=100, compensate="predict")
+    spec = OptimizerSpec(lr=1e-3, warmup_steps=1, total_steps=100, name=optimizer, compensate="predict")
     batch = lambda mb: data.batch(0, mb, batch_size, seq_len)  # noqa: E731
     ahead = {"now": 0}
-    out: dict[str, list[float]] = {"plain_s": [], "predicted_s": [], "backward_s": [], "share": []}
+    out: dict[str, list[float]] = {"plain_s": [], "first_predicted_s": [], "predicted_s": [], "backward_s": [],
+                                   "share": []}
     hidden = torch.randn(batch_size, seq_len, config.n_embd)
     try:
         for s, (start, stop) in enumerate(ranges):
@@ -111,25 +113,28 @@ def predicted_forwards(config: GPTConfig, ranges: list[tuple[int, int]], batch_s
                           loss_scale=1.0, train_batch=batch, val_batch=batch, updates_ahead=lambda mb: ahead["now"])
             received = None if s == 0 else hidden
             grad = None if s == len(ranges) - 1 else torch.randn(batch_size, seq_len, config.n_embd)
-            times: dict[object, list[float]] = {0: [], 1: [], "b": []}
-            for i in range(repeats + 3):  # the first rounds warm up (and the first U creates AdamW's state)
-                for now in (0, 1):
-                    ahead["now"] = now
+            times: dict[object, list[float]] = {0: [], 1: [], 2: [], "b": []}
+            for i in range(repeats + 3):  # the first rounds warm up (and the first U creates the optimizer's state)
+                for kind in (0, 1, 2):  # plain, the window's first predicted forward, a second one
+                    ahead["now"] = min(kind, 1)
                     t0 = time.perf_counter()
-                    stage.forward(i * 2 + now, None if received is None else received.clone())
+                    stage.forward(i * 3 + kind, None if received is None else received.clone())
                     t1 = time.perf_counter()
-                    stage.backward(i * 2 + now, grad)
+                    stage.backward(i * 3 + kind, grad)
                     t2 = time.perf_counter()
                     if i >= 3:
-                        times[now].append(t1 - t0)
+                        times[kind].append(t1 - t0)
                         times["b"].append(t2 - t1)
                 stage.step()
             late = [v_b > v_f for _, v_f, v_b in stage_versions(schedule, s)]
-            for key, values in (("plain_s", times[0]), ("predicted_s", times[1]), ("backward_s", times["b"])):
+            for key, values in (("plain_s", times[0]), ("first_predicted_s", times[1]), ("predicted_s", times[2]),
+                                ("backward_s", times["b"])):
                 out[key].append(float(np.median(values)))
             out["share"].append(sum(late) / len(late))
     finally:
         torch.set_num_threads(threads)
+    if optimizer != "muon":  # only Muon's prediction does work once a window: AdamW's first and second cost alike
+        del out["first_predicted_s"]
     return out
 
 
@@ -175,10 +180,16 @@ def update_costs(config: GPTConfig, ranges: list[tuple[int, int]], names: tuple[
 
 
 def with_predicted_forwards(costs: CostModel, predicted: dict[str, list[float]], scale: float = 1.0) -> CostModel:
-    """`costs` with each stage's forward made longer by its predicted share of the measured extra."""
+    """`costs` with each stage's forward made longer by its predicted share of the measured extra,
+    and, on a stage that predicts at all, its update by what the window's first predicted forward
+    costs beyond the others (Muon orthogonalises its predicted direction there, once a window;
+    AdamW's measurements have no first_predicted_s and add nothing)."""
     forward = tuple(f + scale * share * max(0.0, p - q) for f, share, p, q in
                     zip(costs.forward, predicted["share"], predicted["predicted_s"], predicted["plain_s"]))
-    return dataclasses.replace(costs, forward=forward)
+    first = predicted.get("first_predicted_s", predicted["predicted_s"])
+    update = tuple(u + (scale * max(0.0, a - p) if share else 0.0) for u, share, a, p in
+                   zip(costs.update, predicted["share"], first, predicted["predicted_s"]))
+    return dataclasses.replace(costs, forward=forward, update=update)
 
 
 def step_end_times(schedule: Schedule, costs: CostModel) -> list[float]:

@@ -54,6 +54,7 @@ QUICK_LRS = {("adamw", 0.9): QUICK.lrs, ("muon", 0.9): (0.016, 0.032, 0.064)}  #
 LONG_STEPS = 1600  # the headline pair's length
 DRIFT_M = (1, 2, 4, 16, 32)  # PACI at K = m besides the setting's flush_m
 LR_LIMITS = (1e-5, 0.1)  # the sweep never goes beyond
+COMPENSATIONS = ("none", "predict")  # PACI's variants on the axis (tta.py ran AdamW's predict cells)
 
 
 def label(opt: tuple[str, float]) -> str:
@@ -100,11 +101,15 @@ def planned_cells(setting: Setting, done: dict[str, dict], clock: dict | None, s
         todo += [dataclasses.replace(c, seed=s) for c in heads for s in setting.seeds]
         if opt[0] != "muon":
             continue
+        near = tuple(lr for lr in (paci_lr / 2, paci_lr, paci_lr * 2) if LR_LIMITS[0] <= lr <= LR_LIMITS[1])
+        predict_cells, predict_lr = bracket(done, lambda lr: cell("paci", m, lr, opt, compensate="predict"), near)
+        todo += predict_cells
+        if predict_lr is not None:
+            todo += [cell("paci", m, predict_lr, opt, compensate="predict", seed=s) for s in setting.seeds]
         for k in (setting.microbatches if setting is QUICK else DRIFT_M):  # quick: at PACI's rate only
             if k != m and setting is QUICK:
                 todo.append(cell("paci", k, paci_lr, opt))
             elif k != m:
-                near = tuple(lr for lr in (paci_lr / 2, paci_lr, paci_lr * 2) if LR_LIMITS[0] <= lr <= LR_LIMITS[1])
                 todo += bracket(done, lambda lr, k=k: cell("paci", k, lr, opt), near)[0]
         long = setting.steps * LONG_STEPS // FULL.steps
         todo += [cell("1f1b", m, flush_lr, opt, steps=long), cell("paci", m, paci_lr, opt, steps=long)]
@@ -117,10 +122,11 @@ def planned_cells(setting: Setting, done: dict[str, dict], clock: dict | None, s
 # The clock, with each optimizer's step
 
 
-def on_clock(schedule: str, opt: tuple[str, float]) -> str:
-    """The clock's name for `schedule` run with `opt` (tta.step_time's schedule argument): AdamW at any
-    beta1 steps in the same time."""
-    return schedule if opt[0] == "adamw" else f"{schedule}-{opt[0]}"
+def on_clock(schedule: str, opt: tuple[str, float], compensate: str = "none") -> str:
+    """The clock's name for `schedule` run with `opt` and `compensate` (tta.step_time's schedule
+    argument): AdamW at any beta1 steps in the same time."""
+    name = schedule if opt[0] == "adamw" else f"{schedule}-{opt[0]}"
+    return name if compensate == "none" else f"{name}-{compensate}"
 
 
 def add_optimizer_clock(setting: Setting, cache: Path, clock: dict, name: str = "muon", repeats: int = 50) -> dict:
@@ -133,7 +139,6 @@ def add_optimizer_clock(setting: Setting, cache: Path, clock: dict, name: str = 
     from paci import schedules
     from paci.model import num_units
     from paci.partition import parse_split, uniform_split
-    from paci.sim import CostModel
 
     config = model_config(setting.preset, setting.vocab_size)
     n = num_units(config)
@@ -143,16 +148,49 @@ def add_optimizer_clock(setting: Setting, cache: Path, clock: dict, name: str = 
     ratios = [b / a for a, b in zip(measured["adamw"], measured[name])]
     clock.setdefault("optimizers", {})[name] = {"update_ratio": ratios}
     for m in setting.microbatches:
-        stored = clock["costs"][str(m)]
-        activation = setting.batch_size(m) * setting.seq_len * config.n_embd * 4
-        costs = CostModel.from_dict({"forward": stored["forward_s"], "backward": stored["backward_s"],
-                                     "weight": stored["weight_s"],
-                                     "update": [u * r for u, r in zip(stored["update_s"], ratios)],
-                                     "latency": clock["link"]["latency_s"], "bandwidth": clock["link"]["bandwidth_Bps"],
-                                     "message_bytes": [activation] * (setting.stages - 1) + [0], "time_unit": "s"})
+        costs = optimizer_costs(setting, clock, m, name)
         for schedule in (*BUDGET_SYNC, "paci"):
             ends = step_end_times(schedules.build(schedule, setting.stages, m, setting.steps), costs)
             clock["step_end_s"][f"{schedule}-{name}-m{m}"] = [round(t, 6) for t in ends]
+    (cache / "clock.json").write_text(json.dumps(clock) + "\n")
+    return clock
+
+
+def optimizer_costs(setting: Setting, clock: dict, m: int, name: str):
+    """The clock's stored per-stage costs at m, each update scaled by `name`'s measured ratio to AdamW's."""
+    from clock import model_config
+    from paci.sim import CostModel
+
+    stored, ratios = clock["costs"][str(m)], clock["optimizers"][name]["update_ratio"]
+    activation = setting.batch_size(m) * setting.seq_len * model_config(setting.preset, setting.vocab_size).n_embd * 4
+    return CostModel.from_dict({"forward": stored["forward_s"], "backward": stored["backward_s"],
+                                "weight": stored["weight_s"], "update": [u * r for u, r in zip(stored["update_s"], ratios)],
+                                "latency": clock["link"]["latency_s"], "bandwidth": clock["link"]["bandwidth_Bps"],
+                                "message_bytes": [activation] * (setting.stages - 1) + [0], "time_unit": "s"})
+
+
+def add_predicted_clock(setting: Setting, cache: Path, clock: dict, name: str = "muon") -> dict:
+    """PACI + predict with `name` on the clock: its costs with each stage's forward longer by its
+    predicted share of the measured extra, and its update by the window's one orthogonalisation
+    (experiments/clock.py predicted_forwards, one thread); added to clock.json once."""
+    if all(f"paci-{name}-predict-m{m}" in clock["step_end_s"] for m in setting.microbatches):
+        return clock
+    from clock import model_config, predicted_forwards, step_end_times, with_predicted_forwards
+    from paci import schedules
+    from paci.model import num_units
+    from paci.partition import parse_split, uniform_split
+
+    config = model_config(setting.preset, setting.vocab_size)
+    n = num_units(config)
+    ranges = uniform_split(n, setting.stages) if setting.split == "uniform" else \
+        parse_split(setting.split, n, setting.stages)
+    for m in setting.microbatches:
+        schedule = schedules.build("paci", setting.stages, m, setting.steps)
+        measured = predicted_forwards(config, ranges, setting.batch_size(m), setting.seq_len, schedule,
+                                      repeats=5 if setting is QUICK else 30, optimizer=name)
+        clock["optimizers"][name].setdefault("predict", {})[str(m)] = measured
+        costs = with_predicted_forwards(optimizer_costs(setting, clock, m, name), measured, clock["scale"])
+        clock["step_end_s"][f"paci-{name}-predict-m{m}"] = [round(t, 6) for t in step_end_times(schedule, costs)]
     (cache / "clock.json").write_text(json.dumps(clock) + "\n")
     return clock
 
@@ -183,12 +221,14 @@ class Axis:
         return [opt for opt in self.starts if self.best("1f1b", self.setting.flush_m, opt) is not None
                 and self.best("paci", self.setting.flush_m, opt) is not None]
 
-    def lrs(self, schedule: str, m: int, opt: tuple[str, float]) -> list[float]:
-        return sorted({c["lr"] for c in self.done.values() if cell(schedule, m, c["lr"], opt).name == c["name"]})
+    def lrs(self, schedule: str, m: int, opt: tuple[str, float], compensate: str = "none") -> list[float]:
+        return sorted({c["lr"] for c in self.done.values()
+                       if cell(schedule, m, c["lr"], opt, compensate=compensate).name == c["name"]})
 
-    def best(self, schedule: str, m: int, opt: tuple[str, float]) -> float | None:
-        lrs = self.lrs(schedule, m, opt)
-        return min(lrs, key=lambda lr: loss(self.done, cell(schedule, m, lr, opt))) if lrs else None
+    def best(self, schedule: str, m: int, opt: tuple[str, float], compensate: str = "none") -> float | None:
+        lrs = self.lrs(schedule, m, opt, compensate)
+        return min(lrs, key=lambda lr: loss(self.done, cell(schedule, m, lr, opt, compensate=compensate))) \
+            if lrs else None
 
     def get(self, c: Cell) -> dict | None:
         return self.done.get(c.name)
@@ -212,14 +252,16 @@ class Axis:
                    for k in self.setting.microbatches)
 
     def fastest_paci(self, opt: tuple[str, float], target: float) -> tuple[float | None, str]:
-        """The fastest PACI (K = m, over the m run, each at its best lr) to `target` with `opt`."""
+        """The fastest PACI (K = m, over the m and compensations run, each at its best lr) to `target` with `opt`."""
         options = []
         for k in self.setting.microbatches:
-            lr = self.best("paci", k, opt)
-            run = self.get(cell("paci", k, lr, opt)) if lr is not None else None
-            step = crossing_step(run["eval"], target) if run else None
-            if step is not None:
-                options.append((step_time(self.clock, on_clock("paci", opt), k, step), f"m={k}"))
+            for comp in COMPENSATIONS:
+                lr = self.best("paci", k, opt, comp)
+                run = self.get(cell("paci", k, lr, opt, compensate=comp)) if lr is not None else None
+                step = crossing_step(run["eval"], target) if run else None
+                if step is not None and f"{on_clock('paci', opt, comp)}-m{k}" in self.clock["step_end_s"]:
+                    options.append((step_time(self.clock, on_clock("paci", opt, comp), k, step),
+                                    f"m={k}" + ("" if comp == "none" else f" +{comp}")))
         return min(options) if options else (None, "-")
 
     def targets(self) -> list[float]:
@@ -260,16 +302,19 @@ def report(setting: Setting, clock: dict, done: dict[str, dict], starts: dict) -
         lines += ["", "(seconds per step, steady state, on the calibrated clock)", ""]
     lines += ["Final validation loss after the full run, seed 0, over each optimizer's learning-rate sweep:", ""]
     for opt in starts:
-        rows = [("1f1b", m, f"flush m={m}")] + [("paci", k, f"paci K=m={k}") for k in sorted({m, *st.microbatches, *(
-            () if st is QUICK else DRIFT_M)}) if axis.lrs("paci", k, opt)]
-        lrs = sorted({lr for schedule, k, _ in rows for lr in axis.lrs(schedule, k, opt)})
+        ks = sorted({m, *st.microbatches, *(() if st is QUICK else DRIFT_M)})
+        rows = [("1f1b", m, "none", f"flush m={m}")] + [
+            ("paci", k, comp, f"paci{'' if comp == 'none' else '+' + comp} K=m={k}")
+            for comp in COMPENSATIONS for k in ks if axis.lrs("paci", k, opt, comp)]
+        lrs = sorted({lr for schedule, k, comp, _ in rows for lr in axis.lrs(schedule, k, opt, comp)})
         if not lrs:
             continue
         lines += [f"{label(opt)}:", "", "| run | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
                   "|---|" + "---|" * len(lrs)]
-        for schedule, k, name in rows:
+        for schedule, k, comp, name in rows:
             lines.append(f"| {name} | " + " | ".join(
-                f"{r['final_val_loss']:.3f}" if (r := axis.get(cell(schedule, k, lr, opt))) else "-" for lr in lrs) + " |")
+                f"{r['final_val_loss']:.3f}" if (r := axis.get(cell(schedule, k, lr, opt, compensate=comp))) else "-"
+                for lr in lrs) + " |")
         lines.append("")
     lines += [f"Headline cells over seeds {list(st.seeds)} (final validation loss, mean ± std); the gap is to flush "
               "with the same optimizer:", "", "| optimizer | run | seeds | final val loss | gap to flush |",
@@ -280,6 +325,9 @@ def report(setting: Setting, clock: dict, done: dict[str, dict], starts: dict) -
         runs = {cell("1f1b", m, flush_lr, opt): f"flush m={m}, lr {flush_lr:g}",
                 cell("paci", m, flush_lr, opt): f"paci m={m}, lr {flush_lr:g} (flush's best)",
                 cell("paci", m, paci_lr, opt): f"paci m={m}, lr {paci_lr:g} (its best)"}  # the last name wins
+        if (predict_lr := axis.best("paci", m, opt, "predict")) is not None:
+            runs[cell("paci", m, predict_lr, opt, compensate="predict")] = \
+                f"paci+predict m={m}, lr {predict_lr:g} (its best)"
         for c, name in runs.items():
             if (stats := axis.seeds(c)) is None:
                 continue
@@ -288,7 +336,8 @@ def report(setting: Setting, clock: dict, done: dict[str, dict], starts: dict) -
     opts = axis.opts()
     if opts:
         lines += ["", "Time to target validation loss on the calibrated clock (seed 0, each run at its own best lr): "
-                  "the fastest synchronous setting and the fastest PACI (K = m over the m run) per optimizer; "
+                  "the fastest synchronous setting and the fastest PACI (K = m, plain or +predict, over what was run) "
+                  "per optimizer; "
                   "Speedup same = that optimizer's fastest sync / its fastest PACI; Speedup any = the fastest sync "
                   "with any optimizer / the fastest PACI with any optimizer:", "",
                   "| target | " + " | ".join(f"sync {label(o)} | paci {label(o)} | Speedup same" for o in opts) +
@@ -433,6 +482,7 @@ def main() -> None:
     clock_file = cache / "clock.json"
     if args.command in ("all", "clock"):
         clock = add_optimizer_clock(setting, cache, make_clock(setting, cache), repeats=5 if args.quick else 50)
+        clock = add_predicted_clock(setting, cache, clock)
     else:
         clock = json.loads(clock_file.read_text()) if clock_file.is_file() else None
     if args.command in ("all", "cells"):

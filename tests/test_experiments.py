@@ -45,6 +45,7 @@ def test_time_to_accuracy_drift_and_quality_quick_modes(tmp_path):
         assert heading in optimizers, optimizers
     clock = json.loads((cache / "clock.json").read_text())
     assert len(clock["optimizers"]["muon"]["update_ratio"]) == 4 and "paci-muon-m4" in clock["step_end_s"]
+    assert "paci-muon-predict-m4" in clock["step_end_s"] and "| muon | paci+predict m=4" in optimizers
     assert {"1f1b-m4-lr0.032-s0-muon0.9.json", "paci-m2-lr0.032-s0-muon0.9.json"} <= \
         {p.name for p in (cache / "cells").glob("*.json")}
     assert (cache / "optimizers.png").is_file()

@@ -179,16 +179,19 @@ def update_costs(config: GPTConfig, ranges: list[tuple[int, int]], names: tuple[
     return out
 
 
-def with_predicted_forwards(costs: CostModel, predicted: dict[str, list[float]], scale: float = 1.0) -> CostModel:
+def with_predicted_forwards(costs: CostModel, predicted: dict[str, list[float]]) -> CostModel:
     """`costs` with each stage's forward made longer by its predicted share of the measured extra,
     and, on a stage that predicts at all, its update by what the window's first predicted forward
     costs beyond the others (Muon orthogonalises its predicted direction there, once a window;
-    AdamW's measurements have no first_predicted_s and add nothing)."""
-    forward = tuple(f + scale * share * max(0.0, p - q) for f, share, p, q in
-                    zip(costs.forward, predicted["share"], predicted["predicted_s"], predicted["plain_s"]))
+    AdamW's measurements have no first_predicted_s and add nothing). The extras are taken relative
+    to the plain forward measured beside them and charged in units of the clock's own forward, so
+    a machine busier or quieter than when the clock was made changes neither."""
+    unit = [f / q for f, q in zip(costs.forward, predicted["plain_s"])]
     first = predicted.get("first_predicted_s", predicted["predicted_s"])
-    update = tuple(u + (scale * max(0.0, a - p) if share else 0.0) for u, share, a, p in
-                   zip(costs.update, predicted["share"], first, predicted["predicted_s"]))
+    forward = tuple(f + u * share * max(0.0, p - q) for f, u, share, p, q in
+                    zip(costs.forward, unit, predicted["share"], predicted["predicted_s"], predicted["plain_s"]))
+    update = tuple(c + (u * max(0.0, a - p) if share else 0.0) for c, u, share, a, p in
+                   zip(costs.update, unit, predicted["share"], first, predicted["predicted_s"]))
     return dataclasses.replace(costs, forward=forward, update=update)
 
 

@@ -189,7 +189,7 @@ def add_predicted_clock(setting: Setting, cache: Path, clock: dict, name: str = 
         measured = predicted_forwards(config, ranges, setting.batch_size(m), setting.seq_len, schedule,
                                       repeats=5 if setting is QUICK else 30, optimizer=name)
         clock["optimizers"][name].setdefault("predict", {})[str(m)] = measured
-        costs = with_predicted_forwards(optimizer_costs(setting, clock, m, name), measured, clock["scale"])
+        costs = with_predicted_forwards(optimizer_costs(setting, clock, m, name), measured)
         clock["step_end_s"][f"paci-{name}-predict-m{m}"] = [round(t, 6) for t in step_end_times(schedule, costs)]
     (cache / "clock.json").write_text(json.dumps(clock) + "\n")
     return clock

@@ -293,7 +293,7 @@ def add_predicted(setting: Setting, cache: Path, clock: dict) -> dict:
         measured = predicted_forwards(config, ranges, setting.batch_size(m), setting.seq_len, schedule,
                                       repeats=5 if setting is QUICK else 30)
         clock["predict"][str(m)] = measured
-        costs = with_predicted_forwards(costs, measured, clock["scale"])
+        costs = with_predicted_forwards(costs, measured)
         clock["step_end_s"][f"paci-predict-m{m}"] = [round(t, 6) for t in step_end_times(schedule, costs)]
     (cache / "clock.json").write_text(json.dumps(clock) + "\n")
     return clock

@@ -87,6 +87,11 @@ WINDOW = [Variant("PACI + predict-window (the window's gradient so far in the pr
             for c in ("predict", "predict-window") for g in (1.5, 2.0))]
 
 
+# a synchronous start (--sync-steps): is PACI's gap made in the first steps or at every step? The
+# warm-up (5%), 10% and 25% of the run as 1F1B-flush, then plain PACI, at PACI's best rate
+SYNC_START = (0.05, 0.1, 0.25)
+
+
 def sweep(setting: Setting) -> tuple[float, ...]:
     """The learning rates every variant is run at."""
     return QUICK.lrs if setting is QUICK else (5e-4, 1e-3, 2e-3, 4e-3)
@@ -152,6 +157,8 @@ def planned_cells(setting: Setting, done: dict[str, dict]) -> list[Cell]:
         cells += [v.cell(setting, study.best_lr(v), steps=HORIZON * setting.steps) for v in (NESTEROV_ALL, CONTROLS[0])]
     if setting is not QUICK:  # the newer remedies, swept at the rates around the old prediction's best
         cells += [v.cell(setting, lr) for v in WINDOW for lr in lrs[:3]]
+        if (paci_lr := study.best_lr(PACI)) is not None:
+            cells += [PACI.cell(setting, paci_lr, sync_steps=round(share * setting.steps)) for share in SYNC_START]
     if best_comp is not None:  # last, the costliest: 3 seeds of the longer runs too
         cells += [v.cell(setting, lr, steps=HORIZON * setting.steps, seed=s) for v, lr in best.items() for s in setting.seeds]
     return [c for c in dict.fromkeys(cells) if c.name not in done]
@@ -199,6 +206,14 @@ def report(study: Study) -> list[str]:
             f"{_loss(study.get(v.cell(st, x, stages=4)))} @{x:g}" for x in sweep(st)[:3])
         lines.append(f"| {v.label} | {lr:g} | {_loss(study.get(v.cell(st, lr, warmup=warmup)))} | {p4} | "
                      f"{_mean_std(study.seeds(v, lr))} | {_mean_std(study.seeds(v, lr, steps=HORIZON * st.steps))} |")
+    if (paci_lr := study.best_lr(PACI)) is not None:
+        lines += ["", f"A synchronous start (`--sync-steps N`: the first N steps 1F1B-flush, then PACI), at PACI's "
+                      f"best lr {paci_lr:g}, seed 0; N = 0 is plain PACI:", "",
+                  "| N | share of the run | final val loss | vs flush's best |", "|---|---|---|---|"]
+        for share in (0.0, *SYNC_START):
+            n = round(share * st.steps)
+            value = study.final(PACI, paci_lr, **({"sync_steps": n} if n else {}))
+            lines.append(f"| {n} | {share:.0%} | {'-' if math.isinf(value) else f'{value:.3f}'} | {_gap(value, flush)} |")
     return lines
 
 

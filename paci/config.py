@@ -97,6 +97,7 @@ class PipelineConfig:
     timeout_s: float = 45.0  # a rank waiting longer than this on a peer (or at start-up) gives up
     recompute: bool = False  # keep only stage inputs; backward re-runs the forward with the weights of then
     chunks: int | None = None  # interleaved-1f1b: stages per rank (default 2); the model is cut into chunks x stages
+    sync_steps: int = 0  # an asynchronous schedule's first optimizer steps run as 1F1B-flush (a synchronous start)
 
     def __post_init__(self) -> None:
         _check_types("pipeline", self)

@@ -272,6 +272,23 @@ def with_drains(build: Callable[[int], Schedule], num_steps: int, every: int) ->
                     full.num_ranks)
 
 
+def then(first: Schedule, second: Schedule) -> Schedule:
+    """`first`'s steps, then `second`'s on the micro-batches after them: one schedule (`second`'s name,
+    weight policy and params, plus ("sync_steps", first's steps)). Both take the same stages, ranks
+    and accumulation K, so a step is K micro-batches throughout; a synchronous `first` ends drained,
+    so nothing of `second` overlaps it."""
+    if (first.num_stages, first.ranks, first.accumulation) != (second.num_stages, second.ranks, second.accumulation):
+        raise ScheduleError("then: both schedules need the same stages, ranks and accumulation")
+    span = first.num_microbatches
+
+    def stream(rank: int) -> Iterator[Action]:
+        yield from first.rank_actions(rank)
+        yield from _shifted(second.rank_actions(rank), span)
+
+    return Schedule(second.name, second.num_stages, span + second.num_microbatches, second.accumulation,
+                    second.weight_policy, stream, second.params + (("sync_steps", first.num_steps),), second.num_ranks)
+
+
 def _shifted(actions: Iterable[Action], offset: int) -> Iterator[Action]:
     for action in actions:
         yield action if action.microbatch is None or not offset else action._replace(microbatch=action.microbatch + offset)

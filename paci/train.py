@@ -114,6 +114,7 @@ class Plan:
                   "seed": c.train.seed, "data": self.data.source, "batch_size": self.batch_size,
                   "seq_len": self.seq_len, "recompute": c.pipeline.recompute, "checkpoint_every": self.checkpoint_every,
                   **({"ranks": self.num_ranks} if self.num_ranks != self.num_stages else {}),
+                  **({"sync_steps": c.pipeline.sync_steps} if c.pipeline.sync_steps else {}),
                   "optimizer": dataclasses.asdict(self.optimizer),
                   **({"dp": c.pipeline.dp} if c.pipeline.dp > 1 else {})}
         return json.loads(json.dumps(fields))  # as the manifest stores it (tuples become lists)
@@ -126,12 +127,12 @@ def make_plan(config: RunConfig, resume: bool = False) -> Plan:
     manifest = checkpoint.latest(run_dir) if resume else None
     pipe = config.pipeline
     base = schedules.build(pipe.schedule, pipe.stages, pipe.microbatches, config.train.steps, pipe.accum,
-                           chunks=pipe.chunks)
+                           chunks=pipe.chunks, sync_steps=pipe.sync_steps)
     check_size(base)  # the run keeps a trace of every action and simulates it at the end
     every = schedules.drain_interval(base, pipe.microbatches, config.train.checkpoint_every) if config.train.checkpoint else 0
     if every and every < base.num_steps:  # drain points: the schedule fills and drains around each checkpoint
         base = schedules.build(pipe.schedule, pipe.stages, pipe.microbatches, config.train.steps, pipe.accum, every,
-                               pipe.chunks)
+                               pipe.chunks, pipe.sync_steps)
     chunks = base.stages_per_rank if base.stages_per_rank > 1 else None
     if chunks and config.optim.clip_grad_norm:
         raise ValueError("--clip-grad-norm with interleaved-1f1b is not supported yet (a rank steps its stages at "

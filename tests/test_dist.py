@@ -30,7 +30,7 @@ RUNS = [(name, name, {}) for name in REGISTRY] + [
     ("paci-recompute-nesterov", "paci", {"recompute": True, "compensate": "nesterov"}),
     ("paci-predict-bf16", "paci", {"compensate": "predict", "precision": "bf16"}),
     ("1f1b-clip", "1f1b", {"clip_grad_norm": 0.05}), ("paci-clip", "paci", {"clip_grad_norm": 0.05}),
-    ("paci-muon", "paci", {"optimizer": "muon"})]
+    ("paci-muon", "paci", {"optimizer": "muon"}), ("paci-sync-start", "paci", {"sync_steps": 1})]
 
 
 def _config(name: str, stages: int, out, nproc: int, options: dict | None = None):
@@ -38,7 +38,8 @@ def _config(name: str, stages: int, out, nproc: int, options: dict | None = None
     return load_config(None, {
         "model": {"preset": "tiny"}, "data": {"batch_size": 2, "seq_len": 16},
         "pipeline": {"schedule": name, "stages": stages, "microbatches": 4, "nproc": nproc, "timeout_s": 30.0,
-                     "split": "uniform", "recompute": options.get("recompute", False)},
+                     "split": "uniform", "recompute": options.get("recompute", False),
+                     "sync_steps": options.get("sync_steps", 0)},
         "optim": {"lr": 1e-2, "compensate": options.get("compensate", "none"), "optimizer": options.get("optimizer", "adamw"),
                   "clip_grad_norm": options.get("clip_grad_norm", 0.0)},
         "train": {"steps": 3, "eval_every": 2, "eval_batches": 2, "out": str(out), "threads": 1,

@@ -120,3 +120,42 @@ def test_interleaved_order_is_torch_pipelinings(ranks, chunks):
         assert ours == [[str(a) for a in row if a is not None] for row in theirs], m
         checked += 1
     assert checked >= 8
+
+
+@pytest.mark.parametrize("name, accum", [("paci", None), ("paci", 2), ("2bw", None), ("async-1f1b", None)])
+def test_a_synchronous_start_is_1f1b_flush_then_the_schedule(name, accum):
+    """--sync-steps N: the first N optimizer steps are 1F1B-flush's with the same K (every backward
+    reads its forward's version), the rest the schedule's own on the micro-batches after them, as one
+    valid schedule; the simulator times it between the two."""
+    from paci.sim import CostModel, simulate
+
+    whole = build(name, 4, 4, 6, accum)
+    k = whole.accumulation
+    sync = 4 if k == 1 else 2
+    started = build(name, 4, 4, 6, accum, sync_steps=sync)
+    ir.validate(started)
+    assert started.num_steps == whole.num_steps and started.weight_policy is whole.weight_policy
+    assert dict(started.params)["sync_steps"] == sync
+    flush = build("1f1b", 4, k, sync)
+    for s in range(4):
+        actions = list(started.actions(s))
+        assert actions[:len(list(flush.actions(s)))] == list(flush.actions(s))
+        deltas = [v_b - v_f for mb, v_f, v_b in ir.stage_versions(started, s)]
+        assert not any(deltas[:sync * k])
+    assert max(v_b - v_f for mb, v_f, v_b in ir.stage_versions(started, 0)) > 0
+    time = {label: simulate(schedule, CostModel.per_stage(4)).metrics.makespan
+            for label, schedule in (("async", whole), ("started", started),
+                                    ("flush", build("1f1b", 4, k, whole.num_steps)))}
+    assert time["async"] < time["started"] < time["flush"], time
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(name="1f1b", sync_steps=2), "synchronous already"),
+    (dict(name="paci", sync_steps=6), "must be below"),
+    (dict(name="paci", accumulation=2, sync_steps=1), "whole mini-batches"),
+    (dict(name="paci", sync_steps=3, drain_every=2), "multiple of --checkpoint-every"),
+])
+def test_a_synchronous_start_rejects_what_it_cannot_do(kwargs, fragment):
+    args = dict(num_stages=4, num_microbatches=4, num_steps=6) | kwargs
+    with pytest.raises(ValueError, match=fragment):
+        build(**args)

@@ -31,6 +31,8 @@ def add_train_parser(subparsers) -> None:
                                               "into chunks x P stages, rank r holding r, r + P, ...")
     p.add_argument("--microbatches", type=int, help="micro-batches per mini-batch M (default 8)")
     p.add_argument("--accum", type=int, help="K, backwards per optimizer step for paci/2bw (default M)")
+    p.add_argument("--sync-steps", type=int, dest="sync_steps",
+                   help="run an asynchronous schedule's first N optimizer steps as 1F1B-flush (default 0)")
     p.add_argument("--steps", type=int, help="mini-batches to train (default 400)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
     p.add_argument("--warmup", type=int, dest="warmup_steps", help="LR warm-up steps (default 5%% of --steps)")
@@ -105,7 +107,7 @@ _TRAIN_FLAGS = {"model": {"preset": "preset", "vocab_size": "vocab_size"},
                 "pipeline": {"schedule": "schedule", "stages": "stages", "microbatches": "microbatches",
                              "accum": "accum", "nproc": "nproc", "dp": "dp", "port": "port", "timeout_s": "timeout_s",
                              "split": "split", "memory_per_stage": "memory_per_stage",
-                             "recompute": "recompute", "chunks": "chunks"},
+                             "recompute": "recompute", "chunks": "chunks", "sync_steps": "sync_steps"},
                 "optim": {"lr": "lr", "warmup_steps": "warmup_steps", "min_lr_ratio": "min_lr_ratio",
                           "weight_decay": "weight_decay", "optimizer": "optimizer", "beta1": "beta1",
                           "compensate": "compensate", "clip_grad_norm": "clip_grad_norm",

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from typing import NamedTuple
 
-from paci.ir import Schedule, WeightPolicy, with_drains
+from paci.ir import Schedule, WeightPolicy, then, with_drains
 from paci.schedules.asynchronous import async_1f1b, paci, pipedream, two_bw
 from paci.schedules.flush import gpipe, one_f_one_b_flush, zb_h1
 from paci.schedules.interleaved import interleaved_1f1b
@@ -51,14 +51,19 @@ def check_one_stage_per_rank(name: str, command: str) -> None:
 
 
 def build(name: str, num_stages: int, num_microbatches: int, num_steps: int = 1,
-          accumulation: int | None = None, drain_every: int = 0, chunks: int | None = None) -> Schedule:
+          accumulation: int | None = None, drain_every: int = 0, chunks: int | None = None,
+          sync_steps: int = 0) -> Schedule:
     """Build a registered schedule; ValueError with the valid names for an unknown one.
 
     `num_stages` is the pipeline's depth P, its ranks; `chunks` (interleaved-1f1b only, default 2)
     the stages each rank holds. `drain_every` > 0 adds drain points (`ir.with_drains`) after every
     that many optimizer steps: the checkpoints of `paci train`. It must cover whole mini-batches
-    (see `drain_interval`).
+    (see `drain_interval`). `sync_steps` > 0 (an asynchronous schedule only) runs its first that
+    many optimizer steps as 1F1B-flush with the same K, then the schedule (`ir.then`): a
+    synchronous start.
     """
+    if sync_steps:
+        return _sync_start(name, num_stages, num_microbatches, num_steps, accumulation, drain_every, chunks, sync_steps)
     if name not in REGISTRY:
         raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(REGISTRY)}")
     entry = REGISTRY[name]
@@ -73,6 +78,28 @@ def build(name: str, num_stages: int, num_microbatches: int, num_steps: int = 1,
         segment = drain_every * schedule.accumulation // num_microbatches  # in mini-batches
         schedule = with_drains(lambda n: builder(num_stages, num_microbatches, n, accumulation), num_steps, segment)
     return schedule
+
+
+def _sync_start(name: str, num_stages: int, num_microbatches: int, num_steps: int, accumulation: int | None,
+                drain_every: int, chunks: int | None, sync_steps: int) -> Schedule:
+    whole = build(name, num_stages, num_microbatches, num_steps, accumulation, chunks=chunks)
+    k = whole.accumulation
+    if isinstance(sync_steps, bool) or not isinstance(sync_steps, int) or sync_steps < 0:
+        raise ValueError(f"--sync-steps must be an integer >= 0, got {sync_steps!r}")
+    if whole.weight_policy is WeightPolicy.NONE or REGISTRY[name].chunked:
+        raise ValueError(f"--sync-steps starts an asynchronous schedule synchronously; {name} is synchronous already")
+    if sync_steps >= whole.num_steps:
+        raise ValueError(f"--sync-steps {sync_steps} must be below the run's {whole.num_steps} optimizer steps")
+    if sync_steps * k % num_microbatches:
+        raise ValueError(f"--sync-steps {sync_steps} must cover whole mini-batches: a multiple of "
+                         f"{num_microbatches // math.gcd(num_microbatches, k)} steps at K = {k}, M = {num_microbatches}")
+    if drain_every and sync_steps % drain_every:
+        raise ValueError(f"--sync-steps {sync_steps} must be a multiple of --checkpoint-every {drain_every}, so that "
+                         "the drain points stay where a checkpoint expects them")
+    rest = num_steps - sync_steps * k // num_microbatches  # mini-batches
+    first = one_f_one_b_flush(num_stages, k, sync_steps)
+    second = build(name, num_stages, num_microbatches, rest, accumulation, drain_every, chunks)
+    return then(first, second)
 
 
 def drain_interval(schedule: Schedule, num_microbatches: int, every: int | None = None) -> int:

@@ -52,6 +52,8 @@ from tta import (BUDGET_SYNC, FULL, QUICK, Cell, Setting, crossing_step, load_ce
 OPTIMIZERS = {("adamw", 0.9): FULL.lrs, ("muon", 0.9): (1e-3, 2e-3, 4e-3, 8e-3), ("adamw", 0.98): (5e-4, 1e-3, 2e-3)}
 QUICK_LRS = {("adamw", 0.9): QUICK.lrs, ("muon", 0.9): (0.016, 0.032, 0.064)}  # CI's smoke test: Muon only
 LONG_STEPS = 1600  # the headline pair's length
+HORIZONS = (400, 1600, 6400)  # the regime grid: the gap against the run's length (steps at FULL's 400)
+PAPER_LR, PAPER_WARMUP = 3e-4, 0.01  # the paper's absolute recipe: peak lr, warm-up share
 DRIFT_M = (1, 2, 4, 16, 32)  # PACI at K = m besides the setting's flush_m
 LR_LIMITS = (1e-5, 0.1)  # the sweep never goes beyond
 COMPENSATIONS = ("none", "predict")  # PACI's variants on the axis (tta.py ran AdamW's predict cells)
@@ -115,7 +117,30 @@ def planned_cells(setting: Setting, done: dict[str, dict], clock: dict | None, s
         todo += [cell("1f1b", m, flush_lr, opt, steps=long), cell("paci", m, paci_lr, opt, steps=long)]
         if clock is not None and (budget := equal_budget_steps(setting, clock, opt)) != setting.steps:
             todo += [cell("paci", m, lr, opt, steps=budget) for lr in dict.fromkeys((paci_lr, flush_lr))]
+    todo += regime_cells(setting, done, starts)
     return [c for c in dict.fromkeys(todo) if c.name not in done]
+
+
+def regime_cells(setting: Setting, done: dict[str, dict], starts: dict) -> list[Cell]:
+    """Issue 19's regime grid, last: AdamW and Muon, flush and PACI at flush's m, each at its best
+    rate of the full-length sweep, over every horizon; PACI at flush's rate too (matched) up to
+    the middle one; and one pair at the paper's absolute recipe (lr 3e-4, 1% warm-up)."""
+    m, cells = setting.flush_m, []
+    for opt in (("adamw", 0.9), ("muon", 0.9)):
+        if opt not in starts:
+            continue
+        flush_lr = bracket(done, lambda lr: cell("1f1b", m, lr, opt), starts[opt])[1]
+        paci_lr = bracket(done, lambda lr: cell("paci", m, lr, opt), starts[opt])[1]
+        if flush_lr is None or paci_lr is None:
+            continue
+        for h in HORIZONS[1:2] if setting is QUICK else HORIZONS[1:]:  # CI's smoke test: not the longest
+            steps = setting.steps * h // FULL.steps
+            cells += [cell("1f1b", m, flush_lr, opt, steps=steps), cell("paci", m, paci_lr, opt, steps=steps)]
+            if h <= HORIZONS[1]:
+                cells.append(cell("paci", m, flush_lr, opt, steps=steps))
+        warmup = max(1, round(PAPER_WARMUP * setting.steps))
+        cells += [cell(s, m, PAPER_LR, opt, warmup=warmup) for s in ("1f1b", "paci")]
+    return cells
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +375,33 @@ def report(setting: Setting, clock: dict, done: dict[str, dict], starts: dict) -
             lines.append(f"| {target:.3f} | " + " | ".join(
                 f"{_fmt(*sync[o])} | {_fmt(*paci[o])} | {_ratio(sync[o][0], paci[o][0])}" for o in opts) +
                 f" | {_ratio(best_sync, best_paci)} |")
-    lines += budget_table(axis) + drift_table(axis) + long_table(axis)
+    lines += budget_table(axis) + drift_table(axis) + long_table(axis) + regime_table(axis)
+    return lines
+
+
+def regime_table(axis: Axis) -> list[str]:
+    """The gap to flush against the horizon, at each one's best rate and at flush's, and at the paper's recipe."""
+    st, m = axis.setting, axis.setting.flush_m
+    lines = ["", "Where the regime changes (seed 0): the gap to flush against the run's length, each at its best "
+                 f"rate of the {st.steps}-step sweep (the schedule of lr stretched), at flush's rate (matched), and "
+                 f"at the paper's recipe (lr {PAPER_LR:g}, {PAPER_WARMUP:.0%} warm-up, {st.steps} steps):", "",
+             "| optimizer | steps | flush | PACI (its rate) | gap | PACI (flush's rate) | gap |", "|---|---|---|---|---|---|---|"]
+    fmt = lambda r: "not run" if r is None else f"{r['final_val_loss']:.3f}"  # noqa: E731
+    gap = lambda r, f: "-" if r is None or f is None else f"{r['final_val_loss'] - f['final_val_loss']:+.3f}"  # noqa: E731
+    for opt in axis.opts():
+        if opt[1] != 0.9:
+            continue
+        flush_lr, paci_lr = axis.best("1f1b", m, opt), axis.best("paci", m, opt)
+        for h in HORIZONS:
+            steps = st.steps * h // FULL.steps
+            extra = {} if steps == st.steps else {"steps": steps}
+            flush = axis.get(cell("1f1b", m, flush_lr, opt, **extra))
+            own, matched = (axis.get(cell("paci", m, lr, opt, **extra)) for lr in (paci_lr, flush_lr))
+            lines.append(f"| {label(opt)} | {steps} | {fmt(flush)} | {fmt(own)} | {gap(own, flush)} | {fmt(matched)} | "
+                         f"{gap(matched, flush)} |")
+        warmup = max(1, round(PAPER_WARMUP * st.steps))
+        flush, paci = (axis.get(cell(s, m, PAPER_LR, opt, warmup=warmup)) for s in ("1f1b", "paci"))
+        lines.append(f"| {label(opt)}, paper's recipe | {st.steps} | {fmt(flush)} | {fmt(paci)} | {gap(paci, flush)} | | |")
     return lines
 
 

@@ -41,7 +41,8 @@ def test_time_to_accuracy_drift_and_quality_quick_modes(tmp_path):
     assert (cache / "quality.png").is_file() and (cache / "cells" / "paci-m4-lr0.002-s0-nesterov.json").is_file()
     optimizers = _run("optimizers.py", cache)  # Muon's step added to tta's clock, its cells beside tta's
     for heading in ("Optimizer step U per stage", "learning-rate sweep", "Headline cells", "Time to target",
-                    "Equal wall-clock budget", "Drift ablation with Muon", "The headline pair with Muon"):
+                    "Equal wall-clock budget", "Drift ablation with Muon", "The headline pair with Muon",
+                    "Where the regime changes", "| muon, paper's recipe | 12 |"):
         assert heading in optimizers, optimizers
     clock = json.loads((cache / "clock.json").read_text())
     assert len(clock["optimizers"]["muon"]["update_ratio"]) == 4 and "paci-muon-m4" in clock["step_end_s"]

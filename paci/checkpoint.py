@@ -13,7 +13,7 @@ before. Stage files hold only tensors, numbers and strings (`torch.save`), and a
 
 Checkpoints are taken only at drain points (`ir.with_drains`): no micro-batch is in flight, so a
 stage's state is its weights, optimizer, LR schedule, version and RNG, and the data position is
-the step itself (data are numbered by micro-batch).
+the step itself (data are numbered by sequence).
 """
 
 from __future__ import annotations

@@ -170,7 +170,7 @@ class TrainConfig:
     nonfinite_limit: int = 20  # micro-batches dropped plus updates skipped for non-finite values, per stage,
     # before the run stops
     checkpoint_every: int | None = None  # optimizer steps between checkpoints (drain points); 0: only at the
-    # end; default: the fewest for which the drains cost under 1% (train.checkpoint_interval)
+    # end; default: the fewest for which the drains cost under 1% (schedules.drain_interval)
     # what a run writes besides config.json, metrics.jsonl and summary.json; each can be turned off
     eval: bool = True  # validation rounds (val_loss in metrics.jsonl)
     checkpoint: bool = True  # checkpoints (and the drain points they need); off: nothing to resume from

@@ -59,7 +59,7 @@ def _nearest_divisor(n: int, k: int) -> int:
 PRESETS: dict[str, GPTConfig] = {
     # unit tests and CI: a training step takes milliseconds
     "tiny": GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32),
-    # the CPU default: trains in minutes on 2 cores (reference/feasibility.md §5)
+    # the CPU default: `make run` trains it in about two minutes on 2 cores (README)
     "small": GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128),
     # eight stages of real work on CPU: the P = 8 experiments (with a 1024-token vocabulary the
     # head costs about as much as one block, so the 18 units split evenly into 8 stages)

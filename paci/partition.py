@@ -1,6 +1,6 @@
 """Memory-aware stage partitioning: an exact split of the model's units into contiguous stages.
 
-The PACI paper's appendix (reference/paper-notes.md §4.2) profiles, per partitionable unit l, a
+The PACI paper's appendix (arXiv 2606.07881, §4.2 of its appendix) profiles, per partitionable unit l, a
 time t_l, static bytes s_l (parameters + gradients + optimizer state) and activation bytes a_l
 (what autograd saves for one micro-batch; `paci.profiler` measures all three), then cuts the
 unit list into P contiguous stages that

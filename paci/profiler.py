@@ -1,7 +1,7 @@
 """The layer profiler: per partitionable unit, its time, static bytes and activation bytes.
 
 Measured on the device the model will run on, for one micro-batch shape, as the partitioner
-(`paci.partition`) needs them (reference/paper-notes.md §4.2):
+(`paci.partition`) needs them (the PACI paper's appendix, arXiv 2606.07881):
 
 * forward_s / backward_s: medians of repeated runs after warm-up, autograd recording, backward
   with a random output gradient; the last unit includes the loss, because the last stage computes it.

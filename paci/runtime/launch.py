@@ -202,7 +202,7 @@ def start_fork_server(entry: Callable[[Any], int], preload: tuple[str, ...] = ()
 def spawn(entry: Callable[[Any], int], payload: Any, nproc: int, port: int | None = None,
           threads: int | None = None, grace_s: float = 10.0, heartbeat_s: float = HEARTBEAT_S,
           stop_signal: int | None = None) -> int:
-    """Run `entry(payload)` on `nproc` fresh ranks (spawn start method); return 0 if all succeed.
+    """Run `entry(payload)` on `nproc` fresh ranks (forked from a fork server); return 0 if all succeed.
 
     Every rank prints its own errors (prefixed with its rank). If one rank fails, the others get
     `grace_s` to notice through their P2P timeouts, then are terminated: no orphans are left.

@@ -3,7 +3,7 @@
 It executes F, B, I, W, U and E (forward-only evaluation) for one stage and knows nothing of
 schedules or transports: the executor hands it tensors and passes its outputs on.
 
-Live weights on stock PyTorch (DESIGN.md §2). The optimizer owns *shadow* parameters,
+Live weights on stock PyTorch (docs/design.md §2). The optimizer owns *shadow* parameters,
 ``nn.Parameter(p.data)``: they share the real parameters' storage but have their own autograd
 version counter. `U` hands them the accumulated gradients and steps them in place, so a backward
 whose forward ran before the step reads the updated weights without autograd's "modified by an

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from paci.data import DataError
 from paci.ir import Action, Op, steps_together
 from paci.metrics import mean_loss
 from paci.partition import parse_split, partition, stage_memory_model, uniform_split
@@ -55,10 +56,6 @@ from paci.schedules import REGISTRY, build
 __all__ = ["DataError", "Pipeline"]
 
 log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-    """The data given to `Pipeline.fit` ran out, or a mini-batch has the wrong form."""
 
 
 class Pipeline:

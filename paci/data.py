@@ -78,7 +78,8 @@ Document = tuple[str, str]  # (name, text)
 
 
 class DataError(ValueError):
-    """Unusable data or data settings; the message says what is wrong and what to do."""
+    """Unusable data or data settings (a corpus, or what `paci.Pipeline.fit` is given: data that ran
+    out, a mini-batch of the wrong form); the message says what is wrong and what to do."""
 
 
 class TokenData:

@@ -40,6 +40,21 @@ def test_simulate_json_has_the_documented_keys(capsys):
     assert [s["max_drift"] for s in result["per_stage"]] == [1, 1, 1, 0]
 
 
+def test_simulate_times_a_synchronous_start(capsys):
+    """`paci simulate --sync-steps N` times the schedule paci train runs with it: between plain PACI
+    and 1F1B-flush, with the same drift bound."""
+    makespan = {}
+    for label, extra in (("paci", []), ("started", ["--sync-steps", "2"]), ("1f1b", None)):
+        args = ["simulate", "--schedule", "1f1b" if extra is None else "paci", "--stages", "4", "--microbatches", "4",
+                "--steps", "4", "--json", *(extra or [])]
+        code, out, _ = run(capsys, *args)
+        assert code == 0
+        makespan[label] = json.loads(out)["makespan"]
+        if label == "started":
+            assert json.loads(out)["max_drift"] == 1
+    assert makespan["paci"] < makespan["started"] < makespan["1f1b"], makespan
+
+
 def test_simulate_compare_covers_every_schedule(capsys):
     """`--compare` gives one row per schedule, throughput and memory relative to 1F1B-flush."""
     code, out, _ = run(capsys, "simulate", "--compare", "--stages", "4", "--microbatches", "8", "--json")

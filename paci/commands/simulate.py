@@ -39,6 +39,8 @@ def add_simulate_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=4, help="mini-batches to run; M*steps micro-batches in all (default 4)")
     p.add_argument("--checkpoint-every", type=int, default=0, dest="checkpoint_every",
                    help="add paci train's drain points every N optimizer steps and report what they cost")
+    p.add_argument("--sync-steps", type=int, default=0, dest="sync_steps",
+                   help="run an asynchronous schedule's first N optimizer steps as 1F1B-flush (as paci train does)")
     p.add_argument("--costs", default="1,2", help="F,B[,W] op times, same on every stage (default 1,2; W = B/2); "
                                                   "with --chunks v, each of a rank's v stages takes 1/v of them")
     p.add_argument("--csv", type=Path, help="simulate a torch.distributed.pipelining compute-only CSV instead")
@@ -63,7 +65,7 @@ def simulate_command(args: argparse.Namespace) -> int:
         schedule = ir.from_csv(_read_text(args.csv), name=args.csv.stem)
     else:
         schedule = schedules.build(args.schedule, args.stages, args.microbatches, args.steps, args.accum,
-                                   args.checkpoint_every, args.chunks)
+                                   args.checkpoint_every, args.chunks, args.sync_steps)
     check_size(schedule)
     costs = parse_costs(args.costs, schedule.num_stages, schedule.stages_per_rank)
     result = simulate(schedule, costs)

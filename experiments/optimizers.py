@@ -243,8 +243,10 @@ class Axis:
 
     def opts(self) -> list[tuple[str, float]]:
         """The optimizers with a bracketed flush and PACI rate at flush's m."""
-        return [opt for opt in self.starts if self.best("1f1b", self.setting.flush_m, opt) is not None
-                and self.best("paci", self.setting.flush_m, opt) is not None]
+        m = self.setting.flush_m
+        return [opt for opt in self.starts if all(
+            bracket(self.done, lambda lr, s=s: cell(s, m, lr, opt), self.starts[opt])[1] is not None
+            for s in ("1f1b", "paci"))]
 
     def lrs(self, schedule: str, m: int, opt: tuple[str, float], compensate: str = "none") -> list[float]:
         return sorted({c["lr"] for c in self.done.values()

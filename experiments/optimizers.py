@@ -488,7 +488,7 @@ def plot(setting: Setting, clock: dict, done: dict[str, dict], starts: dict, pat
     targets = axis.targets() if axis.opts() else []
     for opt, color in zip(axis.opts(), ("tab:blue", "tab:red", "tab:green", "tab:purple")):
         flush_lr, paci_lr = axis.best("1f1b", m, opt), axis.best("paci", m, opt)
-        _, name = axis.fastest_sync(opt, targets[-1]) if targets else (None, "-")
+        _, name = axis.fastest_sync(opt, targets[0]) if targets else (None, "-")  # a target every optimizer reaches
         schedule, k = (name.split(" m=")[0], int(name.split(" m=")[1])) if name != "-" else ("1f1b", m)
         flush = axis.get(cell("1f1b", m, flush_lr, opt))
         ax.plot([step_time(clock, on_clock(schedule, opt), k, s) for s, _ in flush["eval"]],

@@ -469,7 +469,7 @@ CASES = [
     c("config-unknown-key", "an unknown key (`stagez = 2` in `[pipeline]`)",
       "train {tiny} --config run.toml",
       "paci: error: run.toml: unknown key 'stagez' in [pipeline]; known keys: accum, chunks, dp, memory_per_stage, "
-      "microbatches, nproc, port, recompute, schedule, split, stages, timeout_s",
+      "microbatches, nproc, port, recompute, schedule, split, stages, sync_steps, timeout_s",
       write("run.toml", "[pipeline]\nstagez = 2\n")),
     c("config-key-outside-section", "a key outside any section (`stages = 2` first)",
       "train {tiny} --config run.toml",

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,13 +161,9 @@ def add_optimizer_clock(setting: Setting, cache: Path, clock: dict, name: str = 
         return clock
     from clock import model_config, step_end_times, update_costs
     from paci import schedules
-    from paci.model import num_units
-    from paci.partition import parse_split, uniform_split
 
     config = model_config(setting.preset, setting.vocab_size)
-    n = num_units(config)
-    ranges = uniform_split(n, setting.stages) if setting.split == "uniform" else \
-        parse_split(setting.split, n, setting.stages)
+    ranges = setting.ranges()
     measured = update_costs(config, ranges, ("adamw", name), repeats=repeats)
     ratios = [b / a for a, b in zip(measured["adamw"], measured[name])]
     clock.setdefault("optimizers", {})[name] = {"update_ratio": ratios}
@@ -202,13 +197,9 @@ def add_predicted_clock(setting: Setting, cache: Path, clock: dict, name: str = 
         return clock
     from clock import model_config, predicted_forwards, step_end_times, with_predicted_forwards
     from paci import schedules
-    from paci.model import num_units
-    from paci.partition import parse_split, uniform_split
 
     config = model_config(setting.preset, setting.vocab_size)
-    n = num_units(config)
-    ranges = uniform_split(n, setting.stages) if setting.split == "uniform" else \
-        parse_split(setting.split, n, setting.stages)
+    ranges = setting.ranges()
     for m in setting.microbatches:
         schedule = schedules.build("paci", setting.stages, m, setting.steps)
         measured = predicted_forwards(config, ranges, setting.batch_size(m), setting.seq_len, schedule,

@@ -75,6 +75,15 @@ class Setting:
     def split(self) -> str:
         return self.splits[self.stages]
 
+    def ranges(self) -> list[tuple[int, int]]:
+        """The pinned split at the setting's P, as unit ranges."""
+        from clock import model_config
+        from paci.model import num_units
+        from paci.partition import parse_split, uniform_split
+
+        n = num_units(model_config(self.preset, self.vocab_size))
+        return uniform_split(n, self.stages) if self.split == "uniform" else parse_split(self.split, n, self.stages)
+
 
 # The splits were profiled once on this machine (experiments/clock.py profiled_split, micro-batch 8x64)
 # and are pinned: which layers share a stage decides which weights a PACI backward sees.
@@ -238,13 +247,9 @@ def make_clock(setting: Setting, cache: Path) -> dict:
         return json.loads(path.read_text())
     from clock import check, clock_costs, measure_link, model_config, step_end_times
     from paci import schedules
-    from paci.partition import parse_split, uniform_split
-    from paci.model import num_units
 
     config = model_config(setting.preset, setting.vocab_size)
-    n = num_units(config)
-    ranges = uniform_split(n, setting.stages) if setting.split == "uniform" else \
-        parse_split(setting.split, n, setting.stages)
+    ranges = setting.ranges()
     link = measure_link()
     # the calibration: real P = 2 runs of this model (skipped in quick mode, which only smoke-tests)
     checked = [] if setting is QUICK else check(setting.preset, setting.vocab_size, setting.flush_m,
@@ -272,14 +277,10 @@ def add_predicted(setting: Setting, cache: Path, clock: dict) -> dict:
         return clock
     from clock import model_config, predicted_forwards, step_end_times, with_predicted_forwards
     from paci import schedules
-    from paci.model import num_units
-    from paci.partition import parse_split, uniform_split
     from paci.sim import CostModel
 
     config = model_config(setting.preset, setting.vocab_size)
-    n = num_units(config)
-    ranges = uniform_split(n, setting.stages) if setting.split == "uniform" else \
-        parse_split(setting.split, n, setting.stages)
+    ranges = setting.ranges()
     clock.setdefault("predict", {})
     for m in setting.microbatches:
         schedule = schedules.build("paci", setting.stages, m, setting.steps)
@@ -318,15 +319,14 @@ def add_interleaved(setting: Setting, cache: Path, clock: dict) -> dict:
     from clock import model_config, step_end_times, unit_profiles
     from paci import schedules
     from paci.model import num_units
-    from paci.partition import parse_split, partition, split_spec, stage_memory_model, uniform_split
+    from paci.partition import partition, split_spec, stage_memory_model
     from paci.profiler import stage_costs
 
     config = model_config(setting.preset, setting.vocab_size)
     n, stages = num_units(config), CHUNKS * setting.stages
     if n < stages or all(f"interleaved-1f1b-m{m}" in clock["step_end_s"] for m in setting.microbatches):
         return clock
-    ranges = uniform_split(n, setting.stages) if setting.split == "uniform" else \
-        parse_split(setting.split, n, setting.stages)
+    ranges = setting.ranges()
     clock.setdefault("interleaved", {"chunks": CHUNKS, "splits": {}})
     for m in setting.microbatches:
         profiles = calibrated(unit_profiles(config, setting.batch_size(m), setting.seq_len), ranges,

@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import save_figure  # noqa: E402
-from tta import FULL, QUICK, Cell, Setting, best_lr, load_cells, run_cell  # noqa: E402
+from tta import FULL, QUICK, Cell, Setting, best_lr, load_cells, run_cells  # noqa: E402
 
 from paci import schedules  # noqa: E402
 from paci.ir import stage_versions  # noqa: E402
@@ -114,16 +112,17 @@ def main() -> None:
     args = parser.parse_args()
     setting = QUICK if args.quick else FULL
     cache = args.cache or HERE / "results" / ("tta-quick" if args.quick else "tta")
-    done = load_cells(cache)
     sweep = [Cell(name, setting.flush_m, lr) for name in ("1f1b", "paci") for lr in setting.lrs]
-    missing = [c for c in sweep if c.name not in done]
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
-    with ThreadPoolExecutor(args.workers) as pool:
-        list(pool.map(lambda c: run_cell(setting, c, cache, threads), missing))  # tta's m = 8 sweep first
-        lr = best_lr(setting, load_cells(cache), "paci", setting.flush_m)
-        todo = [cell for _, _, cell in cells(setting, lr) if cell.name not in load_cells(cache)]
-        for result in pool.map(lambda c: run_cell(setting, c, cache, threads), todo):
-            print(f"  {result['name']}: final val loss {result['final_val_loss']:.3f}", flush=True)
+
+    def plan(done: dict[str, dict]) -> list[Cell]:  # tta's m = 8 sweep first, then the K cells at PACI's best lr
+        missing = [c for c in sweep if c.name not in done]
+        if missing:
+            return missing
+        return [cell for _, _, cell in cells(setting, best_lr(setting, done, "paci", setting.flush_m))
+                if cell.name not in done]
+
+    run_cells(setting, cache, args.workers, plan)
+    lr = best_lr(setting, load_cells(cache), "paci", setting.flush_m)
     done = load_cells(cache)
     print("\n".join(table(setting, lr, done)))
     plot(setting, lr, done, args.plot or (cache / "drift.png" if args.quick else HERE.parent / "docs" / "figures" /

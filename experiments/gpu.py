@@ -39,7 +39,7 @@ from tta import Cell, Setting, crossing_step, run_cell  # noqa: E402
 FULL = dict(preset="gpt2", vocab_size=8192, stages=8, m=8, batch_size=8, seq_len=256, steps=300, eval_every=50,
             eval_sequences=32, precision="bf16", lrs={"adamw": 6e-4, "muon": 6e-4})
 QUICK = dict(preset="tiny", vocab_size=512, stages=4, m=4, batch_size=2, seq_len=32, steps=12, eval_every=4,
-             eval_sequences=4, precision="fp32", lrs={"adamw": 4e-3, "muon": 4e-3})
+             eval_sequences=4, precision="fp32", lrs={"adamw": 4e-3, "muon": 4e-3}, in_process=True)
 SYNC = ("1f1b", "gpipe", "zb-h1")
 SCHEDULES = ("1f1b", "paci")  # trained: the flush trajectory (every sync schedule computes it) and PACI
 OPTIMIZERS = ("adamw", "muon")
@@ -94,7 +94,8 @@ def setting_for(spec: dict, split: str) -> Setting:
     return Setting(preset=spec["preset"], vocab_size=spec["vocab_size"], stages=spec["stages"],
                    splits={spec["stages"]: split}, global_batch=m * spec["batch_size"], seq_len=spec["seq_len"],
                    steps=spec["steps"], eval_every=spec["eval_every"], eval_sequences=spec["eval_sequences"],
-                   microbatches=(m,), flush_m=m, lrs=tuple(sorted(set(spec["lrs"].values()))), seeds=(0,))
+                   microbatches=(m,), flush_m=m, lrs=tuple(sorted(set(spec["lrs"].values()))), seeds=(0,),
+                   in_process=spec.get("in_process", False))
 
 
 def cells(spec: dict) -> list[Cell]:

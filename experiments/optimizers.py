@@ -34,9 +34,7 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +43,7 @@ sys.path.insert(0, str(HERE))
 
 from common import save_figure  # noqa: E402
 from tta import (BUDGET_SYNC, FULL, QUICK, Cell, Setting, crossing_step, load_cells, make_clock,  # noqa: E402
-                 run_cell, step_time)
+                 run_cells, step_time)
 
 # The optimizers on the axis: (name for --optimizer, beta1) -> the first learning rates tried.
 OPTIMIZERS = {("adamw", 0.9): FULL.lrs, ("muon", 0.9): (1e-3, 2e-3, 4e-3, 8e-3), ("adamw", 0.98): (5e-4, 1e-3, 2e-3)}
@@ -501,17 +499,6 @@ def plot(setting: Setting, clock: dict, done: dict[str, dict], starts: dict, pat
 # ----------------------------------------------------------------------------------------------
 
 
-def run_study(setting: Setting, cache: Path, clock: dict | None, workers: int, starts: dict) -> None:
-    """Run the planned cells, `workers` at a time, until none is left; each is cached as it ends."""
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    while cells := planned_cells(setting, load_cells(cache), clock, starts):
-        print(f"{len(cells)} cells to run: {', '.join(c.name for c in cells)}", flush=True)
-        with ThreadPoolExecutor(workers) as pool:
-            for result in pool.map(lambda c: run_cell(setting, c, cache, threads), cells[:workers]):
-                print(f"  {result['name']}: final val loss {result['final_val_loss']:.3f} "
-                      f"({result['cpu_wall_s']:.0f} s)", flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", default="all", choices=["all", "clock", "cells", "report"])
@@ -530,7 +517,7 @@ def main() -> None:
     else:
         clock = json.loads(clock_file.read_text()) if clock_file.is_file() else None
     if args.command in ("all", "cells"):
-        run_study(setting, cache, clock, args.workers, starts)
+        run_cells(setting, cache, args.workers, lambda done: planned_cells(setting, done, clock, starts))
     if args.command in ("all", "report"):
         if clock is None:
             raise SystemExit(f"no clock in {cache}: run `experiments/optimizers.py clock` first (on a quiet machine)")

@@ -38,10 +38,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import save_figure  # noqa: E402
-from tta import FULL, QUICK, Cell, Setting, load_cells, run_cell  # noqa: E402
+from tta import FULL, QUICK, Cell, Setting, load_cells, run_cells  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -304,13 +302,7 @@ def main() -> None:
     setting = QUICK if args.quick else FULL
     cache = args.cache or HERE / "results" / ("tta-quick" if args.quick else "tta")
     if args.command in ("all", "cells"):
-        threads = max(1, (os.cpu_count() or 1) // args.workers)
-        while cells := planned_cells(setting, load_cells(cache)):
-            print(f"{len(cells)} cells to run: {', '.join(c.name for c in cells)}", flush=True)
-            with ThreadPoolExecutor(args.workers) as pool:
-                for result in pool.map(lambda c: run_cell(setting, c, cache, threads), cells[:args.workers * 2]):
-                    print(f"  {result['name']}: final val loss {result['final_val_loss']:.3f} "
-                          f"({result['cpu_wall_s']:.0f} s)", flush=True)
+        run_cells(setting, cache, args.workers, lambda done: planned_cells(setting, done))
     if args.command in ("all", "report"):
         study = Study(setting, load_cells(cache))
         print("\n".join(report(study)))

@@ -34,7 +34,9 @@ takes under a minute and is what CI runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -42,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +70,8 @@ class Setting:
     flush_m: int  # the m at which the flush trajectory is trained
     lrs: tuple[float, ...]
     seeds: tuple[int, ...]  # for the headline cells
+    in_process: bool = False  # train the cells in this process, one at a time (the quick smoke test's
+    # cells are so small that a fresh process's start, torch and its optimizers' imports, would be most of each)
 
     def batch_size(self, m: int) -> int:
         return self.global_batch // m
@@ -92,7 +97,8 @@ FULL = Setting(preset="deep", vocab_size=1024, stages=8,
                global_batch=64, seq_len=64, steps=400, eval_every=20, eval_sequences=64,
                microbatches=(4, 8, 16, 32), flush_m=8, lrs=(2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3), seeds=(0, 1, 2))
 QUICK = Setting(preset="tiny", vocab_size=512, stages=4, splits={4: "uniform", 2: "uniform"}, global_batch=8, seq_len=32, steps=12,
-                eval_every=4, eval_sequences=8, microbatches=(2, 4), flush_m=4, lrs=(2e-3, 4e-3), seeds=(0, 1))
+                eval_every=4, eval_sequences=8, microbatches=(2, 4), flush_m=4, lrs=(2e-3, 4e-3), seeds=(0, 1),
+                in_process=True)
 SYNC = ("1f1b", "gpipe", "zb-h1", "interleaved-1f1b")  # the synchronous schedules, all on the flush trajectory
 BUDGET_SYNC = SYNC[:3]  # the equal-budget cells were planned (and trained) against these, before interleaving
 CHUNKS = 2  # interleaved-1f1b: stages per rank
@@ -153,7 +159,7 @@ def run_cell(setting: Setting, cell: Cell, cache: Path, threads: int) -> dict:
     steps = cell.steps or setting.steps
     stages = cell.stages or setting.stages
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "paci", "train", "--preset", setting.preset, "--vocab-size",
+        cmd = ["train", "--preset", setting.preset, "--vocab-size",
                str(setting.vocab_size), "--schedule", cell.schedule, "--stages", str(stages),
                "--microbatches", str(cell.m), "--batch-size", str(b), "--seq-len", str(setting.seq_len),
                "--steps", str(steps), "--lr", str(cell.lr), "--seed", str(cell.seed), "--split", setting.splits[stages],
@@ -161,10 +167,10 @@ def run_cell(setting: Setting, cell: Cell, cache: Path, threads: int) -> dict:
                "--threads", str(threads), "--out", str(Path(tmp) / "run"), "--json", "--checkpoint-every", "0",
                *cell.flags()]  # the paper's schedule, with no drain points
         started = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"cell {cell.name} failed:\n{done.stderr[-3000:]}")
-        summary = json.loads(done.stdout)
+        code, stdout, stderr = _paci(cmd, setting.in_process)
+        if code != 0:
+            raise RuntimeError(f"cell {cell.name} failed:\n{stderr[-3000:]}")
+        summary = json.loads(stdout)
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     drift: dict[str, int] = {}
     for record in records:
@@ -180,6 +186,20 @@ def run_cell(setting: Setting, cell: Cell, cache: Path, threads: int) -> dict:
     tmp_path.write_text(json.dumps(result) + "\n")
     os.replace(tmp_path, path)
     return result
+
+
+def _paci(args: list[str], in_process: bool) -> tuple[int, str, str]:
+    """`paci ARGS`: in a fresh process, or through the same entry point in this one; the exit code,
+    stdout and stderr."""
+    if not in_process:
+        done = subprocess.run([sys.executable, "-m", "paci", *args], capture_output=True, text=True)
+        return done.returncode, done.stdout, done.stderr
+    from paci.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(args)
+    return code, stdout.getvalue(), stderr.getvalue()
 
 
 def load_cells(cache: Path) -> dict[str, dict]:
@@ -600,7 +620,7 @@ def main() -> None:
     clock = add_interleaved(setting, cache, add_predicted(setting, cache, make_clock(setting, cache))) \
         if args.command in ("all", "clock") else json.loads(clock_file.read_text()) if clock_file.is_file() else None
     if args.command in ("all", "cells"):  # without a clock yet, all but the equal-budget cells
-        run_study(setting, cache, clock, args.workers)
+        run_cells(setting, cache, args.workers, lambda done: planned_cells(setting, done, clock))
     if args.command in ("all", "report"):
         if clock is None:
             raise SystemExit(f"no clock in {cache}: run `experiments/tta.py clock` first (on a quiet machine)")
@@ -609,16 +629,22 @@ def main() -> None:
         plot(study, args.plot or (cache / "tta.png" if args.quick else HERE.parent / "docs" / "figures" / "tta.png"))
 
 
-def run_study(setting: Setting, cache: Path, clock: dict | None, workers: int) -> None:
-    """Run the planned cells, `workers` at a time, until none is left; each is cached as it ends."""
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    while cells := planned_cells(setting, load_cells(cache), clock):
+def run_cells(setting: Setting, cache: Path, workers: int, plan: Callable[[dict[str, dict]], list[Cell]]) -> None:
+    """Run the cells `plan(cached cells)` asks for, `workers` at a time (one thread each of the
+    machine's cores), planning again after each batch, until it asks for none; each cell is cached
+    as it ends, so an interrupted study resumes where it stopped."""
+    # in this process: one at a time, on the main thread (where `paci train` handles signals), one thread
+    threads = 1 if setting.in_process else max(1, (os.cpu_count() or 1) // workers)
+    while cells := plan(load_cells(cache)):
         print(f"{len(cells)} cells to run: {', '.join(c.name for c in cells)}", flush=True)
-        with ThreadPoolExecutor(workers) as pool:
-            for result in pool.map(lambda c: run_cell(setting, c, cache, threads), cells[:workers * 2]):
-                print(f"  {result['name']}: final val loss {result['final_val_loss']:.3f} "
-                      f"({result['cpu_wall_s']:.0f} s)", flush=True)
-
+        if setting.in_process:
+            results = [run_cell(setting, cells[0], cache, threads)]
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                results = pool.map(lambda c: run_cell(setting, c, cache, threads), cells[:workers])
+        for result in results:
+            print(f"  {result['name']}: final val loss {result['final_val_loss']:.3f} "
+                  f"({result['cpu_wall_s']:.0f} s)", flush=True)
 
 if __name__ == "__main__":
     main()

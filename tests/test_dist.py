@@ -203,7 +203,7 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path):
     """Under `torchrun --max-restarts 1`, a rank killed mid-run makes torchrun restart the workers,
     which resume --out from its newest checkpoint; the result equals an uninterrupted run bit for bit."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    train = ["-m", "paci", "train", "--preset", "tiny", "--steps", "600", "--microbatches", "4", "--batch-size", "2",
+    train = ["-m", "paci", "train", "--preset", "tiny", "--steps", "150", "--microbatches", "4", "--batch-size", "2",
              "--seq-len", "16", "--eval-every", "200", "--split", "uniform", "--checkpoint-every", "10"]
     run = tmp_path / "run"
     proc = subprocess.Popen(_torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1", *train,

@@ -48,8 +48,17 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _terminate)
-    args = build_parser().parse_args(argv)
+    """`paci ARGV`; the exit code. Re-entrant: a caller in the same process (a test, a notebook, a
+    study) gets its SIGTERM handler, log level and handlers back."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _command(build_parser().parse_args(argv))
+    finally:
+        if previous is not None:  # None: a handler not installed from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _command(args: argparse.Namespace) -> int:
     root, logs = logging.getLogger(), HeldLogs(sys.stderr)  # held until the command's input is checked
     level = root.level
     root.addHandler(logs)

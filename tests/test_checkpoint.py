@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import paci
 from paci import schedules
 from paci.checkpoint import CheckpointError, latest, load_stage
 from paci.config import load_config, load_run_config
@@ -226,11 +227,10 @@ def test_a_signal_saves_at_the_next_checkpoint_and_resume_equals_uninterrupted(t
     assert max(recorded) <= stopped_at < 60 and stopped_at % 10 == 0
     assert max(_steps(run)) == stopped_at  # it stopped where it saved
     done = subprocess.run([sys.executable, "-m", "paci", "train", "--resume", str(run), *layout],
-                          capture_output=True, text=True, timeout=200)
+                          capture_output=True, text=True, timeout=200)  # rank 0 says where it resumes
     assert done.returncode == 0, done.stderr
     assert f"resuming after step {stopped_at}" in done.stderr
-    whole = subprocess.run([sys.executable, "-m", "paci", "train", *flags, "--out", str(tmp_path / "whole")],
-                           capture_output=True, text=True, timeout=200)
+    whole = paci("train", *flags, "--out", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
     _assert_same_run(tmp_path / "whole", run)
 

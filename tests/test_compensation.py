@@ -162,7 +162,7 @@ def test_muon_predicted_forward_by_hand(compensate):
     stage.backward(1, g[1])  # half the window: f = 1/2
     w, b = linear.weight, linear.bias
     (w_shadow, b_shadow) = stage._shadows.values()
-    group, buffer = muon.param_groups[0], muon.state[w_shadow]["momentum_buffer"]
+    buffer = muon.state[w_shadow]["momentum_buffer"]
     lr = spec.lr_at(1)
     estimate = buffer if compensate == "predict" else w.grad + 0.5 * buffer
     nesterov = estimate.lerp(buffer.lerp(estimate, 0.05), 0.95)

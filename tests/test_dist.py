@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import paci
 from dist_helpers import train_each
 
 from paci.checkpoint import latest, load_stage
@@ -137,8 +138,7 @@ def test_data_parallel_equals_one_pipeline_on_twice_the_batch(tmp_path, schedule
     flags = ["--preset", "tiny", "--stages", "2", "--microbatches", "4", "--seq-len", "16", "--steps", "6",
              "--eval-every", "3", "--split", "uniform", "--threads", "1", "--lr", "1e-2", "--schedule", schedule]
     for name, layout in (("dp", ["--dp", "2", "--batch-size", "2"]), ("one", ["--nproc", "2", "--batch-size", "4"])):
-        done = subprocess.run([sys.executable, "-m", "paci", "train", *flags, *layout, "--out", str(tmp_path / name)],
-                              capture_output=True, text=True, timeout=200)
+        done = paci("train", *flags, *layout, "--out", str(tmp_path / name))
         assert done.returncode == 0, done.stderr[-2000:]
     dp, one = _losses(tmp_path / "dp"), _losses(tmp_path / "one")
     assert [row[0] for row in dp] == [row[0] for row in one]

@@ -2,14 +2,12 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from dist_helpers import train_each
 
+from cli_helpers import paci
 from paci.checkpoint import latest, load_stage
 from paci.config import load_config
 from paci.ir import WeightPolicy
@@ -119,10 +117,8 @@ def test_too_many_non_finite_values_stop_the_run_with_a_message(tmp_path, monkey
 
 
 def test_the_cli_stops_a_run_that_keeps_failing_in_one_line(tmp_path):
-    env = {**os.environ, "PACI_INJECT_NAN": "1:0,1:1"}
-    done = subprocess.run([sys.executable, "-m", "paci", "train", "--preset", "tiny", "--stages", "2", "--steps", "2",
-                           "--split", "uniform", "--nonfinite-limit", "1", "--out", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=120, env=env)
+    done = paci("train", "--preset", "tiny", "--stages", "2", "--steps", "2", "--split", "uniform",
+                "--nonfinite-limit", "1", "--out", str(tmp_path / "run"), env={"PACI_INJECT_NAN": "1:0,1:1"})
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if line.startswith("paci:")]
     assert len(errors) == 1 and "limit 1" in errors[0] and "Traceback" not in done.stderr, done.stderr

@@ -122,8 +122,8 @@ def main() -> None:
                 if cell.name not in done]
 
     run_cells(setting, cache, args.workers, plan)
-    lr = best_lr(setting, load_cells(cache), "paci", setting.flush_m)
     done = load_cells(cache)
+    lr = best_lr(setting, done, "paci", setting.flush_m)
     print("\n".join(table(setting, lr, done)))
     plot(setting, lr, done, args.plot or (cache / "drift.png" if args.quick else HERE.parent / "docs" / "figures" /
                                           "drift.png"))

@@ -16,6 +16,8 @@ import os
 import signal
 import sys
 
+import torch
+
 from paci.commands import HeldLogs
 from paci.commands.partition import add_partition_parser
 from paci.commands.bench import add_bench_parser
@@ -49,11 +51,12 @@ def _terminate(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`paci ARGV`; the exit code. Re-entrant: a caller in the same process (a test, a notebook, a
-    study) gets its SIGTERM handler, log level and handlers back."""
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    study) gets its SIGTERM handler, log level and handlers and torch thread count back."""
+    previous, threads = signal.signal(signal.SIGTERM, _terminate), torch.get_num_threads()
     try:
         return _command(build_parser().parse_args(argv))
     finally:
+        torch.set_num_threads(threads)  # `paci train` sets its own
         if previous is not None:  # None: a handler not installed from Python, which cannot be put back
             signal.signal(signal.SIGTERM, previous)
 

@@ -14,16 +14,14 @@ import os
 import subprocess
 from collections.abc import Mapping
 
-import torch
-
 from paci.cli import main
 
 
 def paci(*argv: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
     """`paci ARGV` through the CLI's entry point; the exit code, stdout and stderr as subprocess.run
-    returns them (this process's: what `--nproc` ranks print goes to the fork server's streams). `env` sets environment variables for the command (restored after). The caller's
-    torch thread count is restored too (`paci train` sets its own)."""
-    stdout, stderr, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    returns them (this process's: what `--nproc` ranks print goes to the fork server's streams).
+    `env` sets environment variables for the command, restored after."""
+    stdout, stderr = io.StringIO(), io.StringIO()
     saved = {key: os.environ.get(key) for key in env or {}}
     os.environ.update(env or {})
     try:
@@ -33,7 +31,6 @@ def paci(*argv: str, env: Mapping[str, str] | None = None) -> subprocess.Complet
             except SystemExit as exc:  # a usage error, from argparse
                 code = exc.code
     finally:
-        torch.set_num_threads(threads)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -35,25 +35,29 @@ layouts come from one forward of the first micro-batch, never written by hand.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import Dataset, IterableDataset, default_collate
 
+from paci import checkpoint, driver, schedules
 from paci.data import DataError
-from paci.ir import Action, Op, steps_together
-from paci.metrics import mean_loss
-from paci.partition import parse_split, partition, stage_memory_model, uniform_split
+from paci.ir import evaluation_rounds, with_evaluation
+from paci.partition import parse_split, partition, split_spec, stage_memory_model, uniform_split
 from paci.profiler import default_budget, profile_modules
 from paci.runtime import payload
-from paci.runtime.executor import StageFailure, join_mesh, run_in_process, run_on_rank
-from paci.runtime.launch import RankInfo, env_rank, init_distributed, rank_device
+from paci.runtime.executor import StageFailure
+from paci.runtime.launch import STOPPING, StopRequest, Stopped, env_rank, init_distributed, rank_device, stop_signals
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.schedules import REGISTRY, build
 
-__all__ = ["DataError", "Pipeline"]
+__all__ = ["DataError", "History", "Pipeline", "Stopped"]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +111,11 @@ class Pipeline:
         self.accumulation, self.clip_grad_norm, self.timeout_s = accumulation, clip_grad_norm, timeout_s
         self.dp = dp
         self.device = None if device is None else torch.device(device)
-        self._stages: list[Stage] | None = None  # every stage in one process; this rank's alone under torchrun
+        self._stages: list[Stage] | None = None  # every stage, in one process
+        self._joined: driver.Joined | None = None  # this rank's stages, joined to their mesh, under a launcher
+        self._fitted = 0  # optimizer steps taken by earlier fits
+        self._data: tuple[_Feeder, list] | None = None  # the current fit's training data and held-out set
+        self._replica = 0  # the data-parallel replica of this process's stages
 
     @property
     def stage_modules(self) -> list[nn.Module]:
@@ -116,105 +124,190 @@ class Pipeline:
             raise RuntimeError('split="profile" is chosen at the first fit(); call it first')
         return [nn.Sequential(*self.units[a:b]) for a, b in self.split]
 
-    def _profile_split(self, feeder: _Feeder, device: torch.device) -> list[tuple[int, int]]:
-        """Time every unit on micro-batch 0 (copies of the units), then the partitioner's fastest
-        split whose stages fit the device (the memory model of this schedule: in-flight micro-batches
-        and weight copies per stage)."""
-        inputs, targets = feeder.first()
-        profiles = profile_modules(self.units, inputs, targets, self.loss_fn, self.optimizer, device)
-        inflight, copies = stage_memory_model(self.schedule, self.num_stages, self.microbatches, self.accumulation)
-        split = partition(profiles, self.num_stages, inflight, copies, default_budget(device))
-        log.info("profiled split %s (slowest stage %d: %.2f ms forward + backward per micro-batch)", split.spec,
-                 split.bottleneck, 1e3 * split.max_time)
-        return list(split.ranges)
-
-    def fit(self, data: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int,
-            on_step: Callable[[int, float], None] | None = None) -> list[float]:
-        """Train on `steps` mini-batches from `data`; returns the mean training loss of each optimizer
-        step (and calls `on_step(step, loss)` as each completes). Calling `fit` again continues:
-        weights, optimizer and scheduler state carry over; the pipeline fills and drains per call."""
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        schedule = build(self.schedule, self.num_ranks, self.microbatches, steps, self.accumulation, chunks=self.chunks)
-        feeder = _Feeder(iter(data), self.microbatches, steps)
+    @property
+    def local_stages(self) -> list[int]:
+        """The stages this process trains: all of them in one process, under a launcher this rank's
+        (one, or its chunks of an interleaved schedule)."""
         info = env_rank()
-        if info is not None and info.world_size > 1:
-            return self._fit_rank(info, schedule, feeder, on_step)
-        if self.dp > 1:
+        if info is None or info.world_size == 1:
+            return list(range(self.num_stages))
+        return [s for s in range(self.num_stages) if s % self.num_ranks == info.rank % self.num_ranks]
+
+    def _profile_split(self, feeder: _Feeder, device: torch.device, measures: bool, distributed: bool
+                       ) -> list[tuple[int, int]]:
+        """Time every unit on the first micro-batch (copies of the units), then the partitioner's
+        fastest split whose stages fit the device (the memory model of this schedule: in-flight
+        micro-batches and weight copies per stage). Under a launcher rank 0 measures (`measures`)
+        and every rank takes its split."""
+        split = None
+        if measures or not distributed:
+            inputs, targets = feeder.first()
+            profiles = profile_modules(self.units, inputs, targets, self.loss_fn, self.optimizer, device)
+            inflight, copies = stage_memory_model(self.schedule, self.num_stages, self.microbatches, self.accumulation)
+            chosen = partition(profiles, self.num_stages, inflight, copies, default_budget(device))
+            log.info("profiled split %s (slowest stage %d: %.2f ms forward + backward per micro-batch)", chosen.spec,
+                     chosen.bottleneck, 1e3 * chosen.max_time)
+            split = list(chosen.ranges)
+        return driver.broadcast(split) if distributed else split
+
+    def fit(self, data: Iterable | Dataset, steps: int, *, val_data: Iterable | Dataset | None = None,
+            eval_every: int | None = None, batch_size: int | None = None, seed: int = 0,
+            out: str | Path | None = None, checkpoint_every: int | None = None, resume: bool = False,
+            on_step: Callable[[int, float], None] | None = None,
+            on_record: Callable[[dict], None] | None = None) -> History:
+        """Train on `steps` mini-batches; returns the mean training loss of each optimizer step (a
+        list, whose `.val_loss` maps each validation round's step to its mean loss and `.summary`
+        holds summary.json's numbers), and calls `on_step(step, loss)` as each step completes and
+        `on_record(record)` with each metrics.jsonl record (rank 0 only, under a launcher).
+
+        `data`: an iterable of (inputs, targets) mini-batches, or a map-style `Dataset` of
+        (inputs, targets) samples that paci batches `batch_size` at a time in a seeded order (`seed`,
+        a new permutation each epoch). `val_data` (either kind, a Dataset batched in order): the
+        held-out set, evaluated in full before training, every `eval_every` optimizer steps (default:
+        a tenth of the run) and at the end; it is held in memory.
+
+        `out`: a run directory (new or empty) for metrics.jsonl, summary.json and checkpoints every
+        `checkpoint_every` optimizer steps (default: the fewest whose drains cost under 1%) and at
+        the end, taken where the schedule drains. `resume=True` continues the newest complete
+        checkpoint in `out`, if it has one (else starts there afresh), bit for bit as if the run had
+        never stopped, provided the data can resume: a Dataset, or an iterable with `state_dict()` /
+        `load_state_dict()` (torchdata's StatefulDataLoader); a plain iterable is skipped forward, which
+        is exact only if it yields the same mini-batches when started again.
+
+        Without `out`, calling `fit` again continues: weights, optimizer and scheduler state carry
+        over; the pipeline fills and drains per call."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        info = env_rank()
+        distributed = info is not None and info.world_size > 1
+        if not distributed and self.dp > 1:
             raise ValueError(f"dp={self.dp} runs one process per stage and replica: launch {self.dp * self.num_ranks} "
                              f"ranks (torchrun --nproc-per-node {self.dp * self.num_ranks})")
-        if self._stages is None:
-            device = self.device or torch.device("cpu")
-            if self.split is None:
-                with _data_errors():
-                    self.split = self._profile_split(feeder, device)
-            self._stages = [self._stage(s, schedule.weight_policy, schedule.accumulation, feeder, device)
-                            for s in range(self.num_stages)]
-        for stage in self._stages:
-            stage.train_batch = feeder.view(stage.is_first, stage.is_last)
-        losses: list[float] = []
-        with _data_errors():
-            run_in_process(self._stages, schedule, clip_globally=bool(self.clip_grad_norm) and steps_together(schedule),
-                           listener=_listener(schedule, losses, on_step))
-        return losses
-
-    def _fit_rank(self, info: RankInfo, schedule, feeder: _Feeder, on_step) -> list[float]:
-        """Under torchrun (or any launcher that sets RANK and WORLD_SIZE): this rank runs one stage (or
-        its chunks of an interleaved schedule) of one replica (rank = replica x P + p: a (dp, pp)
-        device mesh). Every rank is given the same data; each replica's first stage reads its share of
-        the inputs, its last its share of the targets. Message layouts come from a first forward of
-        micro-batch 0, handed down each pipeline."""
-        if info.world_size != self.dp * self.num_ranks:
-            raise ValueError(f"the world has {info.world_size} ranks but the pipeline has {self.num_ranks} stages "
-                             f"x {self.dp} data-parallel replicas; launch one rank per stage and replica")
-        replica, index = divmod(info.rank, self.num_ranks)
-        offset = replica * self.num_ranks  # global rank of this replica's first rank
-        device = self.device or rank_device(info)
-        if not dist.is_initialized():
+        run_dir = Path(out) if out is not None else None
+        if resume and run_dir is None:
+            raise ValueError("resume=True continues the checkpoints in a run directory: pass out= as well")
+        manifest = checkpoint.latest(run_dir) if resume and (run_dir / "checkpoints").is_dir() else None
+        if run_dir is not None and manifest is None:
+            if self._fitted:
+                raise ValueError("out= starts a run with its own checkpoints: give it to the first fit() of a Pipeline")
+            driver.check_new_run_dir(run_dir, "out=")
+        if manifest is not None and self.split is None:  # a profiled split: the one the checkpoint has
+            self.split = parse_split(manifest["identity"]["split"], len(self.units), self.num_stages)
+        source = _source(data, batch_size, seed, "data")
+        held_out = _held_out(val_data, batch_size, self.microbatches) if val_data is not None else []
+        base = build(self.schedule, self.num_ranks, self.microbatches, steps, self.accumulation, chunks=self.chunks)
+        every = schedules.drain_interval(base, self.microbatches, checkpoint_every) if run_dir is not None else 0
+        schedule = base
+        if every and every < base.num_steps:
+            schedule = build(self.schedule, self.num_ranks, self.microbatches, steps, self.accumulation, every,
+                             self.chunks)
+        eval_every = max(1, base.num_steps // 10) if eval_every is None else eval_every
+        if held_out:
+            if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+                raise ValueError(f"eval_every must be a positive integer (optimizer steps), got {eval_every!r}")
+            schedule = with_evaluation(schedule, eval_every, len(held_out))
+        start = manifest["next_microbatch"] // self.microbatches if manifest is not None else 0
+        feeder = _Feeder(source, self.microbatches, steps, start)
+        device = self.device or (rank_device(info) if distributed else torch.device("cpu"))
+        if distributed and not dist.is_initialized():
             init_distributed(device, self.timeout_s)
-        if self._stages is None:
-            if self.split is None:  # measured once, on rank 0; every rank takes rank 0's
-                box = [self._profile_split(feeder, device) if info.rank == 0 else None]
-                dist.broadcast_object_list(box, src=0)
-                self.split = box[0]
-            self._stages = [self._stage(s, schedule.weight_policy, schedule.accumulation, feeder, device)
-                            for s in schedule.stages_of(index)]
-            join_mesh(self._stages, device, self.dp, self.num_ranks, self.timeout_s,
-                      bool(self.clip_grad_norm) and steps_together(schedule))
-        for stage in self._stages:
-            stage.train_batch = feeder.view(stage.is_first, stage.is_last, replica, self.dp)
-        losses: list[float] = []
-        with _data_errors():
-            run_on_rank(self._stages, schedule, device, self.timeout_s, offset=offset,
-                        listener=_listener(schedule, losses, on_step))
-        return _losses_everywhere(losses, schedule.num_steps, info.rank, self.num_ranks, self.dp)
+        if self.split is None:
+            with _data_errors():
+                self.split = self._profile_split(feeder, device, distributed and info.rank == 0, distributed)
+        self._data = (feeder, held_out)
+        for stage in self._stages or (self._joined.stages if self._joined else []):
+            self._attach(stage)
+        run = driver.Run(
+            schedule, self._make_stage(schedule), self.split,
+            self._identity(steps, every, eval_every if held_out else 0, len(held_out), source),
+            tokens_per_microbatch=feeder.tokens,
+            lr_at=None,
+            eval_rounds=evaluation_rounds(schedule.num_steps, eval_every) if held_out else [],
+            eval_batches=len(held_out), checkpoint_every=every, checkpoints=run_dir is not None, run_dir=run_dir,
+            resume=manifest, dp=self.dp, clip_grad_norm=self.clip_grad_norm, timeout_s=self.timeout_s,
+            extra_state=feeder.state_for(distributed), load_extra_state=feeder.load_for(distributed, start),
+            version_base=self._fitted)
+        if manifest is not None:
+            checkpoint.check_identity(manifest["identity"], run.identity)
+            if manifest["step"] >= schedule.num_steps:
+                raise ValueError(f"resume: {run_dir} finished all {schedule.num_steps} steps; nothing to resume")
+            log.info("paci: resuming %s after step %d", run_dir, manifest["step"])
+        history = History()
 
-    def _stage(self, index: int, policy, accumulation: int, feeder: _Feeder, device: torch.device) -> Stage:
-        start, stop = self.split[index]
+        def record(item: dict) -> None:
+            if "loss" in item:
+                history.append(item["loss"])
+                if on_step is not None:
+                    on_step(item["step"], item["loss"])
+            if "val_loss" in item:
+                history.val_loss[item["step"]] = item["val_loss"]
+            if on_record is not None:
+                on_record(item)
 
-        def make_optimizer(params: list[nn.Parameter]):
-            optimizer = self.optimizer(params)
-            if not isinstance(optimizer, torch.optim.Optimizer):
-                raise TypeError(f"optimizer(params) must return a torch.optim.Optimizer, got {type(optimizer).__name__}")
-            return optimizer, self.lr_scheduler(optimizer) if self.lr_scheduler is not None else None
+        # Ctrl-C or SIGTERM (torchrun passes both on) saves at the next checkpoint and raises Stopped
+        stop = StopRequest(stop_signals(), STOPPING if not distributed or info.rank == 0 else None) \
+            if run_dir is not None and threading.current_thread() is threading.main_thread() else None
+        with _data_errors(), _resume_line(run):
+            if distributed:
+                summary, self._joined = driver.run_rank(run, device, record, stop=stop, joined=self._joined)
+                history[:] = _losses_everywhere(list(history), schedule.num_steps - run.start_step, info.rank,
+                                                info.world_size, device)
+            else:
+                summary, _, self._stages = driver.run_local(run, device, record, stop=stop, stages=self._stages)
+        history.summary = summary or {}
+        self._fitted += schedule.num_steps
+        return history
 
-        return Stage(index, self.num_stages, self.units[start:stop], policy=policy,
-                     optim=OptimizerSpec(clip_grad_norm=self.clip_grad_norm), loss_scale=1.0 / accumulation,
-                     train_batch=feeder.view(index == 0, index == self.num_stages - 1), val_batch=_no_evaluation,
-                     device=device, loss_fn=self.loss_fn, make_optimizer=make_optimizer)
+    def _make_stage(self, schedule) -> driver.MakeStage:
+        """Stage `index` of `replica`: the user's units, optimizer and scheduler; its data come from
+        the current fit (`_attach`)."""
+        def make(index: int, device: torch.device, replica: int) -> Stage:
+            start, stop = self.split[index]
+
+            def make_optimizer(params: list[nn.Parameter]):
+                optimizer = self.optimizer(params)
+                if not isinstance(optimizer, torch.optim.Optimizer):
+                    raise TypeError(f"optimizer(params) must return a torch.optim.Optimizer, got "
+                                    f"{type(optimizer).__name__}")
+                return optimizer, self.lr_scheduler(optimizer) if self.lr_scheduler is not None else None
+
+            stage = Stage(index, self.num_stages, self.units[start:stop], policy=schedule.weight_policy,
+                          optim=OptimizerSpec(clip_grad_norm=self.clip_grad_norm),
+                          loss_scale=1.0 / schedule.accumulation, train_batch=_unattached, val_batch=_unattached,
+                          device=device, loss_fn=self.loss_fn, make_optimizer=make_optimizer)
+            self._replica = replica  # the same for every stage a rank holds
+            self._attach(stage)
+            return stage
+        return make
+
+    def _attach(self, stage: Stage) -> None:
+        """Point the stage at this fit's data: its share (replica) of the training micro-batches and
+        of the held-out set, at the ends of the pipeline."""
+        feeder, held_out = self._data
+        stage.train_batch = feeder.view(stage.is_first, stage.is_last, self._replica, self.dp)
+        stage.val_batch = _held_out_view(held_out, self._replica, self.dp)
+
+    def _identity(self, steps: int, every: int, eval_every: int, eval_batches: int, source: _Source) -> dict:
+        """What fixes the computation of a fit with checkpoints (the optimizer's class and
+        hyper-parameters are checked by each stage file): a resume must agree on all of it."""
+        fields = {"schedule": self.schedule, "stages": self.num_stages, "ranks": self.num_ranks,
+                  "microbatches": self.microbatches, "accum": self.accumulation, "split": split_spec(self.split),
+                  "steps": steps, "checkpoint_every": every, "dp": self.dp, "clip_grad_norm": self.clip_grad_norm,
+                  "eval_every": eval_every, "eval_batches": eval_batches, "data": source.identity,
+                  "model": {f"{i}.{name}": list(p.shape) for i, unit in enumerate(self.units)
+                            for name, p in unit.named_parameters()}}
+        return json.loads(json.dumps(fields))
 
 
-def _listener(schedule, losses: list[float], on_step) -> Callable[[Stage, Action], None]:
-    """Per optimizer step of the last stage, the mean loss of its K micro-batches (as metrics.jsonl
-    has it: the finite ones), into `losses` and to `on_step`."""
-    def listener(stage: Stage, action: Action) -> None:
-        if action.op is Op.U and stage.is_last:
-            window = sorted(stage.losses)[:schedule.accumulation]
-            losses.append(mean_loss([stage.losses.pop(mb) for mb in window])[0])
-            if on_step is not None:
-                on_step(len(losses), losses[-1])
+class History(list):
+    """What `fit` returns: the mean training loss of each optimizer step (the finite ones of its K
+    micro-batches), plus `val_loss` ({step: mean validation loss}, step 0 before training) and
+    `summary` (summary.json's numbers; under a launcher, rank 0's)."""
 
-    return listener
+    def __init__(self, losses: Iterable[float] = ()) -> None:
+        super().__init__(losses)
+        self.val_loss: dict[int, float] = {}
+        self.summary: dict = {}
 
 
 @contextlib.contextmanager
@@ -228,98 +321,243 @@ def _data_errors() -> Iterator[None]:
         raise
 
 
-def _losses_everywhere(losses: list[float], steps: int, rank: int, num_stages: int, dp: int) -> list[float]:
-    """Every rank gets the per-step losses: each replica's last stage sends its own to replica 0's,
-    which averages them (in replica order) and sends the result to every rank; exact with one replica
-    (a Python float is a float64). Point to point on purpose: a collective's tensors are released by
-    a gloo worker thread that needs the GIL, and a process exiting right after its last collective
-    can abort while that thread waits for it."""
-    last = num_stages - 1
-    lasts = [d * num_stages + last for d in range(dp)]
-    box = torch.tensor(losses if rank in lasts else [0.0] * steps, dtype=torch.float64)
-    if rank == last:
-        total = box.clone()
-        for peer in lasts[1:]:
-            dist.recv(box, src=peer)
-            total += box
-        box = total / dp if dp > 1 else total
-        for peer in range(dp * num_stages):
-            if peer != last:
-                dist.send(box, dst=peer)
-    elif rank in lasts:
-        dist.send(box, dst=last)
-        dist.recv(box, src=last)
+@contextlib.contextmanager
+def _resume_line(run: driver.Run) -> Iterator[None]:
+    """A stop that saved a checkpoint says how to continue (once, from rank 0)."""
+    try:
+        yield
+    except Stopped as stop:
+        info = env_rank()
+        if info is None or info.rank == 0:
+            log.warning("paci: stopped after step %d, at a checkpoint in %s; fit again with resume=True to continue",
+                        stop.step, run.run_dir)
+        raise
+
+
+def _losses_everywhere(losses: list[float], steps: int, rank: int, world: int, device: torch.device) -> list[float]:
+    """Every rank gets the per-step losses rank 0 recorded (a Python float is a float64: exact).
+    Point to point on purpose: a collective's tensors are released by a gloo worker thread that
+    needs the GIL, and a process exiting right after its last collective can abort while that
+    thread waits for it."""
+    box = torch.tensor(losses if rank == 0 else [0.0] * steps, dtype=torch.float64, device=device)
+    if rank == 0:
+        for peer in range(1, world):
+            dist.send(box, dst=peer)
     else:
-        dist.recv(box, src=last)
+        dist.recv(box, src=0)
     return box.tolist()
 
 
-class _Feeder:
-    """Micro-batch mb -> its slice of mini-batch mb // m, pulled from `data` when first asked for;
-    a mini-batch is dropped once the first stage (inputs) and the last (targets) are both past it."""
+# ----------------------------------------------------------------------------------------------
+# data: mini-batches by index, from a Dataset or an iterable
 
-    def __init__(self, data: Iterator, microbatches: int, steps: int) -> None:
-        self.data, self.m, self.steps = data, microbatches, steps
-        self.loaded: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self.pulled = 0
-        self.position = {"inputs": 0, "targets": 0}  # the next mini-batch each end will ask for
+
+class _Source:
+    """Mini-batch k, asked for in increasing order, and what a checkpoint needs to come back to it."""
+
+    identity: str  # what a resume must agree on
+
+    def get(self, k: int):
+        raise NotImplementedError
+
+    def state(self) -> dict | None:
+        """The position to save at a drain point (None: the step alone fixes it, or nothing can)."""
+        return None
+
+    def restore(self, k: int, state: dict | None) -> None:
+        """Continue at mini-batch k (from `state`, where one was saved)."""
+
+
+class _Indexed(_Source):
+    """A map-style Dataset of (inputs, targets) samples, `batch_size` at a time: in a seeded order,
+    a new permutation each epoch (`seed` + epoch), or in order (`seed` None). Any mini-batch can be
+    built directly, so the step fixes the position."""
+
+    def __init__(self, dataset: Dataset, batch_size: int | None, seed: int | None, name: str) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"{name} is a map-style Dataset: give fit() batch_size= (samples per mini-batch), got "
+                             f"{batch_size!r}")
+        self.dataset, self.batch_size, self.seed, self.size = dataset, batch_size, seed, len(dataset)
+        if self.size < 1:
+            raise ValueError(f"{name} is an empty Dataset")
+        self.identity = f"Dataset of {self.size} samples, {batch_size} per mini-batch, order seed {seed}"
+        self._epoch, self._order = -1, None
+
+    def get(self, k: int):
+        items = [self.dataset[self._index(p)] for p in range(k * self.batch_size, (k + 1) * self.batch_size)]
+        if not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items):
+            raise DataError(f"each sample of the Dataset must be an (inputs, targets) pair, got "
+                            f"{type(items[0]).__name__}")
+        return tuple(default_collate(items))
+
+    def _index(self, position: int) -> int:
+        epoch, i = divmod(position, self.size)
+        if self.seed is None:
+            return i
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return int(self._order[i])
+
+
+class _Iterated(_Source):
+    """An iterable of (inputs, targets) mini-batches. With `state_dict()` / `load_state_dict()`
+    (torchdata's StatefulDataLoader) a checkpoint saves its position; a plain one is skipped
+    forward on resume, exact only if it yields the same mini-batches when started again."""
+
+    def __init__(self, iterable: Iterable) -> None:
+        self.iterable, self._it, self._next = iterable, None, 0
+        self.stateful = all(callable(getattr(iterable, name, None)) for name in ("state_dict", "load_state_dict"))
+        self.identity = f"iterable{' with state_dict' if self.stateful else ''}"
+
+    def get(self, k: int):
+        if self._it is None:
+            self._it = iter(self.iterable)
+        if k != self._next:
+            raise RuntimeError(f"mini-batch {k} asked for out of order (next is {self._next})")
+        self._next += 1
+        return next(self._it)
+
+    def state(self) -> dict | None:
+        return self.iterable.state_dict() if self.stateful else None
+
+    def restore(self, k: int, state: dict | None) -> None:
+        if self.stateful and state is not None:
+            self.iterable.load_state_dict(state)
+            self._it = iter(self.iterable)
+        else:
+            log.warning("paci: the data have no state_dict(); skipping %d mini-batches to where the checkpoint "
+                        "stopped, which is exact only if they come in the same order again", k)
+            self._it = iter(self.iterable)
+            for skipped in range(k):
+                if next(self._it, None) is None:
+                    raise DataError(f"the data ran out after {skipped} mini-batches, before the checkpoint's {k}")
+        self._next = k
+
+
+def _source(data, batch_size: int | None, seed: int | None, name: str) -> _Source:
+    if isinstance(data, Dataset) and hasattr(data, "__getitem__") and hasattr(data, "__len__") \
+            and not isinstance(data, IterableDataset):
+        return _Indexed(data, batch_size, seed, name)
+    if not isinstance(data, Iterable):
+        raise ValueError(f"{name} must be an iterable of (inputs, targets) mini-batches or a map-style Dataset of "
+                         f"(inputs, targets) samples, got {type(data).__name__}")
+    return _Iterated(data)
+
+
+def _cut(batch, m: int, what: str) -> list[tuple[payload.Payload, payload.Payload]]:
+    """An (inputs, targets) mini-batch as m micro-batches: every tensor cut along dim 0."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(payload.is_payload(t) for t in batch)):
+        raise DataError(f"each mini-batch must be an (inputs, targets) pair of tensors (or of tuples, lists or "
+                        f"dicts of tensors), got {type(batch).__name__}")
+    inputs, targets = batch
+    rows = {t.shape[0] if t.dim() else -1 for t in payload.leaves(inputs) + payload.leaves(targets)}
+    if len(rows) != 1 or rows.pop() % m:
+        raise DataError(f"{what}: every tensor of the inputs and targets must have one number of rows (dim 0), "
+                        f"divisible into {m} micro-batches")
+    return [(payload.apply(inputs, lambda t: t.chunk(m)[k]), payload.apply(targets, lambda t: t.chunk(m)[k]))
+            for k in range(m)]
+
+
+def _share(data: payload.Payload, replica: int, replicas: int) -> payload.Payload:
+    """A data-parallel replica's rows of a micro-batch."""
+    if replicas == 1:
+        return data
+    if any(t.shape[0] % replicas for t in payload.leaves(data)):
+        raise DataError(f"a micro-batch of {payload.leaves(data)[0].shape[0]} rows cannot be shared by "
+                        f"{replicas} data-parallel replicas; make each a multiple of {replicas}")
+    return payload.shard(data, replica, replicas)
+
+
+def _held_out(val_data, batch_size: int | None, m: int) -> list[tuple[payload.Payload, payload.Payload]]:
+    """The held-out set as evaluation micro-batches (mini-batches cut as the training ones are)."""
+    source = _source(val_data, batch_size, None, "val_data")
+    if isinstance(source, _Indexed):
+        count = source.size // source.batch_size
+        if count == 0:
+            raise ValueError(f"val_data has {source.size} samples, fewer than one mini-batch of {batch_size}")
+        batches = [source.get(k) for k in range(count)]
+    else:
+        batches = list(val_data)
+    if not batches:
+        raise ValueError("val_data is empty")
+    return [part for k, batch in enumerate(batches) for part in _cut(batch, m, f"val_data mini-batch {k}")]
+
+
+def _held_out_view(held_out: list, replica: int, replicas: int):
+    def batch(index: int):
+        inputs, targets = held_out[index % len(held_out)]
+        return _share(inputs, replica, replicas), _share(targets, replica, replicas)
+    return batch
+
+
+def _unattached(index: int):
+    raise RuntimeError("this stage has no data attached")
+
+
+class _Feeder:
+    """Micro-batch mb -> its slice of mini-batch mb // m, pulled from the source when first asked
+    for; a mini-batch is dropped once the first stage (inputs) and the last (targets) are both past
+    it. A resumed fit starts at mini-batch `start`."""
+
+    def __init__(self, source: _Source, microbatches: int, steps: int, start: int = 0) -> None:
+        self.source, self.m, self.steps, self.start = source, microbatches, steps, start
+        self.loaded: dict[int, list[tuple[payload.Payload, payload.Payload]]] = {}
+        self.pulled = start  # the next mini-batch to pull
+        self.position = {"inputs": start, "targets": start}  # the next mini-batch each end will ask for
+        self.resumed = False
 
     def view(self, inputs: bool, targets: bool, replica: int = 0, replicas: int = 1
              ) -> Callable[[int], tuple[payload.Payload | None, payload.Payload | None]]:
         """Micro-batch mb's inputs and/or targets; with data parallelism, replica's share of its rows."""
-        def share(data: payload.Payload) -> payload.Payload:
-            if replicas == 1:
-                return data
-            if any(t.shape[0] % replicas for t in payload.leaves(data)):
-                raise DataError(f"a micro-batch of {payload.leaves(data)[0].shape[0]} rows cannot be shared by "
-                                f"{replicas} data-parallel replicas; make each a multiple of {replicas}")
-            return payload.shard(data, replica, replicas)
-
         def batch(mb: int):
             x, y = self._get(mb, "inputs" if inputs else "targets")
-            return share(x) if inputs else None, share(y) if targets else None
+            return _share(x, replica, replicas) if inputs else None, _share(y, replica, replicas) if targets else None
         return batch
 
-    def first(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Micro-batch 0, inputs and targets (for profiling; it stays loaded for the run)."""
-        if not self.loaded and self.pulled == 0:
-            self.loaded[0] = self._cut(self._next())
-            self.pulled = 1
-        return self.loaded[0][0]
+    def first(self) -> tuple[payload.Payload, payload.Payload]:
+        """The first micro-batch this fit trains on, inputs and targets (it stays loaded for the run)."""
+        while self.pulled <= self.start:
+            self._pull()
+        return self.loaded[self.start][0]
 
-    def _get(self, mb: int, end: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def tokens(self) -> int:
+        """Elements of a micro-batch's targets: a language model's tokens, a classifier's samples."""
+        return sum(t.numel() for t in payload.leaves(self.first()[1]))
+
+    def state_for(self, distributed: bool) -> Callable[[Stage], dict]:
+        """A stage's checkpoint entry for the data: the source's position, saved by the stage that
+        reads it at its drain point (stage 0 in one process, where one feeder serves both ends and
+        the last stage's drain comes after stage 0 has read on; each end's own under a launcher)."""
+        def extra(stage: Stage) -> dict:
+            if not (stage.is_first or (distributed and stage.is_last)):
+                return {}
+            state = self.source.state()
+            return {} if state is None else {"data": state}
+        return extra
+
+    def load_for(self, distributed: bool, start: int) -> Callable[[Stage, dict], None]:
+        def load(stage: Stage, state: dict) -> None:
+            if self.resumed or not (stage.is_first or (distributed and stage.is_last)):
+                return
+            self.resumed = True
+            self.source.restore(start, state.get("data"))
+        return load
+
+    def _get(self, mb: int, end: str) -> tuple[payload.Payload, payload.Payload]:
         k = mb // self.m
         while self.pulled <= k:
-            self.loaded[self.pulled] = self._cut(self._next())
-            self.pulled += 1
+            self._pull()
         self.position[end] = k
         for old in [j for j in self.loaded if j < min(self.position.values())]:
             del self.loaded[old]
         return self.loaded[k][mb % self.m]
 
-    def _next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pull(self) -> None:
         try:
-            item = next(self.data)
+            batch = self.source.get(self.pulled)
         except StopIteration:
             raise DataError(f"the data ran out after {self.pulled} mini-batches; fit(steps={self.steps}) needs "
-                             f"{self.steps}") from None
-        if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(payload.is_payload(t) for t in item)):
-            raise DataError(f"each mini-batch must be an (inputs, targets) pair of tensors (or of tuples, lists or "
-                            f"dicts of tensors), got {type(item).__name__}")
-        return item[0], item[1]
-
-    def _cut(self, batch: tuple[payload.Payload, payload.Payload]) -> list[tuple[payload.Payload, payload.Payload]]:
-        """The mini-batch as m micro-batches: every tensor of the inputs and targets cut along dim 0."""
-        inputs, targets = batch
-        rows = {t.shape[0] if t.dim() else -1 for t in payload.leaves(inputs) + payload.leaves(targets)}
-        if len(rows) != 1 or rows.pop() % self.m:
-            raise DataError(f"mini-batch {self.pulled}: every tensor of the inputs and targets must have one number of "
-                            f"rows (dim 0), divisible into {self.m} micro-batches")
-        return [(self._slice(inputs, k), self._slice(targets, k)) for k in range(self.m)]
-
-    def _slice(self, data: payload.Payload, k: int) -> payload.Payload:
-        return payload.apply(data, lambda t: t.chunk(self.m)[k])
-
-
-def _no_evaluation(index: int):
-    raise RuntimeError("Pipeline.fit runs no evaluation rounds")
+                            f"{self.steps}") from None
+        self.loaded[self.pulled] = _cut(batch, self.m, f"mini-batch {self.pulled}")
+        self.pulled += 1

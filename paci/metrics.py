@@ -45,6 +45,7 @@ class StatsEvent(NamedTuple):
     value: float
     dropped: int = 0  # STEP: micro-batches of the step whose loss was not finite (left out of the mean and the update)
     at: float = 0.0  # STEP: when the last stage finished it (time.time(), on its own machine)
+    lr: float = math.nan  # STEP: the last stage's learning rate at the step (its first param group)
 
 
 def mean_loss(losses) -> tuple[float, int]:
@@ -58,16 +59,17 @@ def mean_loss(losses) -> tuple[float, int]:
 class StepStats:
     """Listens to the last stage; yields a StatsEvent when a step or an evaluation round completes."""
 
-    def __init__(self, accumulation: int, eval_batches: int) -> None:
-        self.accumulation, self.eval_batches = accumulation, eval_batches
+    def __init__(self, accumulation: int, eval_batches: int, base: int = 0) -> None:
+        """`base`: the stage's version when the schedule started (steps are counted from it)."""
+        self.accumulation, self.eval_batches, self.base = accumulation, eval_batches, base
 
     def __call__(self, stage, action: Action) -> list[StatsEvent]:
         if not stage.is_last:
             return []
         if action.op is Op.U:
-            step, k = stage.version, self.accumulation
+            step, k = stage.version - self.base, self.accumulation
             mean, dropped = mean_loss([stage.losses.pop(mb) for mb in range((step - 1) * k, step * k)])
-            return [StatsEvent(STEP, step, mean, dropped, time.time())]
+            return [StatsEvent(STEP, step, mean, dropped, time.time(), stage.step_lr)]
         if action.op is Op.E and (action.microbatch + 1) % self.eval_batches == 0:
             index = action.microbatch // self.eval_batches
             first = index * self.eval_batches
@@ -77,10 +79,11 @@ class StepStats:
 
 
 class Recorder:
-    """Writes one JSON object per step to metrics.jsonl (validation merged into its step's record)."""
+    """Writes one JSON object per step to metrics.jsonl (validation merged into its step's record);
+    with no `run_dir`, only hands each to `on_record`."""
 
-    def __init__(self, run_dir: Path, schedule: Schedule, *, tokens_per_microbatch: int, eval_rounds: list[int],
-                 lr_at: Callable[[int], float], on_record: Callable[[Record], None] | None = None,
+    def __init__(self, run_dir: Path | None, schedule: Schedule, *, tokens_per_microbatch: int, eval_rounds: list[int],
+                 lr_at: Callable[[int], float] | None, on_record: Callable[[Record], None] | None = None,
                  resume_step: int = 0, norm_stages: int = 0) -> None:
         self.accumulation, self.tokens_per_microbatch = schedule.accumulation, tokens_per_microbatch
         self.eval_rounds, self.lr_at = eval_rounds, lr_at
@@ -103,6 +106,9 @@ class Recorder:
         self._norms: dict[int, dict[int, float]] = {}
         self._held: deque[Record] = deque()
         self._max_drift = 0
+        self._file = None
+        if run_dir is None:
+            return
         path = run_dir / "metrics.jsonl"
         if resume_step:  # keep the records up to the checkpoint, drop those a crash left after it
             kept = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("step", 0) <= resume_step
@@ -120,7 +126,7 @@ class Recorder:
     def consume(self, event: StatsEvent) -> None:
         if event.kind == STEP:
             self._flush()
-            self._pending = self._step_record(event.index, event.value, event.at)
+            self._pending = self._step_record(event.index, event.value, event.at, event.lr)
             if event.dropped:
                 self._pending["nonfinite_microbatches"] = event.dropped
             if event.index not in self.eval_rounds:
@@ -134,9 +140,10 @@ class Recorder:
             self._pending.update(validation)
             self._flush()
 
-    def _step_record(self, step: int, loss: float, at: float = 0.0) -> Record:
-        """Step `step`'s record: `wall_s` when its last stage finished it (`at`; else now), and
-        `tok_per_s` over this step alone (since the step recorded before it)."""
+    def _step_record(self, step: int, loss: float, at: float = 0.0, lr: float = math.nan) -> Record:
+        """Step `step`'s record: `wall_s` when its last stage finished it (`at`; else now),
+        `tok_per_s` over this step alone (since the step recorded before it), and the learning
+        rate of `lr_at` (the run's schedule), or without one the last stage's (`lr`)."""
         k = self.accumulation
         self._floor = (step - 1) * k
         drift = Counter(self._predicted_drift(stage, mb) for stage in range(len(self._versions))
@@ -146,7 +153,7 @@ class Recorder:
         tokens = step * k * self.tokens_per_microbatch
         previous_tokens, previous_wall = self._previous
         self._previous = (tokens, wall)
-        return {"step": step, "tokens": tokens, "loss": loss, "lr": self.lr_at(step - 1), "wall_s": round(wall, 3),
+        return {"step": step, "tokens": tokens, "loss": loss, "lr": self.lr_at(step - 1) if self.lr_at is not None else lr, "wall_s": round(wall, 3),
                 "tok_per_s": (tokens - previous_tokens) / max(wall - previous_wall, 1e-9),
                 "drift_histogram": dict(sorted(drift.items())), "max_drift": self._max_drift}
 
@@ -192,8 +199,9 @@ class Recorder:
                 del self._norms[record["step"]]
             self._held.popleft()
             self._remember(record)
-            self._file.write(to_json(record) + "\n")
-            self._file.flush()
+            if self._file is not None:
+                self._file.write(to_json(record) + "\n")
+                self._file.flush()
             if self.on_record is not None:
                 self.on_record(record)
 
@@ -201,12 +209,14 @@ class Recorder:
         """The run's closing line (utilisation, bubble, memory), marked "final": true."""
         self._flush()
         self._release(everything=True)
-        self._file.write(to_json({"final": True, **record}) + "\n")
+        if self._file is not None:
+            self._file.write(to_json({"final": True, **record}) + "\n")
 
     def close(self) -> None:
         self._flush()
         self._release(everything=True)
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def summary(self) -> Record:
         last, first_val, last_val = self._last_step, self._first_val or {}, self._last_val or {}

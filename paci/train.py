@@ -1,46 +1,37 @@
-"""The training job: resolve a config into a plan, build the stages, run the schedule, record metrics.
+"""The GPT job of `paci train`: resolve a config into a plan (model, corpus, split), then hand it to the loop.
 
 `make_plan` checks everything (data, sizes, split, schedule) before anything is written, so bad
-input leaves no run directory behind. `train` then runs every stage in this process over the
-local transport; the multi-process runtime (`paci.runtime.launch`) builds the same plan and runs
-one stage per rank, producing the same numbers.
+input leaves no run directory behind. `train` runs every stage in this process, `train_rank` this
+rank's stages of a launched run; both through `paci.driver`, the loop `paci.Pipeline` runs too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import itertools
 import json
-import math
 import os
-import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from paci import checkpoint, schedules
+from paci import checkpoint, driver, schedules
 from paci.config import RunConfig
 from paci.data import TokenData, load_data
-from paci.files import check_writable, write_text
-from paci.ir import (Action, Op, Schedule, WeightPolicy, evaluation_rounds, from_step, stage_delay, steps_together,
-                     updates_ahead, with_evaluation)
-from paci.metrics import Record, Recorder, StatsEvent, StepStats, to_json
+from paci.driver import Run
+from paci.ir import Schedule, WeightPolicy, evaluation_rounds, stage_delay, updates_ahead, with_evaluation
+from paci.metrics import Record
 from paci.model import PRESETS, GPTConfig, build_units, num_units
 from paci.partition import check_split, choose_split, parse_bytes, split_spec
 from paci.profiler import check_memory
-from paci.report import render_png, write_chrome_trace
-from paci.runtime.executor import gather_trace, join_mesh, run_in_process, run_on_rank
-from paci.runtime.launch import StopRequest, Stopped, env_rank, init_distributed, rank_device
+from paci.runtime.launch import StopRequest, env_rank, init_distributed, rank_device
 from paci.runtime.payload import shard
 from paci.runtime.stage import PREDICTIONS, OptimizerSpec, Stage
-from paci.runtime.transport import StatsChannel
-from paci.sim import CostModel, check_size, simulate
+from paci.sim import check_size
 from paci.trace import Trace
 
 
@@ -81,13 +72,6 @@ class Plan:
         """The optimizer step this run starts after: 0, or the resumed checkpoint's."""
         return self.resume["step"] if self.resume else 0
 
-    def is_drain(self, step: int) -> bool:
-        """Is a checkpoint taken after optimizer step `step`? Also at step 0 (after the first
-        validation), so that a run restarted before its first interval resumes rather than fails."""
-        last = self.schedule.num_steps
-        periodic = self.checkpoint_every > 0 and step % self.checkpoint_every == 0
-        return self.checkpoints and (step in (0, last) or periodic)
-
     @functools.cached_property
     def eval_rounds(self) -> list[int]:
         """The step after which each validation round runs (0: before training); none with --no-eval."""
@@ -98,12 +82,6 @@ class Plan:
     def drains_midway(self) -> bool:
         """Are there drain points before the end (where a requested stop can save and stop)?"""
         return 0 < self.checkpoint_every < self.schedule.num_steps
-
-    @functools.cached_property
-    def clips_globally(self) -> bool:
-        """--clip-grad-norm by the global norm over every stage: only where all stages step together
-        (Δ = 0 at every stage: the flush schedules); otherwise each stage clips by its own norm."""
-        return bool(self.optimizer.clip_grad_norm) and self.num_stages > 1 and steps_together(self.schedule)
 
     def identity(self) -> dict:
         """What fixes the computation: a checkpoint resumes only a run that agrees on all of it."""
@@ -186,9 +164,7 @@ def _run_dir(config: RunConfig) -> Path:
         path = Path(config.train.out)
     else:
         path = Path("runs") / f"{config.pipeline.schedule}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ValueError(f"--out {path} already exists and is not empty; choose a new run directory")
-    check_writable(path, "--out", folder=True)
+    driver.check_new_run_dir(path, "--out")
     return path
 
 
@@ -229,70 +205,20 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def save_stage(plan: Plan, stage: Stage) -> dict:
-    """This stage's file of the checkpoint at its current step; returns the manifest entry."""
-    payload = {**stage.state_dict(), "stage": stage.index, "units": list(plan.split[stage.index])}
-    return checkpoint.save_stage(plan.run_dir, stage.version, stage.index, payload)
-
-
-def finish_checkpoint(plan: Plan, step: int, entries: list[dict]) -> None:
-    """Every stage file is written: the manifest makes the checkpoint complete."""
-    checkpoint.write_manifest(plan.run_dir, step, plan.identity(), entries,
-                              {"next_microbatch": step * plan.schedule.accumulation})
-
-
-def resume_stage(plan: Plan, stage: Stage) -> None:
-    if plan.resume is not None:
-        stage.load_state_dict(checkpoint.load_stage(plan.resume, stage.index, stage.device))
-
-
-def make_recorder(plan: Plan, on_record: Callable[[Record], None] | None) -> Recorder:
-    return Recorder(plan.run_dir, plan.schedule, tokens_per_microbatch=plan.tokens_per_microbatch,
-                    eval_rounds=plan.eval_rounds,
-                    lr_at=plan.optimizer.lr_at, on_record=on_record, resume_step=plan.start_step,
-                    norm_stages=plan.num_stages if plan.optimizer.clip_grad_norm else 0)
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-def claim_run_dir(plan: Plan) -> None:
-    """Make the run directory this run's alone: creating its metrics.jsonl exclusively decides it.
-    Two runs started in the same second under the default name get <name> and <name>-2."""
-    for n in itertools.count(1):
-        path = plan.run_dir if n == 1 else plan.run_dir.with_name(f"{plan.run_dir.name}-{n}")
-        if path.exists() and (not path.is_dir() or any(path.iterdir())) and plan.config.train.out is None:
-            continue
-        path.mkdir(parents=True, exist_ok=True)
-        try:
-            (path / "metrics.jsonl").open("x").close()
-        except FileExistsError:
-            if plan.config.train.out is not None:
-                raise ValueError(f"--out {path} is already used by another run; choose a new run directory") from None
-            continue
-        plan.run_dir = path
-        return
-
-
-def write_header(plan: Plan) -> None:
-    """config.json: the run's settings and everything resolved from them (kept as is by a resume)."""
-    if plan.resume is not None:
-        return
-    resolved = {**plan.config.as_dict(), "resolved": {
+def to_run(plan: Plan) -> Run:
+    """The plan as the training loop takes it (paci.driver)."""
+    config = plan.config
+    resolved = None if plan.resume is not None else {**config.as_dict(), "resolved": {
         "model": dataclasses.asdict(plan.model), "split": split_spec(plan.split), "seq_len": plan.seq_len,
         "num_microbatches": plan.schedule.num_microbatches, "accumulation": plan.schedule.accumulation,
         "num_steps": plan.schedule.num_steps, "warmup_steps": plan.optimizer.warmup_steps,
         "weight_policy": plan.schedule.weight_policy.value, "data": repr(plan.data),
         "checkpoint_every": plan.checkpoint_every}}
-    write_text(plan.run_dir / "config.json", json.dumps(resolved, indent=1) + "\n")
-
-
-def write_summary(plan: Plan, recorder: Recorder, extra: Record) -> Record:
-    """summary.json: the recorder's final numbers plus `extra`; called once every version was verified."""
-    summary = {**recorder.summary(), **extra, "schedule": plan.schedule.name, "num_stages": plan.num_stages,
-               "run_dir": str(plan.run_dir), "versions_verified": True}
-    write_text(plan.run_dir / "summary.json", to_json(summary, indent=1) + "\n")
-    return summary
+    return Run(plan.schedule, functools.partial(build_stage, plan), plan.split, plan.identity(),
+               lambda: plan.tokens_per_microbatch, plan.optimizer.lr_at, plan.eval_rounds, plan.eval_batches,
+               plan.checkpoint_every, plan.checkpoints, plan.run_dir, named=config.train.out is not None,
+               resume=plan.resume, header=resolved, dp=config.pipeline.dp, clip_grad_norm=plan.optimizer.clip_grad_norm,
+               timeout_s=config.pipeline.timeout_s, trace=config.train.trace, plots=config.train.plots)
 
 
 def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
@@ -305,53 +231,24 @@ def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
         raise ValueError(f"--dp {config.pipeline.dp} runs one process per stage and replica: use --nproc or torchrun")
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)  # before profiling the split
     plan = make_plan(config, resume=resume)
-    device = default_device()
-    stages = [build_stage(plan, s, device) for s in range(plan.num_stages)]
-    for stage in stages:
-        resume_stage(plan, stage)
-    if not resume:
-        claim_run_dir(plan)
-    write_header(plan)
-    if on_plan is not None:
-        on_plan(plan)
-    recorder = make_recorder(plan, on_record)
-    stats = StepStats(plan.schedule.accumulation, plan.eval_batches)
-
-    def listener(stage: Stage, action: Action) -> None:
-        for event in stats(stage, action):
-            recorder.consume(event)
-        if action.op is Op.U and plan.optimizer.clip_grad_norm:
-            recorder.add_norm(stage.version, stage.index, stage.grad_norm)
-
-    saved: dict[int, list[dict]] = {}
-
-    def on_drain(stage: Stage) -> None:  # the last stage to reach a drain point completes the checkpoint
-        entries = saved.setdefault(stage.version, [])
-        entries.append(save_stage(plan, stage))
-        if len(entries) == plan.num_stages:
-            finish_checkpoint(plan, stage.version, saved.pop(stage.version))
-            if stop is not None and stop.requested:
-                raise Stopped(stage.version)
-
-    try:
-        with stop.armed(plan.drains_midway) if stop is not None else contextlib.nullcontext():
-            trace = run_in_process(stages, plan.schedule, clip_globally=plan.clips_globally,
-                                   start_step=plan.start_step, listener=listener, is_drain=plan.is_drain,
-                                   on_drain=on_drain)
-    finally:
-        recorder.close()
-    return write_summary(plan, recorder, {"skipped_updates": [stage.skipped for stage in stages]}), trace
+    summary, trace, stages = driver.run_local(to_run(plan), default_device(), on_record, _started(plan, on_plan), stop)
+    return summary, trace
 
 
-# ----------------------------------------------------------------------------------------------
-# One stage per rank over torch.distributed (launched by `paci train --nproc P` or torchrun)
+def _started(plan: Plan, on_plan: Callable[[Plan], None] | None) -> Callable[[Run], None]:
+    def started(run: Run) -> None:  # the run directory is claimed (and named): the plan learns it
+        plan.run_dir = run.run_dir
+        if on_plan is not None:
+            on_plan(plan)
+    return started
 
 
 def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = None,
                on_plan: Callable[[Plan], None] | None = None, resume: bool = False,
                stop: StopRequest | None = None) -> Record | None:
-    """This rank's part of a multi-process run. Rank 0 writes the run directory and returns the
-    summary. At each checkpoint the ranks agree whether any was asked to `stop` (Stopped)."""
+    """This rank's part of a multi-process run (launched by `paci train --nproc P` or torchrun).
+    Rank 0 writes the run directory and returns the summary. At each checkpoint the ranks agree
+    whether any was asked to `stop` (Stopped)."""
     info = env_rank()
     device = rank_device(info)
     ranks, dp = config.pipeline.stages, config.pipeline.dp  # --stages: the pipeline's ranks
@@ -359,184 +256,13 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
         raise ValueError(f"the world has {info.world_size} ranks but the pipeline has {ranks} stages"
                          + (f" x {dp} replicas" if dp > 1 else "") + f"; pass --stages {info.world_size // dp}"
                          + (f" --dp {dp}" if dp > 1 else "") + " (one process per stage and replica)")
-    replica, index = divmod(info.rank, ranks)  # a (dp, pp) mesh: each replica on consecutive ranks
     if not dist.is_initialized():
         init_distributed(device, config.pipeline.timeout_s)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     if config.pipeline.split == "profile":  # measured once on rank 0 (the others wait up to the timeout)
         config = dataclasses.replace(config, pipeline=dataclasses.replace(
-            config.pipeline, split=_broadcast(split_spec(make_plan(config).split) if info.rank == 0 else "")))
+            config.pipeline, split=driver.broadcast(split_spec(make_plan(config).split) if info.rank == 0 else "")))
     plan = make_plan(config, resume=resume)
-    last = ranks - 1  # replica 0's rank of the last stage: the one that reports to rank 0
-    stats_group = dist.new_group([0, last])
-    checkpoint_group = dist.new_group(list(range(info.world_size)))  # apart from the P2P traffic
-    # this rank's stage, or its chunks of an interleaved schedule
-    stages = [build_stage(plan, s, device, replica) for s in plan.schedule.stages_of(index)]
-    for stage in stages:
-        resume_stage(plan, stage)
-    messages = sum(1 for _ in _stats_order(plan))
-    channel = StatsChannel(stats_group, info.rank, last, 0, messages, device,
-                           config.pipeline.timeout_s) if info.rank in (0, last) else None
-    norm_channels = _norm_channels(plan, info.rank, device) if plan.optimizer.clip_grad_norm else {}
-    pipeline_group = join_mesh(stages, device, dp, ranks, config.pipeline.timeout_s, plan.clips_globally)
-    dist.barrier()  # everyone has checked the plan before rank 0 writes anything
-    recorder = None
-    if info.rank == 0:
-        if not resume:
-            claim_run_dir(plan)
-        write_header(plan)
-        if on_plan is not None:
-            on_plan(plan)
-        recorder = make_recorder(plan, on_record)
-    plan.run_dir = Path(_broadcast(str(plan.run_dir)))
-    try:
-        with stop.armed(plan.drains_midway) if stop is not None else contextlib.nullcontext():
-            trace = _run_rank(plan, stages, replica, channel, recorder, checkpoint_group, norm_channels, stop)
-        return _gather(plan, stages, trace, recorder, pipeline_group) if replica == 0 else None
-    finally:
-        if recorder is not None:
-            recorder.close()
-
-
-def _norm_channels(plan: Plan, rank: int, device: torch.device) -> dict[int, StatsChannel]:
-    """With clipping, every rank s > 0 sends its gradient norm of each step to rank 0, which records
-    them: one channel (and group) per rank, {s: channel} on rank 0, {rank: channel} on rank s."""
-    channels = {}
-    steps = plan.schedule.num_steps - plan.start_step
-    for s in range(1, plan.num_stages):
-        group = dist.new_group([0, s])  # every rank creates every group, in the same order
-        if rank in (0, s):
-            channels[s] = StatsChannel(group, rank, s, 0, steps, device, plan.config.pipeline.timeout_s)
-    return channels
-
-
-def _run_rank(plan: Plan, stages: list[Stage], replica: int, channel: StatsChannel | None, recorder: Recorder | None,
-              checkpoint_group, norm_channels: dict[int, StatsChannel], stop: StopRequest | None) -> Trace:
-    stats = StepStats(plan.schedule.accumulation, plan.eval_batches)
-    due = _stats_order(plan)  # on rank 0: the step after which each stats message is sent
-    next_due = next(due, None)
-
-    next_norm = {s: plan.start_step + 1 for s in norm_channels}  # on rank 0: the step of each rank's next norm
-
-    def record_until(step: float) -> None:
-        nonlocal next_due
-        if recorder is None:
-            return
-        for s, norms in norm_channels.items():  # sent at each rank's U, which comes before stage 0's next U
-            while next_norm[s] <= min(step, plan.schedule.num_steps):
-                at, norm, *_ = norms.receive()
-                recorder.add_norm(int(at), s, norm)
-                next_norm[s] += 1
-        while next_due is not None and next_due <= step:
-            recorder.consume(StatsEvent(*_as_event(channel.receive())))
-            next_due = next(due, None)
-
-    written: list[dict] = []  # this rank's stage files of the drain point being taken
-
-    def on_drain(stage: Stage) -> None:
-        """Each rank writes its stage files (one per stage it holds); rank 0, having recorded every
-        step up to here, writes the manifest once all files are on disk (a gather, at a point where
-        the pipeline is empty anyway)."""
-        if replica == 0:  # the other replicas hold the same weights
-            written.append(save_stage(plan, stage))
-        if stage is not stages[-1]:  # the executor drains a rank's stages in order, at one point
-            return
-        record_until(stage.version)
-        world = dist.get_world_size()
-        entries = [None] * world if dist.get_rank() == 0 else None
-        dist.gather_object(list(written), entries, dst=0, group=checkpoint_group)
-        written.clear()
-        if entries is not None:
-            finish_checkpoint(plan, stage.version, [e for part in entries[:plan.num_ranks] for e in part])
-        if stop is not None:  # a stop asked of any rank (they get the signal at slightly different times)
-            asked = torch.tensor([float(stop.requested)], device=stage.device)
-            dist.all_reduce(asked, op=dist.ReduceOp.MAX, group=checkpoint_group)
-            if asked.item():
-                raise Stopped(stage.version)
-
-    def listener(stage: Stage, action: Action) -> None:
-        if stage.is_last:
-            for event in stats(stage, action):
-                if channel is not None:  # replica 0's last stage reports (its losses are the replicas' mean)
-                    channel.send(event)
-        if action.op is Op.U and plan.optimizer.clip_grad_norm:
-            if recorder is not None:
-                recorder.add_norm(stage.version, stage.index, stage.grad_norm)
-            elif stage.index in norm_channels and replica == 0:
-                norm_channels[stage.index].send((stage.version, stage.grad_norm, 0.0, 0.0, 0.0))
-        if action.op is Op.U:  # when stage 0 finishes step v, the last rank has long sent everything of step v-1
-            record_until(stage.version - 1)
-
-    trace = run_on_rank(stages, plan.schedule, stages[0].device, plan.config.pipeline.timeout_s,
-                        offset=replica * plan.num_ranks, start_step=plan.start_step, listener=listener,
-                        is_drain=plan.is_drain, on_drain=on_drain)
-    if channel is not None and stages[-1].is_last:
-        channel.flush()
-    for stage in stages:
-        if stage.index in norm_channels:
-            norm_channels[stage.index].flush()
-    record_until(math.inf)
-    return trace
-
-
-def _stats_order(plan: Plan) -> Iterator[int]:
-    """The last rank's stats messages in send order, each as the step after which it is sent (from
-    the start of this run, which a resume puts after its checkpoint's step and evaluation round)."""
-    rounds = set(plan.eval_rounds)
-    if not plan.start_step and 0 in rounds:
-        yield 0  # validation before training
-    for step in range(plan.start_step + 1, plan.schedule.num_steps + 1):
-        yield step
-        if step in rounds:
-            yield step
-
-
-def _as_event(values: tuple[float, ...]) -> tuple[int, int, float, int, float]:
-    return int(values[0]), int(values[1]), values[2], int(values[3]), values[4]
-
-
-def _broadcast(value: str) -> str:
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _gather(plan: Plan, stages: list[Stage], trace: Trace, recorder: Recorder | None, group=None) -> Record | None:
-    """Collect every rank's trace, memory and skipped updates on rank 0 (each rank checked its own
-    versions as it ran); write the trace files and summary."""
-    mine = (_peak_memory(stages[0].device), {stage.index: stage.skipped for stage in stages})
-    gathered = gather_trace(trace, [stage.index for stage in stages], mine, group)
-    if gathered is None:
-        return None
-    trace, extras = gathered
-    skipped = {index: steps for _, per_stage in extras for index, steps in per_stage.items()}
-    report = run_report(plan, trace, [memory for memory, _ in extras])
-    recorder.append_final(report)
-    return write_summary(plan, recorder, {**report, "skipped_updates": [skipped[s] for s in range(plan.num_stages)]})
-
-
-def run_report(plan: Plan, trace: Trace, peak_memory: list[int]) -> Record:
-    """Measured utilisation and bubble, the simulator's prediction from the measured op means, files."""
-    metrics = trace.metrics()
-    predicted = simulate(from_step(plan.schedule, plan.start_step), CostModel.from_trace(trace))
-    if plan.config.train.trace:
-        write_chrome_trace([trace, predicted.trace], plan.run_dir / "trace.json")
-    if plan.config.train.plots:
-        shown = 8 * plan.num_stages * plan.schedule.accumulation  # the first few steps, readable
-        render_png(trace, plan.run_dir / "timeline.png", title=f"{plan.schedule.name}: measured", max_actions=shown)
-        render_png(predicted.trace, plan.run_dir / "timeline_predicted.png", max_actions=shown,
-                   title=f"{plan.schedule.name}: predicted from the measured op times")
-    makespan = metrics.makespan
-    return {"bubble_fraction": metrics.bubble_fraction,
-            "per_stage_utilization": [round(s.busy / makespan, 4) for s in metrics.per_stage],
-            "tokens_per_s": plan.schedule.num_microbatches * plan.tokens_per_microbatch / makespan,
-            "measured_makespan_s": makespan, "predicted_makespan_s": predicted.metrics.makespan,
-            "makespan_ratio": makespan / predicted.metrics.makespan,
-            "peak_memory_bytes": peak_memory, "wait_s": [float(sum(c.wait)) for c in trace.stages]}
+    summary, _ = driver.run_rank(to_run(plan), device, on_record, _started(plan, on_plan), stop)
+    return summary

@@ -18,7 +18,8 @@ from paci import schedules
 from paci.checkpoint import CheckpointError, latest, load_stage
 from paci.config import load_config, load_run_config
 from paci.ir import Op, after_step, stage_versions, validate, with_drains
-from paci.train import claim_run_dir, make_plan, train
+from paci.driver import claim_run_dir
+from paci.train import make_plan, to_run, train
 
 
 def _segments(name: str, stages: int, m: int, steps: int, every: int):
@@ -191,7 +192,7 @@ def test_two_runs_in_the_same_second_get_their_own_directories(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     config = _config(tmp_path, "x")
     config.train.out = None
-    first, second = make_plan(config), make_plan(config)
+    first, second = to_run(make_plan(config)), to_run(make_plan(config))
     assert first.run_dir == second.run_dir  # same name: same schedule, same second
     claim_run_dir(first)
     claim_run_dir(second)

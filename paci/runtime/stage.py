@@ -212,6 +212,7 @@ class Stage:
         self.loss_scale = loss_scale
         self.train_batch, self.val_batch = train_batch, val_batch
         self.version = 0
+        self.step_lr = math.nan  # the learning rate of the last step (first param group), for the records
         self.window = 0.0  # the share of the coming update's micro-batches whose backward has run ("predict-window")
         self._directions: dict[torch.Tensor, torch.Tensor] = {}  # "predict" with Muon: the window's predicted directions
         self.versions: dict[int, tuple[int, int]] = {}  # mb -> (v_f, v_b)
@@ -491,6 +492,7 @@ class Stage:
         if self.replica_mean is not None and grads:  # the last stage's recorded losses too: the replicas' mean
             self.replica_mean(grads + [self.losses[mb] for mb in sorted(self.losses)])
         finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        self.step_lr = self.lr
         if self.spec.clip_grad_norm:
             self._clip(grads, finite)
         if self.policy is WeightPolicy.STASHED:

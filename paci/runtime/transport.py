@@ -173,7 +173,7 @@ def _source(msg: Message) -> int:
 _KINDS = {"F": 0, "B": 1, "E": 2}
 
 
-STATS_WIDTH = 5  # the fields of a metrics.StatsEvent
+STATS_WIDTH = 6  # the fields of a metrics.StatsEvent
 
 
 class StatsChannel:

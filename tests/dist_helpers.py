@@ -95,7 +95,7 @@ def fit_pipeline(payload) -> int:
     rank = int(__import__("os").environ["RANK"])
     held = pipe.stage_modules[rank % pipe.num_ranks::pipe.num_ranks]  # one stage, or a rank's interleaved chunks
     params = [p.detach() for stage in held for p in stage.parameters()]
-    torch.save({"losses": losses, "params": params}, f"{out}/rank{rank}.pt")
+    torch.save({"losses": list(losses), "params": params}, f"{out}/rank{rank}.pt")
     return 0
 
 
@@ -111,3 +111,23 @@ def bench_rank(payload) -> int:
         with open(out, "w") as f:
             json.dump(result, f)
     return 0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (its children, theirs, ...), from /proc."""
+    from pathlib import Path
+
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

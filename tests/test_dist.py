@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import paci
-from dist_helpers import train_each
+from dist_helpers import descendants, train_each
 
 from paci.checkpoint import latest, load_stage
 from paci.config import load_config
@@ -215,13 +215,13 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path):
             if proc.poll() is not None:
                 pytest.fail("the first attempt ended early:\n" + proc.communicate()[1][-4000:])
             time.sleep(0.1)
-        workers = [pid for pid in _descendants(proc.pid)
+        workers = [pid for pid in descendants(proc.pid)
                    if b"paci\x00train" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(workers) == 2
         os.kill(max(workers), signal.SIGKILL)
         _, stderr = proc.communicate(timeout=200)
     finally:  # a failing test leaves no torchrun behind
-        for pid in [*_descendants(proc.pid), proc.pid]:
+        for pid in [*descendants(proc.pid), proc.pid]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -234,23 +234,6 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path):
     assert _losses(run) == _losses(tmp_path / "whole")
     for a, b in zip(_weights(run), _weights(tmp_path / "whole")):
         assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _descendants(pid: int) -> list[int]:
-    children = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def test_world_size_must_match_stages(tmp_path):

@@ -201,8 +201,8 @@ def run_on_rank(stages: list[Stage], schedule: Schedule, device: torch.device, t
     these stages' columns filled in."""
     rank = stages[0].index % schedule.ranks
     resumed = from_step(schedule, start_step)
-    transport = DistTransport(resumed, rank, exchange_layouts(stages, schedule.ranks, device, offset), device,
-                              timeout_s, offset=offset)
+    layouts = exchange_layouts(stages, schedule.ranks, device, offset, start_step * schedule.accumulation)
+    transport = DistTransport(resumed, rank, layouts, device, timeout_s, offset=offset)
     trace = Trace(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.weight_policy, "measured",
                   num_ranks=schedule.num_ranks)
     on_action, finish = _checked(schedule, stages, start_step, listener)
@@ -215,15 +215,16 @@ def run_on_rank(stages: list[Stage], schedule: Schedule, device: torch.device, t
     return trace
 
 
-def exchange_layouts(stages: list[Stage], ranks: int, device: torch.device, offset: int = 0) -> MessageSpec:
+def exchange_layouts(stages: list[Stage], ranks: int, device: torch.device, offset: int = 0,
+                     first: int = 0) -> MessageSpec:
     """What this rank receives and sends, as `DistTransport` needs it: the layout of each payload,
-    from one forward of micro-batch 0 (stage 0) or of zeros laid out as the stage before reported,
+    from one forward of micro-batch `first`, the run's first (stage 0), or of zeros laid out as the stage before reported,
     handed down the pipeline stage by stage (a model's own shapes, never written by hand)."""
     received: dict[int, payload.Layout] = {}
     sent: dict[int, payload.Layout] = {}
     for stage in sorted(stages, key=lambda stage: stage.index):
         if stage.is_first:
-            x = stage.train_batch(0)[0]
+            x = stage.train_batch(first)[0]
         else:
             box = [None]
             dist.recv_object_list(box, src=offset + (stage.index - 1) % ranks)

@@ -4,7 +4,9 @@ A byte-level transformer language model built from stock torch.nn layers (not pa
 with PACI over 4 stages on the embedded corpus, read as a map-style Dataset of byte windows (paci
 draws their order from a seeded sampler, so any step can be resumed). Validation on held-out
 windows every --eval-every steps, a checkpoint every --checkpoint-every steps; Ctrl-C or SIGTERM
-saves at the next checkpoint and exits with 130; the same command then continues from it.
+drains the pipeline after the current step, saves a checkpoint there and exits with 130; the same
+command then continues from it. That extra drain point is recorded, and `--drains` adds it to a run
+that is never stopped: the two end bit-identical.
 
     .venv/bin/python examples/long_run.py --out runs/bytes     # stop it any time, then run it again
     .venv/bin/torchrun --nproc-per-node 2 --max-restarts 1 examples/long_run.py --stages 2 --out runs/bytes
@@ -85,6 +87,8 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--drains", type=lambda text: [int(step) for step in text.split(",")], default=[],
+                        help="extra drain points (with checkpoints) after these steps, e.g. 17,33: a stopped run's")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # paci's lines: resuming, stopped
 
@@ -103,11 +107,14 @@ def main() -> int:
                          optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr, weight_decay=0.1),
                          lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
                          schedule="paci", stages=args.stages, microbatches=MICROBATCHES)
+    def progress(step: int, loss: float) -> None:
+        if step % 10 == 0:
+            print(f"step {step} | loss {loss:.3f}", flush=True)
+
     try:
         history = pipe.fit(train, steps=args.steps, batch_size=args.batch_size, val_data=held_out,
                            eval_every=args.eval_every, out=args.out, checkpoint_every=args.checkpoint_every,
-                           resume=True, on_step=lambda step, loss: print(f"step {step} | loss {loss:.3f}", flush=True)
-                           if step % 10 == 0 else None)
+                           resume=True, drains=args.drains, on_step=progress)
     except paci.Stopped:
         return 130  # the checkpoint is saved; the same command continues from it
     for s in pipe.local_stages:  # every stage in one process; under torchrun, this rank's

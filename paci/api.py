@@ -21,6 +21,12 @@ Data: each mini-batch is cut into `microbatches` equal micro-batches along dimen
 stage reads the inputs, the last the targets. `fit` pulls mini-batches as the schedule needs them
 and keeps only those still in flight. The units themselves are trained in place.
 
+A long run (`fit(dataset, steps, val_data=..., out=..., checkpoint_every=..., resume=True)`) gets
+what `paci train` gets, from the same loop (paci.driver): validation rounds inside the schedule,
+metrics.jsonl and summary.json, checkpoints at drain points with a resume equal bit for bit to the
+run that never stopped, and a Ctrl-C / SIGTERM that drains after the current step, saves and
+raises `Stopped`.
+
 The same script runs every stage in this process (`python train.py`) or one stage per rank under
 `torchrun --nproc-per-node P train.py` (gloo on CPU, NCCL on GPU), with the same numbers bit for
 bit; under torchrun give every rank the same data (rank 0 reads the inputs, the last rank the
@@ -48,7 +54,7 @@ from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from paci import checkpoint, driver, schedules
 from paci.data import DataError
-from paci.ir import evaluation_rounds, with_evaluation
+from paci.ir import Schedule, evaluation_rounds, with_evaluation
 from paci.partition import parse_split, partition, split_spec, stage_memory_model, uniform_split
 from paci.profiler import default_budget, profile_modules
 from paci.runtime import payload
@@ -154,7 +160,7 @@ class Pipeline:
             eval_every: int | None = None, batch_size: int | None = None, seed: int = 0,
             out: str | Path | None = None, checkpoint_every: int | None = None, resume: bool = False,
             on_step: Callable[[int, float], None] | None = None,
-            on_record: Callable[[dict], None] | None = None) -> History:
+            on_record: Callable[[dict], None] | None = None, drains: Iterable[int] = ()) -> History:
         """Train on `steps` mini-batches; returns the mean training loss of each optimizer step (a
         list, whose `.val_loss` maps each validation round's step to its mean loss and `.summary`
         holds summary.json's numbers), and calls `on_step(step, loss)` as each step completes and
@@ -173,6 +179,12 @@ class Pipeline:
         never stopped, provided the data can resume: a Dataset, or an iterable with `state_dict()` /
         `load_state_dict()` (torchdata's StatefulDataLoader); a plain iterable is skipped forward, which
         is exact only if it yields the same mini-batches when started again.
+
+        With `out`, Ctrl-C or SIGTERM drains the pipeline at the next step boundary, saves a
+        checkpoint there and raises `paci.Stopped` (a second one stops at once). That extra drain
+        point changes what an asynchronous schedule computes after it, so the checkpoint records
+        it and a resumed run keeps it: stopped and resumed equals an uninterrupted run given
+        `drains=[that step]` (extra drain points, each with a checkpoint), bit for bit.
 
         Without `out`, calling `fit` again continues: weights, optimizer and scheduler state carry
         over; the pipeline fills and drains per call."""
@@ -197,15 +209,16 @@ class Pipeline:
         held_out = _held_out(val_data, batch_size, self.microbatches) if val_data is not None else []
         base = build(self.schedule, self.num_ranks, self.microbatches, steps, self.accumulation, chunks=self.chunks)
         every = schedules.drain_interval(base, self.microbatches, checkpoint_every) if run_dir is not None else 0
-        schedule = base
-        if every and every < base.num_steps:
-            schedule = build(self.schedule, self.num_ranks, self.microbatches, steps, self.accumulation, every,
-                             self.chunks)
         eval_every = max(1, base.num_steps // 10) if eval_every is None else eval_every
-        if held_out:
-            if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
-                raise ValueError(f"eval_every must be a positive integer (optimizer steps), got {eval_every!r}")
-            schedule = with_evaluation(schedule, eval_every, len(held_out))
+        if held_out and (isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1):
+            raise ValueError(f"eval_every must be a positive integer (optimizer steps), got {eval_every!r}")
+
+        def rebuild(drains: tuple[int, ...] = ()) -> Schedule:  # with drain points after `drains` too (driver.Run)
+            built = build(self.schedule, self.num_ranks, self.microbatches, steps, self.accumulation, every,
+                          self.chunks, drains=drains)
+            return with_evaluation(built, eval_every, len(held_out)) if held_out else built
+
+        schedule = rebuild()
         start = manifest["next_microbatch"] // self.microbatches if manifest is not None else 0
         feeder = _Feeder(source, self.microbatches, steps, start)
         device = self.device or (rank_device(info) if distributed else torch.device("cpu"))
@@ -226,7 +239,15 @@ class Pipeline:
             eval_batches=len(held_out), checkpoint_every=every, checkpoints=run_dir is not None, run_dir=run_dir,
             resume=manifest, dp=self.dp, clip_grad_norm=self.clip_grad_norm, timeout_s=self.timeout_s,
             extra_state=feeder.state_for(distributed), load_extra_state=feeder.load_for(distributed, start),
-            version_base=self._fitted)
+            version_base=self._fitted, rebuild=rebuild, microbatches=self.microbatches)
+        drains = tuple(drains)
+        if drains:
+            if run_dir is None:
+                raise ValueError("drains= adds checkpoints: pass out= as well")
+            last = run.schedule.num_steps
+            if any(isinstance(d, bool) or not isinstance(d, int) or not 0 < d < last for d in drains):
+                raise ValueError(f"drains must be optimizer steps between 1 and {last - 1}, got {list(drains)!r}")
+            run.add_drains(*drains)
         if manifest is not None:
             checkpoint.check_identity(manifest["identity"], run.identity)
             if manifest["step"] >= schedule.num_steps:
@@ -244,7 +265,7 @@ class Pipeline:
             if on_record is not None:
                 on_record(item)
 
-        # Ctrl-C or SIGTERM (torchrun passes both on) saves at the next checkpoint and raises Stopped
+        # Ctrl-C or SIGTERM (torchrun passes both on) drains at the next step, saves and raises Stopped
         stop = StopRequest(stop_signals(), STOPPING if not distributed or info.rank == 0 else None) \
             if run_dir is not None and threading.current_thread() is threading.main_thread() else None
         with _data_errors(), _resume_line(run):

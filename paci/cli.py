@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _terminate(signum, frame) -> None:
-    """SIGTERM stops a run the way Ctrl-C does (a training run: at its next checkpoint; again: at once)."""
+    """SIGTERM stops a run the way Ctrl-C does (a training run: drains after its current step and saves; again: at once)."""
     raise KeyboardInterrupt
 
 

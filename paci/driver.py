@@ -70,6 +70,22 @@ class Run:
     extra_state: Callable[[Stage], dict] | None = None
     load_extra_state: Callable[[Stage, dict], None] | None = None
     version_base: int = 0  # the stages' version before this schedule (a Pipeline fitted again)
+    # the schedule again with drain points added after these steps (a prompt stop's); None: a
+    # requested stop waits for the next scheduled drain point
+    rebuild: Callable[[tuple[int, ...]], Schedule] | None = None
+    microbatches: int = 1  # per mini-batch: a drain point falls between whole mini-batches
+    drains: tuple[int, ...] = ()  # the drain points a prompt stop added (this run's or its checkpoint's)
+
+    def __post_init__(self) -> None:
+        if self.resume is not None and self.resume.get("drains"):  # the run it continues stopped promptly
+            self.add_drains(*self.resume["drains"])
+
+    def add_drains(self, *steps: int) -> None:
+        """Drain (and checkpoint) after each of `steps` too: the schedule is rebuilt with them."""
+        if self.rebuild is None:
+            raise ValueError("this run cannot add drain points (no rebuild)")
+        self.drains = tuple(sorted({*self.drains, *steps}))
+        self.schedule = self.rebuild(self.drains)
 
     @property
     def num_stages(self) -> int:
@@ -90,12 +106,23 @@ class Run:
         validation), so that a run restarted before its first interval resumes rather than fails."""
         last = self.schedule.num_steps
         periodic = self.checkpoint_every > 0 and step % self.checkpoint_every == 0
-        return self.checkpoints and (step in (0, last) or periodic)
+        return self.checkpoints and (step in (0, last) or periodic or step in self.drains)
 
     @property
     def drains_midway(self) -> bool:
-        """Are there drain points before the end (where a requested stop can save and stop)?"""
-        return self.checkpoints and 0 < self.checkpoint_every < self.schedule.num_steps
+        """Can a requested stop save before the end: at a scheduled drain point, or at one it adds?"""
+        return self.checkpoints and (0 < self.checkpoint_every < self.schedule.num_steps
+                                     or bool(self.stop_points()))
+
+    def stop_points(self) -> list[int]:
+        """The steps after which a requested stop may add a drain point: each that ends a whole
+        mini-batch, has no validation round after it (whose messages a drain would reorder) and is
+        not a drain point already (where the stop saves anyway), from this run's start on."""
+        if not self.checkpoints or self.run_dir is None or self.rebuild is None:
+            return []
+        k, rounds = self.schedule.accumulation, set(self.eval_rounds)
+        return [step for step in range(self.start_step + 1, self.schedule.num_steps)
+                if step * k % self.microbatches == 0 and step not in rounds and not self.is_drain(step)]
 
     @property
     def clips_globally(self) -> bool:
@@ -107,12 +134,43 @@ class Run:
 Listener = Callable[[Record], None]
 
 
+class PromptStop:
+    """A requested stop drains the pipeline at the next step boundary stage 0 reaches: before its
+    first forward of step S + 1, if a stop is requested, drain point S is added to the run (the
+    schedule rebuilt with it), and the stages switch to the new schedule, which equals the old one
+    on every rank up to there (tests/test_schedules.py); they drain, the checkpoint is saved, the
+    run raises Stopped. In one process stage 0's executor decides; on a launched run rank 0 does
+    and tells every rank (a `StatsChannel` of one field), which each asks before its own first forward of the step.
+    Only at `Run.stop_points`; elsewhere the next one, or a scheduled drain point, serves."""
+
+    def __init__(self, run: Run, stop: StopRequest, channel: StatsChannel | None = None, lead: int = 0) -> None:
+        self.run, self.stop, self.channel, self.lead = run, stop, channel, lead  # lead: this rank's first stage
+        self._points = iter(run.stop_points())
+        self._next = next(self._points, None)
+
+    def __call__(self, action: Action) -> Schedule | None:
+        k = self.run.schedule.accumulation
+        if action.stage != self.lead or action.microbatch % k or action.microbatch // k != self._next:
+            return None
+        step, self._next = self._next, next(self._points, None)
+        if self.channel is None or self.channel.rank == self.channel.src:
+            drain = self.stop.requested
+            if self.channel is not None:
+                self.channel.send((float(drain),))
+        else:
+            drain = bool(self.channel.receive()[0])
+        if not drain:
+            return None
+        self.run.add_drains(step)
+        return self.run.schedule
+
+
 def run_local(run: Run, device: torch.device, on_record: Listener | None = None,
               on_start: Callable[[Run], None] | None = None, stop: StopRequest | None = None,
               stages: list[Stage] | None = None) -> tuple[Record, Trace, list[Stage]]:
     """Every stage in this process. Returns the summary, the measured trace and the stages (pass
     them back as `stages` to continue them with another schedule). Once `stop` is requested, the
-    run raises Stopped at its next checkpoint, once that is complete."""
+    run drains at its next step boundary (PromptStop), saves a checkpoint there and raises Stopped."""
     if stages is None:
         stages = [run.make_stage(s, device, 0) for s in range(run.num_stages)]
         for stage in stages:
@@ -140,11 +198,12 @@ def run_local(run: Run, device: torch.device, on_record: Listener | None = None,
                 raise Stopped(stage.version)
 
     checkpointing = run.checkpoints and run.run_dir is not None
+    prompt = PromptStop(run, stop) if stop is not None and run.stop_points() else None
     try:
         with stop.armed(run.drains_midway) if stop is not None else contextlib.nullcontext():
             trace = run_in_process(stages, run.schedule, clip_globally=run.clips_globally, start_step=run.start_step,
                                    listener=listener, is_drain=run.is_drain if checkpointing else None,
-                                   on_drain=on_drain if checkpointing else None)
+                                   on_drain=on_drain if checkpointing else None, reschedule=prompt)
     finally:
         recorder.close()
     return write_summary(run, recorder, {"skipped_updates": [stage.skipped for stage in stages]}), trace, stages
@@ -175,6 +234,12 @@ def run_rank(run: Run, device: torch.device, on_record: Listener | None = None,
     last = run.num_ranks - 1  # replica 0's rank of the last stage: the one that reports to rank 0
     stats_group = dist.new_group([0, last])
     checkpoint_group = dist.new_group(list(range(info.world_size)))  # apart from the P2P traffic
+    points = run.stop_points() if stop is not None else []
+    prompt = None
+    if points:  # every rank creates the same groups in the same order
+        flags = StatsChannel(dist.new_group(list(range(info.world_size)), backend="gloo"), info.rank, 0,
+                             range(1, info.world_size), len(points), torch.device("cpu"), run.timeout_s, width=1)
+        prompt = PromptStop(run, stop, flags, lead=index)
     if joined is None:  # this rank's stage, or its chunks of an interleaved schedule
         stages = [run.make_stage(s, device, replica) for s in run.schedule.stages_of(index)]
         for stage in stages:
@@ -196,7 +261,7 @@ def run_rank(run: Run, device: torch.device, on_record: Listener | None = None,
         run.run_dir = Path(broadcast(str(run.run_dir)))
     try:
         with stop.armed(run.drains_midway) if stop is not None else contextlib.nullcontext():
-            trace = _run_rank(run, stages, replica, channel, recorder, checkpoint_group, norm_channels, stop)
+            trace = _run_rank(run, stages, replica, channel, recorder, checkpoint_group, norm_channels, stop, prompt)
         return (_gather(run, stages, trace, recorder, joined.group) if replica == 0 else None), joined
     finally:
         if recorder is not None:
@@ -249,7 +314,8 @@ def save_stage(run: Run, stage: Stage) -> dict:
 def finish_checkpoint(run: Run, step: int, entries: list[dict]) -> None:
     """Every stage file is written: the manifest makes the checkpoint complete."""
     checkpoint.write_manifest(run.run_dir, step, run.identity, entries,
-                              {"next_microbatch": step * run.schedule.accumulation})
+                              {"next_microbatch": step * run.schedule.accumulation,
+                               **({"drains": list(run.drains)} if run.drains else {})})
 
 
 def resume_stage(run: Run, stage: Stage) -> None:
@@ -317,7 +383,8 @@ def _norm_channels(run: Run, rank: int, device: torch.device) -> dict[int, Stats
 
 
 def _run_rank(run: Run, stages: list[Stage], replica: int, channel: StatsChannel | None, recorder: Recorder | None,
-              checkpoint_group, norm_channels: dict[int, StatsChannel], stop: StopRequest | None) -> Trace:
+              checkpoint_group, norm_channels: dict[int, StatsChannel], stop: StopRequest | None,
+              prompt: PromptStop | None) -> Trace:
     stats = StepStats(run.schedule.accumulation, run.eval_batches, run.version_base)
     due = _stats_order(run)  # on rank 0: the step after which each stats message is sent
     next_due = next(due, None)
@@ -376,7 +443,8 @@ def _run_rank(run: Run, stages: list[Stage], replica: int, channel: StatsChannel
     checkpointing = run.checkpoints and run.run_dir is not None
     trace = run_on_rank(stages, run.schedule, stages[0].device, run.timeout_s, offset=replica * run.num_ranks,
                         start_step=run.start_step, listener=listener,
-                        is_drain=run.is_drain if checkpointing else None, on_drain=on_drain if checkpointing else None)
+                        is_drain=run.is_drain if checkpointing else None, on_drain=on_drain if checkpointing else None,
+                        reschedule=prompt)
     if channel is not None and stages[-1].is_last:
         channel.flush()
     for stage in stages:

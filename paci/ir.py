@@ -20,7 +20,7 @@ import io
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import accumulate, islice
 from typing import NamedTuple
 
 
@@ -246,30 +246,33 @@ def with_evaluation(schedule: Schedule, every: int, num_batches: int) -> Schedul
     return schedule.derived(stream, params=(("eval_every", every),))
 
 
-def with_drains(build: Callable[[int], Schedule], num_steps: int, every: int) -> Schedule:
-    """`build(steps)`'s schedule over `num_steps` steps, run as segments of `every` steps that each fill
-    and drain the pipeline: the drain points where a checkpoint holds no micro-batch in flight.
+def with_drains(build: Callable[[int], Schedule], num_steps: int, every: int, extra: Iterable[int] = ()) -> Schedule:
+    """`build(steps)`'s schedule over `num_steps` steps, run as segments that each fill and drain the
+    pipeline: cut after every `every` steps (0: no periodic cut) and after each step of `extra`.
+    The cuts are the drain points, where a checkpoint holds no micro-batch in flight.
 
     A flush schedule drains after every step anyway, so its stream is unchanged; an asynchronous
     one pays one fill and drain per segment. The points are fixed here, before anything runs, so a
-    run that stops at one and resumes computes what a run that never stopped computes.
+    run that stops at one and resumes computes what a run that never stopped computes. `extra`
+    holds the points a prompt stop added (recorded in its checkpoint, so the resumed run has them).
     """
-    whole, rest = divmod(num_steps, every)
-    full = build(min(every, num_steps))
-    tail = build(rest) if rest and whole else None
-    whole = max(whole, 1)
-    span = full.num_microbatches
+    extra = tuple(sorted({e for e in extra if 0 < e < num_steps}))
+    cuts = sorted({*(range(every, num_steps, every) if every else ()), *extra})
+    bounds = [0, *cuts, num_steps]
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    built = {n: build(n) for n in dict.fromkeys(lengths)}
+    first = built[lengths[0]]
+    offsets = list(accumulate((built[n].num_microbatches for n in lengths), initial=0))
 
     def stream(rank: int) -> Iterator[Action]:
-        for j in range(whole):
-            yield from _shifted(full.rank_actions(rank), j * span)
-        if tail is not None:
-            yield from _shifted(tail.rank_actions(rank), whole * span)
+        for n, offset in zip(lengths, offsets):
+            yield from _shifted(built[n].rank_actions(rank), offset)
 
-    total = whole * span + (tail.num_microbatches if tail is not None else 0)
-    params = tuple((k, num_steps if k == "steps" else v) for k, v in full.params) + (("drain_every", every),)
-    return Schedule(full.name, full.num_stages, total, full.accumulation, full.weight_policy, stream, params,
-                    full.num_ranks)
+    params = tuple((k, num_steps if k == "steps" else v) for k, v in first.params) + (("drain_every", every),)
+    if extra:
+        params += (("drains", extra),)
+    return Schedule(first.name, first.num_stages, offsets[-1], first.accumulation, first.weight_policy, stream,
+                    params, first.num_ranks)
 
 
 def then(first: Schedule, second: Schedule) -> Schedule:

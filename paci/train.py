@@ -52,6 +52,7 @@ class Plan:
     checkpoints: bool  # False: no checkpoint at all (--no-checkpoint)
     run_dir: Path = Path()
     resume: dict | None = None  # the manifest of the checkpoint this run continues from
+    rebuild: Callable[[tuple[int, ...]], Schedule] | None = None  # the schedule with drain points added (driver.Run)
 
     @property
     def num_stages(self) -> int:
@@ -80,8 +81,8 @@ class Plan:
 
     @property
     def drains_midway(self) -> bool:
-        """Are there drain points before the end (where a requested stop can save and stop)?"""
-        return 0 < self.checkpoint_every < self.schedule.num_steps
+        """Can a requested stop save before the end (driver.Run.drains_midway)?"""
+        return to_run(self).drains_midway
 
     def identity(self) -> dict:
         """What fixes the computation: a checkpoint resumes only a run that agrees on all of it."""
@@ -136,13 +137,17 @@ def make_plan(config: RunConfig, resume: bool = False) -> Plan:
                               total_steps=base.num_steps, min_lr_ratio=opt.min_lr_ratio, name=opt.optimizer,
                               compensate=opt.compensate, clip_grad_norm=opt.clip_grad_norm,
                               predict_gain=opt.predict_gain)
-    schedule = with_evaluation(base, config.train.eval_every, eval_batches) if config.train.eval else base
-    plan = Plan(config, data, model, split, schedule, optimizer, seq_len, config.data.batch_size, eval_batches,
-                every, config.train.checkpoint, run_dir, manifest)
+    def rebuild(drains: tuple[int, ...] = ()) -> Schedule:  # the training schedule, with drains added after these steps
+        built = schedules.build(pipe.schedule, pipe.stages, pipe.microbatches, config.train.steps, pipe.accum, every,
+                                pipe.chunks, pipe.sync_steps, drains) if drains else base
+        return with_evaluation(built, config.train.eval_every, eval_batches) if config.train.eval else built
+
+    plan = Plan(config, data, model, split, rebuild(), optimizer, seq_len, config.data.batch_size, eval_batches,
+                every, config.train.checkpoint, run_dir, manifest, rebuild)
     if manifest is not None:
         checkpoint.check_identity(manifest["identity"], plan.identity())
-        if manifest["step"] >= schedule.num_steps:
-            raise ValueError(f"--resume {run_dir}: the run finished all {schedule.num_steps} steps; nothing to resume")
+        if manifest["step"] >= plan.schedule.num_steps:
+            raise ValueError(f"--resume {run_dir}: the run finished all {plan.schedule.num_steps} steps; nothing to resume")
     return plan
 
 
@@ -218,21 +223,31 @@ def to_run(plan: Plan) -> Run:
                lambda: plan.tokens_per_microbatch, plan.optimizer.lr_at, plan.eval_rounds, plan.eval_batches,
                plan.checkpoint_every, plan.checkpoints, plan.run_dir, named=config.train.out is not None,
                resume=plan.resume, header=resolved, dp=config.pipeline.dp, clip_grad_norm=plan.optimizer.clip_grad_norm,
-               timeout_s=config.pipeline.timeout_s, trace=config.train.trace, plots=config.train.plots)
+               timeout_s=config.pipeline.timeout_s, trace=config.train.trace, plots=config.train.plots,
+               rebuild=plan.rebuild, microbatches=config.pipeline.microbatches)
 
 
 def train(config: RunConfig, on_record: Callable[[Record], None] | None = None,
           on_plan: Callable[[Plan], None] | None = None, resume: bool = False,
-          stop: StopRequest | None = None) -> tuple[Record, Trace]:
+          stop: StopRequest | None = None, drains: tuple[int, ...] = ()) -> tuple[Record, Trace]:
     """Train with every stage in this process. Returns the summary and the measured trace. With
     `resume`, continue the run in `config.train.out` from its newest complete checkpoint. Once
-    `stop` is requested, the run raises Stopped at its next checkpoint, once that is complete."""
+    `stop` is requested, the run drains at its next step boundary, saves a checkpoint there and
+    raises Stopped. `drains`: drain points (and checkpoints) after these steps besides the
+    periodic ones, as a stop adds them (the run such a stop and its resume equal)."""
     if config.pipeline.dp > 1:
         raise ValueError(f"--dp {config.pipeline.dp} runs one process per stage and replica: use --nproc or torchrun")
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)  # before profiling the split
     plan = make_plan(config, resume=resume)
-    summary, trace, stages = driver.run_local(to_run(plan), default_device(), on_record, _started(plan, on_plan), stop)
+    summary, trace, stages = driver.run_local(_drained(to_run(plan), drains), default_device(), on_record,
+                                              _started(plan, on_plan), stop)
     return summary, trace
+
+
+def _drained(run: Run, drains: tuple[int, ...]) -> Run:
+    if drains:
+        run.add_drains(*drains)
+    return run
 
 
 def _started(plan: Plan, on_plan: Callable[[Plan], None] | None) -> Callable[[Run], None]:
@@ -245,10 +260,11 @@ def _started(plan: Plan, on_plan: Callable[[Plan], None] | None) -> Callable[[Ru
 
 def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = None,
                on_plan: Callable[[Plan], None] | None = None, resume: bool = False,
-               stop: StopRequest | None = None) -> Record | None:
+               stop: StopRequest | None = None, drains: tuple[int, ...] = ()) -> Record | None:
     """This rank's part of a multi-process run (launched by `paci train --nproc P` or torchrun).
-    Rank 0 writes the run directory and returns the summary. At each checkpoint the ranks agree
-    whether any was asked to `stop` (Stopped)."""
+    Rank 0 writes the run directory and returns the summary. A `stop` is rank 0's to act on (it
+    drains at its next step boundary and tells the others); at each checkpoint the ranks also
+    agree whether any was asked (Stopped). `drains` as for `train`."""
     info = env_rank()
     device = rank_device(info)
     ranks, dp = config.pipeline.stages, config.pipeline.dp  # --stages: the pipeline's ranks
@@ -264,5 +280,5 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
         config = dataclasses.replace(config, pipeline=dataclasses.replace(
             config.pipeline, split=driver.broadcast(split_spec(make_plan(config).split) if info.rank == 0 else "")))
     plan = make_plan(config, resume=resume)
-    summary, _ = driver.run_rank(to_run(plan), device, on_record, _started(plan, on_plan), stop)
+    summary, _ = driver.run_rank(_drained(to_run(plan), drains), device, on_record, _started(plan, on_plan), stop)
     return summary

@@ -14,6 +14,15 @@ def train_each(configs: list[RunConfig]) -> int:
     return 0
 
 
+def train_drained(payload) -> int:
+    """One training (config, drains) with drain points added after `drains`, as a prompt stop adds them."""
+    from paci.train import train_rank
+
+    config, drains = payload
+    train_rank(config, drains=drains)
+    return 0
+
+
 def mlp_units(seed: int = 0):
     """A small MLP as a list of units (the public API's tests)."""
     import torch

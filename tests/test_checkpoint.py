@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import paci
+from dist_helpers import train_drained
 from paci import schedules
 from paci.checkpoint import CheckpointError, latest, load_stage
 from paci.config import load_config, load_run_config
 from paci.ir import Op, after_step, stage_versions, validate, with_drains
 from paci.driver import claim_run_dir
+from paci.runtime.launch import StopRequest, Stopped, spawn
 from paci.train import make_plan, to_run, train
 
 
@@ -142,6 +143,33 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, schedule, optimi
         _assert_same_run(tmp_path / "whole", tmp_path / "never")
 
 
+@pytest.mark.parametrize("schedule", ["paci", "1f1b"])
+def test_a_stop_drains_within_a_step_and_resumes_equal_to_a_run_with_a_drain_there(tmp_path, schedule):
+    """A stop requested during step 4 of 12 (checkpoints every 10): stage 0 drains before its next
+    step, the checkpoint there records the drain point it added, and the resumed run equals, record
+    for record and in every weight and moment, an uninterrupted run with a drain point at that step.
+    For 1F1B, which drains every step anyway, that is the run without it."""
+    stop = StopRequest(())  # no signal handler: the test asks for the stop itself
+
+    def ask_at_step_4(record):
+        if record.get("step") == 4:
+            stop.requested = True
+
+    stopped = _config(tmp_path, "stopped", schedule, steps=12, every=10, eval_every=4)
+    with pytest.raises(Stopped):
+        train(stopped, on_record=ask_at_step_4, stop=stop)
+    manifest = latest(tmp_path / "stopped")
+    step = manifest["step"]
+    assert 4 <= step <= 6 and manifest["drains"] == [step]  # within about a step; 10 would be the scheduled one
+    summary, _ = train(load_run_config(tmp_path / "stopped"), resume=True)
+    assert summary["steps"] == 12 and summary["versions_verified"]
+    train(_config(tmp_path, "drained", schedule, steps=12, every=10, eval_every=4), drains=(step,))
+    _assert_same_run(tmp_path / "drained", tmp_path / "stopped")
+    if schedule == "1f1b":
+        train(_config(tmp_path, "plain", schedule, steps=12, every=10, eval_every=4))
+        _assert_same_run(tmp_path / "plain", tmp_path / "stopped")
+
+
 def test_a_corrupt_stage_file_falls_back_to_the_checkpoint_before(tmp_path, caplog):
     train(_config(tmp_path, "whole"))
     run = tmp_path / "run"
@@ -199,16 +227,19 @@ def test_two_runs_in_the_same_second_get_their_own_directories(tmp_path, monkeyp
     assert first.run_dir != second.run_dir and second.run_dir.name == first.run_dir.name + "-2"
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("layout, how", [(["--nproc", "1"], signal.SIGINT),
                                          pytest.param(["--nproc", "2"], signal.SIGTERM, marks=pytest.mark.dist),
                                          pytest.param(["--dp", "2"], signal.SIGTERM, marks=pytest.mark.dist)],
                          ids=["ctrl-c", "sigterm-nproc2", "sigterm-dp2"])
-def test_a_signal_saves_at_the_next_checkpoint_and_resume_equals_uninterrupted(tmp_path, layout, how):
-    """`paci train` given Ctrl-C (or SIGTERM) mid-run goes on to its next drain point, saves the
-    checkpoint there and stops: exit 130, the resume command, no traceback, no step lost (the last
-    step recorded is the checkpoint's). `--resume` finishes the run, and its losses and weights
-    equal an uninterrupted run's bit for bit; also with two data-parallel replicas (4 ranks)."""
+def test_a_signal_drains_saves_and_stops_within_a_step_and_resume_equals_a_run_with_that_drain(tmp_path, layout, how):
+    """`paci train` given Ctrl-C (or SIGTERM) mid-run drains at the next step boundary, saves a
+    checkpoint there and stops: exit 130, the resume command, no traceback, within a couple of
+    steps of the signal (not at the next scheduled checkpoint, up to 10 steps away), the drain
+    point it added recorded in the checkpoint. `--resume` finishes the run, and its losses and
+    weights equal, bit for bit, an uninterrupted run with a drain point at that step (the
+    single-process run, which a launched one equals; with two data-parallel replicas, 4 ranks, a
+    --dp 2 run)."""
     flags = ["--preset", "tiny", "--stages", "2", *layout, "--microbatches", "4", "--batch-size", "2",
              "--seq-len", "16", "--steps", "60", "--checkpoint-every", "10", "--eval-every", "50", "--split",
              "uniform", "--threads", "1", "--lr", "1e-2"]
@@ -219,20 +250,33 @@ def test_a_signal_saves_at_the_next_checkpoint_and_resume_equals_uninterrupted(t
     while time.monotonic() < deadline and not (run / "checkpoints" / "step-000010" / "manifest.json").exists():
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
+    while time.monotonic() < deadline and max(_steps(run)) < 13:  # mid-segment
+        time.sleep(0.02)
     recorded = _steps(run)  # steps already done when the signal comes
     proc.send_signal(how)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "--resume" in stderr and "stopping at the next checkpoint" in stderr, stderr
+    assert proc.returncode == 130 and "--resume" in stderr and "saving a checkpoint" in stderr, stderr
     assert "Traceback" not in stderr
-    stopped_at = latest(run)["step"]
-    assert max(recorded) <= stopped_at < 60 and stopped_at % 10 == 0
+    manifest = latest(run)
+    stopped_at = manifest["step"]
+    assert max(recorded) <= stopped_at <= max(recorded) + 3 and stopped_at < 20, (recorded, stopped_at)
+    assert manifest.get("drains", []) == ([] if stopped_at % 10 == 0 else [stopped_at])
     assert max(_steps(run)) == stopped_at  # it stopped where it saved
     done = subprocess.run([sys.executable, "-m", "paci", "train", "--resume", str(run), *layout],
                           capture_output=True, text=True, timeout=200)  # rank 0 says where it resumes
     assert done.returncode == 0, done.stderr
     assert f"resuming after step {stopped_at}" in done.stderr
-    whole = paci("train", *flags, "--out", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr
+    config = load_config(None, {"model": {"preset": "tiny"}, "data": {"batch_size": 2, "seq_len": 16},
+                                "pipeline": {"stages": 2, "microbatches": 4, "split": "uniform",
+                                             "dp": 2 if "--dp" in layout else 1},
+                                "optim": {"lr": 1e-2},
+                                "train": {"steps": 60, "checkpoint_every": 10, "eval_every": 50, "threads": 1,
+                                          "out": str(tmp_path / "whole")}})
+    drains = tuple(manifest.get("drains", []))
+    if "--dp" in layout:
+        assert spawn(train_drained, (config, drains), 4, threads=1) == 0
+    else:
+        train(config, drains=drains)
     _assert_same_run(tmp_path / "whole", run)
 
 

@@ -115,6 +115,22 @@ def test_a_resume_refuses_another_runs_checkpoint_naming_the_field(tmp_path):
         _fit(_pipe(scheduler=False), "iterable", tmp_path / "run", resume=True)
 
 
+def test_a_fit_with_extra_drain_points_checkpoints_there_and_refuses_steps_outside_the_run(tmp_path):
+    """drains= (a prompt stop's points, given to a run that never stopped) adds a checkpoint after
+    each, recorded in its manifest; steps outside the run, or without out=, are refused."""
+    drained = _fit(_pipe(), "dataset", tmp_path / "run", drains=[5])
+    plain = _fit(_pipe(), "dataset", tmp_path / "plain")
+    assert drained[:5] == plain[:5] and drained[6:] != plain[6:]  # PACI computes differently after a drain
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert saved == ["step-000008", "step-000012"]  # the newest two are kept
+    assert json.loads((tmp_path / "run" / "checkpoints" / "step-000012" / "manifest.json").read_text())["drains"] == [5]
+    for bad in ([0], [STEPS], [2.5], [True]):
+        with pytest.raises(ValueError, match="drains must be optimizer steps between 1 and 11"):
+            _fit(_pipe(), "dataset", tmp_path / f"bad-{len(str(bad))}", drains=bad)
+    with pytest.raises(ValueError, match="drains= adds checkpoints: pass out= as well"):
+        _pipe().fit(TRAIN, steps=STEPS, batch_size=ROWS, drains=[3])
+
+
 def test_resume_in_a_new_directory_starts_afresh(tmp_path):
     history = _fit(_pipe(), "dataset", tmp_path / "new", resume=True)
     assert len(history) == STEPS and (tmp_path / "new" / "summary.json").is_file()
@@ -145,9 +161,10 @@ def _assert_same_example_run(a: Path, b: Path, stages: int) -> None:
 
 @pytest.mark.timeout(400)
 def test_the_example_stopped_by_sigterm_and_run_again_equals_the_run_that_never_stopped(tmp_path):
-    """examples/long_run.py (a user's transformer, not paci's GPT) given SIGTERM mid-run saves at its
-    next checkpoint and exits 130; the same command run again continues from there, and the two
-    halves together equal one uninterrupted run: every record, validation loss and weight."""
+    """examples/long_run.py (a user's transformer, not paci's GPT) given SIGTERM mid-run drains
+    after the step it is in, saves there and exits 130; the same command run again continues from
+    there, and the two halves together equal one uninterrupted run with a drain point at that step
+    (`--drains`): every record, validation loss and weight."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = tmp_path / "run"
     command = [sys.executable, str(EXAMPLE), *EXAMPLE_FLAGS, "--out", str(run)]
@@ -156,12 +173,16 @@ def test_the_example_stopped_by_sigterm_and_run_again_equals_the_run_that_never_
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
-    stopped_at = paci.checkpoint.latest(run)["step"]
-    assert 8 <= stopped_at < 24 and not (run / "stage-0.pt").exists()
+    manifest = paci.checkpoint.latest(run)
+    stopped_at = manifest["step"]
+    assert 8 <= stopped_at <= 12 and not (run / "stage-0.pt").exists()  # not the end, within a step or two
+    drains = manifest.get("drains", [])
+    assert drains == ([] if stopped_at % 4 == 0 else [stopped_at])
     again = subprocess.run(command, capture_output=True, text=True, timeout=200, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"paci: resuming {run} after step {stopped_at}" in again.stderr
-    whole = subprocess.run([sys.executable, str(EXAMPLE), *EXAMPLE_FLAGS, "--out", str(tmp_path / "whole")],
+    whole = subprocess.run([sys.executable, str(EXAMPLE), *EXAMPLE_FLAGS, "--out", str(tmp_path / "whole"),
+                            *(["--drains", ",".join(map(str, drains))] if drains else [])],
                            capture_output=True, text=True, timeout=200, env=env)
     assert whole.returncode == 0, whole.stderr[-3000:]
     _assert_same_example_run(run, tmp_path / "whole", stages=4)
@@ -196,5 +217,47 @@ def test_the_example_under_torchrun_restarts_a_killed_rank_and_equals_the_run_th
     assert f"paci: resuming {run} after step" in stderr
     whole = subprocess.run([*torchrun, *script, "--out", str(tmp_path / "whole")], capture_output=True, text=True,
                            timeout=250, env=env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    _assert_same_example_run(run, tmp_path / "whole", stages=2)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(400)
+def test_the_example_under_torchrun_given_sigterm_drains_saves_and_resumes_exactly(tmp_path):
+    """SIGTERM to torchrun (which passes it to its workers) running the script: the ranks drain after
+    the current step, save and exit, well within torchrun's own 30 s before it kills them; run again,
+    the script resumes, and ends equal to an uninterrupted run with a drain point at that step (in
+    one process: a launched run equals it bit for bit)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = [str(EXAMPLE), "--stages", "2", *EXAMPLE_FLAGS]
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2"]
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*torchrun, *script, "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        _wait_for(run / "checkpoints" / "step-000008" / "manifest.json", proc)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        for pid in [*descendants(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert took < 20, f"{took:.1f} s from SIGTERM to exit"
+    manifest = paci.checkpoint.latest(run)
+    stopped_at = manifest["step"]
+    assert 8 <= stopped_at <= 12, stderr[-3000:]
+    drains = manifest.get("drains", [])
+    assert drains == ([] if stopped_at % 4 == 0 else [stopped_at])
+    again = subprocess.run([*torchrun, *script, "--out", str(run)], capture_output=True, text=True, timeout=250,
+                           env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"paci: resuming {run} after step {stopped_at}" in again.stderr
+    whole = subprocess.run([sys.executable, *script, "--out", str(tmp_path / "whole"),
+                            *(["--drains", ",".join(map(str, drains))] if drains else [])],
+                           capture_output=True, text=True, timeout=250, env=env)
     assert whole.returncode == 0, whole.stderr[-3000:]
     _assert_same_example_run(run, tmp_path / "whole", stages=2)

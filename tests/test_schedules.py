@@ -1,6 +1,7 @@
 """Schedule builders: every schedule validates over a grid, streams lazily, and steps on the right data."""
 
 import itertools
+import math
 import time
 
 import pytest
@@ -159,3 +160,31 @@ def test_a_synchronous_start_rejects_what_it_cannot_do(kwargs, fragment):
     args = dict(num_stages=4, num_microbatches=4, num_steps=6) | kwargs
     with pytest.raises(ValueError, match=fragment):
         build(**args)
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+@pytest.mark.parametrize("m, k", [(4, 4), (4, 2), (2, 4), (4, 1)])
+def test_a_drain_added_at_a_step_changes_nothing_a_rank_runs_before_that_steps_first_forward(name, m, k):
+    """What a prompt stop relies on: the schedule with an extra drain point after step S is, on
+    every rank, the schedule without it up to the rank's first forward of a micro-batch of step
+    S + 1 (so a run that has not started step S + 1 on stage 0 can switch to it), and the whole
+    stream is unchanged for the flush schedules (which drain every step anyway). Also with
+    evaluation rounds and periodic drain points around it."""
+    try:
+        plain = build(name, 4, m, 6, k)
+    except ValueError:  # async-1f1b and pipedream take K = 1 only
+        return
+    steps = plain.num_steps
+    for every in (0, 2 * (m // math.gcd(m, k))):
+        old = ir.with_evaluation(build(name, 4, m, 6, k, drain_every=every), 3, 2)
+        for step in range(1, steps):
+            if step * k % m or (every and step % every == 0):
+                continue
+            new = ir.with_evaluation(build(name, 4, m, 6, k, drain_every=every, drains=(step,)), 3, 2)
+            assert dict(new.params)["drains"] == (step * k // m,) and new.num_microbatches == old.num_microbatches
+            for rank in range(old.ranks):
+                before, after = list(old.rank_actions(rank)), list(new.rank_actions(rank))
+                cut = next(i for i, a in enumerate(before) if a.op is Op.F and a.microbatch >= step * k)
+                assert before[:cut] == after[:cut]
+                if old.weight_policy is WeightPolicy.NONE:
+                    assert before == after

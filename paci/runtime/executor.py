@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from array import array
+from itertools import islice
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -31,6 +32,8 @@ from paci.trace import Trace
 
 Listener = Callable[[Stage, Action], None]
 Gate = Callable[[Stage, Action], bool]
+Boundary = Callable[["Executor", Action], bool]
+Reschedule = Callable[[Action], "Schedule | None"]  # before a forward: the schedule to go on with, if it changes
 
 
 class StageFailure(RuntimeError):
@@ -44,7 +47,7 @@ class Executor:
     def __init__(self, stages: Stage | Sequence[Stage], actions: Iterable[Action], transport: Transport,
                  trace: Trace, clock: Callable[[], float] = time.perf_counter, listener: Listener | None = None,
                  is_drain: Callable[[int], bool] | None = None, on_drain: Callable[[Stage], None] | None = None,
-                 gate: Gate | None = None) -> None:
+                 gate: Gate | None = None, boundary: Boundary | None = None) -> None:
         self.stages = {stage.index: stage for stage in (stages if isinstance(stages, (list, tuple)) else [stages])}
         self.transport = transport
         self.trace = trace
@@ -59,6 +62,8 @@ class Executor:
         self.is_drain, self.on_drain = is_drain, on_drain
         self._drained = -1
         self.gate = gate  # gate(stage, action): may the action start now, besides its message (one process only)
+        # boundary(executor, action) before each forward: may `switch` the streams (a prompt stop's drain point)
+        self.boundary = boundary
         self._dispatch = {index: {Op.F: stage.forward, Op.E: stage.evaluate, Op.B: stage.backward,
                                   Op.I: stage.backward_input, Op.W: lambda mb, _, s=stage: s.backward_weight(mb),
                                   Op.U: lambda mb, _, s=stage: s.step()}
@@ -80,9 +85,12 @@ class Executor:
         msg = needs(self._head, stage.num_stages)
         return (msg is None or self.transport.ready(msg)) and (self.gate is None or self.gate(stage, self._head))
 
-    def run_next(self) -> Action:
-        """Run the next action, receiving (blocking) its input first and sending its output after."""
+    def run_next(self) -> Action | None:
+        """Run the next action, receiving (blocking) its input first and sending its output after.
+        None if, at a forward, `boundary` switched the stream to one that goes on otherwise."""
         action = self._head
+        if self.boundary is not None and action.op is Op.F and self.boundary(self, action) and self._head != action:
+            return None
         stage = self.stages[action.stage]
         msg = needs(action, stage.num_stages)
         received, waited = None, 0.0
@@ -110,6 +118,16 @@ class Executor:
             self._maybe_drain()
         return action
 
+    def switch(self, actions: Iterable[Action]) -> None:
+        """Go on with `actions`, this rank's whole stream of a schedule that equals the current one
+        up to where it stands (ir: a drain point added after a step that no forward here has
+        started), and drain now if that point is where it stands."""
+        self._actions = iter(actions)
+        next(islice(self._actions, self._position, self._position), None)  # skip what already ran
+        self._head = next(self._actions, None)
+        if self.on_drain is not None and (self._head is None or self._head.op is not Op.E):
+            self._maybe_drain()
+
     def _maybe_drain(self) -> None:
         versions = {stage.version for stage in self.stages.values()}
         if len(versions) == 1 and (step := versions.pop()) != self._drained and self.is_drain(step):
@@ -120,14 +138,23 @@ class Executor:
 
 def run_local(stages: list[Stage], schedule: Schedule, transport: Transport,
               listener: Listener | None = None, is_drain: Callable[[int], bool] | None = None,
-              on_drain: Callable[[Stage], None] | None = None, gate: Gate | None = None) -> Trace:
+              on_drain: Callable[[Stage], None] | None = None, gate: Gate | None = None,
+              reschedule: Reschedule | None = None) -> Trace:
     """Run all stages in this process; returns the measured trace (times are sequential here).
     `on_drain(stage)` runs at each of the stage's drain points; `gate` can hold an action back
-    (a collective: see `NormExchange`)."""
+    (a collective: see `NormExchange`); `reschedule(action)`, asked before each forward, may
+    return the schedule every stage goes on with (a prompt stop's: see `Executor.switch`)."""
     trace = Trace(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.weight_policy,
                   kind="measured")
-    executors = [Executor(stage, schedule.actions(s), transport, trace,
-                          listener=listener, is_drain=is_drain, on_drain=on_drain, gate=gate)
+
+    def boundary(_: Executor, action: Action) -> bool:
+        changed = reschedule(action)
+        for s, ex in enumerate(executors if changed is not None else []):
+            ex.switch(changed.actions(s))
+        return changed is not None
+
+    executors = [Executor(stage, schedule.actions(s), transport, trace, listener=listener, is_drain=is_drain,
+                          on_drain=on_drain, gate=gate, boundary=boundary if reschedule is not None else None)
                  for s, stage in enumerate(stages)]
     while not all(ex.done for ex in executors):
         progressed = False
@@ -144,16 +171,30 @@ def run_local(stages: list[Stage], schedule: Schedule, transport: Transport,
 
 def run_in_process(stages: list[Stage], schedule: Schedule, *, clip_globally: bool = False, start_step: int = 0,
                    listener: Listener | None = None, is_drain: Callable[[int], bool] | None = None,
-                   on_drain: Callable[[Stage], None] | None = None) -> Trace:
+                   on_drain: Callable[[Stage], None] | None = None, reschedule: Reschedule | None = None) -> Trace:
     """Every stage in this process: `schedule` from after optimizer step `start_step` (a resumed
     run), every backward's (v_f, v_b) checked against the schedule as it happens, clipping by the
-    global norm if `clip_globally`, `listener(stage, action)` after each action."""
+    global norm if `clip_globally`, `listener(stage, action)` after each action; `reschedule` as
+    for `run_local`, returning a whole schedule (this resumes it after `start_step` too). A
+    changed schedule must agree with the old one on every version up to its new drain point (the
+    version check stays the old one's: the run stops there)."""
     exchange = NormExchange(stages) if clip_globally else None
     on_action, finish = _checked(schedule, stages, start_step, listener)
     trace = run_local(stages, from_step(schedule, start_step), LocalTransport(), on_action, is_drain, on_drain,
-                      exchange.gate if exchange is not None else None)
+                      exchange.gate if exchange is not None else None, _resumed(reschedule, start_step))
     finish()
     return trace
+
+
+def _resumed(reschedule: Reschedule | None, start_step: int) -> Reschedule | None:
+    """`reschedule`'s whole schedules from after `start_step`, as the executors run them."""
+    if reschedule is None:
+        return None
+
+    def resumed(action: Action) -> Schedule | None:
+        changed = reschedule(action)
+        return None if changed is None else from_step(changed, start_step)
+    return resumed
 
 
 def _checked(schedule: Schedule, stages: list[Stage], start_step: int, listener: Listener | None
@@ -193,7 +234,7 @@ def join_mesh(stages: list[Stage], device: torch.device, dp: int, ranks: int, ti
 def run_on_rank(stages: list[Stage], schedule: Schedule, device: torch.device, timeout_s: float, *, offset: int = 0,
                 start_step: int = 0, listener: Listener | None = None,
                 is_drain: Callable[[int], bool] | None = None,
-                on_drain: Callable[[Stage], None] | None = None) -> Trace:
+                on_drain: Callable[[Stage], None] | None = None, reschedule: Reschedule | None = None) -> Trace:
     """This rank's stages over torch.distributed (one, or the several an interleaved schedule puts
     on it; its pipeline's rank p is global rank `offset` + p): message layouts from one forward of
     micro-batch 0 handed down the pipeline, then the rank's part of `schedule` from after step
@@ -206,8 +247,16 @@ def run_on_rank(stages: list[Stage], schedule: Schedule, device: torch.device, t
     trace = Trace(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.weight_policy, "measured",
                   num_ranks=schedule.num_ranks)
     on_action, finish = _checked(schedule, stages, start_step, listener)
+    changes = _resumed(reschedule, start_step)
+
+    def boundary(ex: Executor, action: Action) -> bool:
+        changed = changes(action)
+        if changed is not None:  # the peers' messages come in the same order up to the new drain point
+            ex.switch(changed.rank_actions(rank))
+        return changed is not None
+
     executor = Executor(stages, resumed.rank_actions(rank), transport, trace, listener=on_action,
-                        is_drain=is_drain, on_drain=on_drain)
+                        is_drain=is_drain, on_drain=on_drain, boundary=boundary if changes is not None else None)
     while not executor.done:
         executor.run_next()
     transport.flush()

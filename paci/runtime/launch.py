@@ -49,9 +49,9 @@ class Stopped(KeyboardInterrupt):
 
 
 class StopRequest:
-    """A stop asked for by a signal: the run goes on to its next drain point, saves the checkpoint
-    due there and raises Stopped (a drain point, so that resuming stays bit-identical to never
-    having stopped). A second signal interrupts at once (KeyboardInterrupt)."""
+    """A stop asked for by a signal: the run drains at its next step boundary (driver.PromptStop),
+    saves a checkpoint there and raises Stopped. A second signal interrupts at once
+    (KeyboardInterrupt)."""
 
     def __init__(self, signums: tuple[int, ...], announce: str | None = None) -> None:
         self.signums, self.announce = signums, announce
@@ -82,7 +82,7 @@ class StopRequest:
                 signal.signal(signum, old)
 
 
-STOPPING = "paci: stopping at the next checkpoint; Ctrl-C again to stop at once"
+STOPPING = "paci: stopping: draining the pipeline and saving a checkpoint; Ctrl-C again to stop at once"
 STOP_SIGNAL = signal.SIGUSR1  # what `spawn(stop_signal=...)` callers send their ranks to ask for a stop
 _spawned = False  # set in a rank that `spawn` started: its launcher handles Ctrl-C and SIGTERM
 
@@ -211,8 +211,8 @@ def spawn(entry: Callable[[Any], int], payload: Any, nproc: int, port: int | Non
     before its neighbours' receives would time out and blame themselves.
 
     Ctrl-C (or SIGTERM, which `paci` turns into one) stops the ranks at once; with `stop_signal`,
-    the first one is passed on to the ranks as that signal instead (they stop at their next
-    checkpoint: StopRequest) and the second stops them at once. KeyboardInterrupt either way.
+    the first one is passed on to the ranks as that signal instead (they drain, save and stop:
+    StopRequest) and the second stops them at once. KeyboardInterrupt either way.
     """
     check_nproc(nproc)
     if port is None:
@@ -233,7 +233,7 @@ def spawn(entry: Callable[[Any], int], payload: Any, nproc: int, port: int | Non
         if stop_signal is None:
             _stop(procs)
             raise
-    # Ctrl-C or SIGTERM: ask the ranks to stop at their next checkpoint, and wait for them
+    # Ctrl-C or SIGTERM: ask the ranks to drain, save and stop (driver.PromptStop), and wait for them
     print(STOPPING, file=sys.stderr, flush=True)
     for proc in procs:
         if proc.exitcode is None:

@@ -8,7 +8,7 @@ views of the sender's graph, whichever transport carries them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Protocol
 
@@ -177,19 +177,23 @@ STATS_WIDTH = 6  # the fields of a metrics.StatsEvent
 
 
 class StatsChannel:
-    """Small float64 tuples (`StatsEvent`s) from the last rank to rank 0 (step losses, validation losses).
+    """Small float64 tuples of `width` fields from rank `src` to rank `dst` (or to each of several),
+    in send order: `StatsEvent`s from the last rank to rank 0 (step losses, validation losses),
+    gradient norms, a prompt stop's decision per step from rank 0 to every rank.
 
-    Off the critical path: the last rank sends without waiting, and rank 0 collects only what the
-    schedule guarantees has been sent already (see `receive`), so neither ever stalls the other.
-    It has its own process group, so it never interleaves with activations on an NCCL pair.
-    (gloo's Work.is_completed() stays False until wait() is called, so polling is no option.)
+    Off the critical path: the sender sends without waiting, and a receiver asks only for what the
+    schedule guarantees has been sent already, or is about to be (see `receive`), so neither ever
+    stalls the other. It has its own process group, so it never interleaves with activations on
+    an NCCL pair. (gloo's Work.is_completed() stays False until wait() is called, so polling is no
+    option.)
     """
 
-    def __init__(self, group, rank: int, src: int, dst: int, count: int, device: torch.device,
-                 timeout_s: float = 45.0, depth: int = 8) -> None:
-        self.group, self.rank, self.src, self.dst = group, rank, src, dst
-        self.device, self.timeout = device, timedelta(seconds=timeout_s)
-        self._unposted = count if rank == dst else 0
+    def __init__(self, group, rank: int, src: int, dst: int | Sequence[int], count: int, device: torch.device,
+                 timeout_s: float = 45.0, depth: int = 8, width: int = STATS_WIDTH) -> None:
+        self.group, self.rank, self.src = group, rank, src
+        self.dsts = [dst] if isinstance(dst, int) else list(dst)
+        self.device, self.timeout, self.width = device, timedelta(seconds=timeout_s), width
+        self._unposted = count if rank in self.dsts else 0
         self._posted: list[tuple[dist.Work, torch.Tensor]] = []
         self._sending: list[tuple[dist.Work, torch.Tensor]] = []
         self._depth = depth
@@ -197,25 +201,26 @@ class StatsChannel:
 
     def _post(self) -> None:
         while self._unposted and len(self._posted) < self._depth:
-            buffer = torch.empty(STATS_WIDTH, dtype=torch.float64, device=self.device)
+            buffer = torch.empty(self.width, dtype=torch.float64, device=self.device)
             self._posted.append((dist.irecv(buffer, src=self.src, group=self.group), buffer))
             self._unposted -= 1
 
     def send(self, values: tuple[float, ...]) -> None:
         payload = torch.tensor(values, dtype=torch.float64, device=self.device)
-        self._sending.append((dist.isend(payload, dst=self.dst, group=self.group), payload))
-        if len(self._sending) > 2 * self._depth:  # bounded: the receiver posts `depth` ahead
+        for dst in self.dsts:
+            self._sending.append((dist.isend(payload, dst=dst, group=self.group), payload))
+        if len(self._sending) > 2 * self._depth * len(self.dsts):  # bounded: each receiver posts `depth` ahead
             self._sending.pop(0)[0].wait(self.timeout)
 
     def receive(self) -> tuple[float, ...]:
         """The next tuple, in send order (blocking)."""
         if not self._posted:
-            raise PeerFailure(f"rank {self.rank}: more stats requested than rank {self.src} sends")
+            raise PeerFailure(f"rank {self.rank}: more messages requested than rank {self.src} sends")
         work, buffer = self._posted.pop(0)
         try:
             work.wait(self.timeout)
         except RuntimeError as exc:
-            raise PeerFailure(f"rank {self.rank}: waiting for stats from rank {self.src} failed ({exc})") from None
+            raise PeerFailure(f"rank {self.rank}: waiting for rank {self.src}'s message failed ({exc})") from None
         self._post()
         return tuple(buffer.tolist())
 

@@ -52,7 +52,7 @@ def check_one_stage_per_rank(name: str, command: str) -> None:
 
 def build(name: str, num_stages: int, num_microbatches: int, num_steps: int = 1,
           accumulation: int | None = None, drain_every: int = 0, chunks: int | None = None,
-          sync_steps: int = 0) -> Schedule:
+          sync_steps: int = 0, drains: tuple[int, ...] = ()) -> Schedule:
     """Build a registered schedule; ValueError with the valid names for an unknown one.
 
     `num_stages` is the pipeline's depth P, its ranks; `chunks` (interleaved-1f1b only, default 2)
@@ -60,10 +60,12 @@ def build(name: str, num_stages: int, num_microbatches: int, num_steps: int = 1,
     that many optimizer steps: the checkpoints of `paci train`. It must cover whole mini-batches
     (see `drain_interval`). `sync_steps` > 0 (an asynchronous schedule only) runs its first that
     many optimizer steps as 1F1B-flush with the same K, then the schedule (`ir.then`): a
-    synchronous start.
+    synchronous start. `drains`: optimizer steps after which to drain besides those (the points a
+    prompt stop added; each must end a whole mini-batch).
     """
     if sync_steps:
-        return _sync_start(name, num_stages, num_microbatches, num_steps, accumulation, drain_every, chunks, sync_steps)
+        return _sync_start(name, num_stages, num_microbatches, num_steps, accumulation, drain_every, chunks, sync_steps,
+                           drains)
     if name not in REGISTRY:
         raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(REGISTRY)}")
     entry = REGISTRY[name]
@@ -73,15 +75,22 @@ def build(name: str, num_stages: int, num_microbatches: int, num_steps: int = 1,
     elif not entry.chunked and chunks not in (None, 1):
         raise ValueError(f"{name} runs one stage per rank; --chunks {chunks} needs --schedule interleaved-1f1b")
     schedule = builder(num_stages, num_microbatches, num_steps, accumulation)
-    if drain_every and drain_every < schedule.num_steps:
-        drain_interval(schedule, num_microbatches, drain_every)  # checks it
-        segment = drain_every * schedule.accumulation // num_microbatches  # in mini-batches
-        schedule = with_drains(lambda n: builder(num_stages, num_microbatches, n, accumulation), num_steps, segment)
+    periodic = bool(drain_every) and drain_every < schedule.num_steps
+    if periodic or drains:
+        k = schedule.accumulation
+        if periodic:
+            drain_interval(schedule, num_microbatches, drain_every)  # checks it
+        if any(d * k % num_microbatches for d in drains):
+            raise ValueError(f"a drain point must end a whole mini-batch of {num_microbatches} micro-batches; "
+                             f"got steps {sorted(drains)} at K = {k}")
+        schedule = with_drains(lambda n: builder(num_stages, num_microbatches, n, accumulation), num_steps,
+                               drain_every * k // num_microbatches if periodic else 0,  # in mini-batches
+                               [d * k // num_microbatches for d in drains])
     return schedule
 
 
 def _sync_start(name: str, num_stages: int, num_microbatches: int, num_steps: int, accumulation: int | None,
-                drain_every: int, chunks: int | None, sync_steps: int) -> Schedule:
+                drain_every: int, chunks: int | None, sync_steps: int, drains: tuple[int, ...]) -> Schedule:
     whole = build(name, num_stages, num_microbatches, num_steps, accumulation, chunks=chunks)
     k = whole.accumulation
     if isinstance(sync_steps, bool) or not isinstance(sync_steps, int) or sync_steps < 0:
@@ -98,7 +107,8 @@ def _sync_start(name: str, num_stages: int, num_microbatches: int, num_steps: in
                          "the drain points stay where a checkpoint expects them")
     rest = num_steps - sync_steps * k // num_microbatches  # mini-batches
     first = one_f_one_b_flush(num_stages, k, sync_steps)
-    second = build(name, num_stages, num_microbatches, rest, accumulation, drain_every, chunks)
+    second = build(name, num_stages, num_microbatches, rest, accumulation, drain_every, chunks,
+                   drains=tuple(d - sync_steps for d in drains if d > sync_steps))  # the flush start drains anyway
     return then(first, second)
 
 

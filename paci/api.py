@@ -160,7 +160,8 @@ class Pipeline:
             eval_every: int | None = None, batch_size: int | None = None, seed: int = 0,
             out: str | Path | None = None, checkpoint_every: int | None = None, resume: bool = False,
             on_step: Callable[[int, float], None] | None = None,
-            on_record: Callable[[dict], None] | None = None, drains: Iterable[int] = ()) -> History:
+            on_record: Callable[[dict], None] | None = None, drains: Iterable[int] = (), trace: bool = True,
+            plots: bool = True) -> History:
         """Train on `steps` mini-batches; returns the mean training loss of each optimizer step (a
         list, whose `.val_loss` maps each validation round's step to its mean loss and `.summary`
         holds summary.json's numbers), and calls `on_step(step, loss)` as each step completes and
@@ -179,6 +180,9 @@ class Pipeline:
         never stopped, provided the data can resume: a Dataset, or an iterable with `state_dict()` /
         `load_state_dict()` (torchdata's StatefulDataLoader); a plain iterable is skipped forward, which
         is exact only if it yields the same mini-batches when started again.
+
+        With `out` also, as `paci train` writes them: loss.png (`plots`) and, on a launched run,
+        trace.json (`trace`: the measured and predicted timelines, for Perfetto) and timeline PNGs.
 
         With `out`, Ctrl-C or SIGTERM drains the pipeline at the next step boundary, saves a
         checkpoint there and raises `paci.Stopped` (a second one stops at once). That extra drain
@@ -239,7 +243,7 @@ class Pipeline:
             eval_batches=len(held_out), checkpoint_every=every, checkpoints=run_dir is not None, run_dir=run_dir,
             resume=manifest, dp=self.dp, clip_grad_norm=self.clip_grad_norm, timeout_s=self.timeout_s,
             extra_state=feeder.state_for(distributed), load_extra_state=feeder.load_for(distributed, start),
-            version_base=self._fitted, rebuild=rebuild, microbatches=self.microbatches)
+            version_base=self._fitted, rebuild=rebuild, microbatches=self.microbatches, trace=trace, plots=plots)
         drains = tuple(drains)
         if drains:
             if run_dir is None:

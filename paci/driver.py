@@ -29,7 +29,7 @@ from paci import checkpoint
 from paci.files import check_writable, write_text
 from paci.ir import Action, Op, Schedule, from_step, steps_together
 from paci.metrics import Record, Recorder, StatsEvent, StepStats, to_json
-from paci.report import render_png, write_chrome_trace
+from paci.report import plot_curves, render_png, write_chrome_trace
 from paci.runtime.executor import gather_trace, join_mesh, run_in_process, run_on_rank
 from paci.runtime.launch import StopRequest, Stopped, env_rank, init_distributed
 from paci.runtime.stage import Stage
@@ -64,7 +64,7 @@ class Run:
     clip_grad_norm: float = 0.0
     timeout_s: float = 45.0
     trace: bool = False  # trace.json (multi-process runs)
-    plots: bool = False  # timeline.png and timeline_predicted.png (multi-process runs)
+    plots: bool = False  # loss.png; timeline.png and timeline_predicted.png (multi-process runs)
     # what a stage's checkpoint file holds besides the stage's own state (a data loader's position),
     # and how a resumed stage takes it back
     extra_state: Callable[[Stage], dict] | None = None
@@ -363,7 +363,19 @@ def write_summary(run: Run, recorder: Recorder, extra: Record) -> Record:
                "run_dir": None if run.run_dir is None else str(run.run_dir), "versions_verified": True}
     if run.run_dir is not None:
         write_text(run.run_dir / "summary.json", to_json(summary, indent=1) + "\n")
+        if run.plots:
+            _plot_losses(run.run_dir)
     return summary
+
+
+def _plot_losses(run_dir: Path) -> None:
+    """loss.png: the training loss of every step and the validation rounds, from metrics.jsonl
+    (the whole run's, also after a resume)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curves = {"train loss": [(r["step"], r["loss"]) for r in records if "loss" in r],
+              "val loss": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]}
+    plot_curves(curves, run_dir / "loss.png", xlabel="optimizer step", ylabel="loss", title=run_dir.name,
+                markers=("val loss",))
 
 
 # ----------------------------------------------------------------------------------------------

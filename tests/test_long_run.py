@@ -75,6 +75,9 @@ def test_a_fit_with_a_run_directory_evaluates_records_and_checkpoints(tmp_path):
     assert summary["final_val_loss"] == history.val_loss[12] == history.summary["final_val_loss"]
     assert summary["steps"] == STEPS and summary["max_drift"] == 1
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000008", "step-000012"]
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0  # plots=True, as paci train
+    _fit(_pipe(), "dataset", tmp_path / "quiet", plots=False)
+    assert not (tmp_path / "quiet" / "loss.png").exists()
     with pytest.raises(ValueError, match="already exists and is not empty"):
         _fit(_pipe(), "dataset", tmp_path / "run")
 
@@ -256,6 +259,7 @@ def test_the_example_under_torchrun_given_sigterm_drains_saves_and_resumes_exact
                            env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"paci: resuming {run} after step {stopped_at}" in again.stderr
+    assert all((run / name).stat().st_size > 0 for name in ("trace.json", "timeline.png", "loss.png"))
     whole = subprocess.run([sys.executable, *script, "--out", str(tmp_path / "whole"),
                             *(["--drains", ",".join(map(str, drains))] if drains else [])],
                            capture_output=True, text=True, timeout=250, env=env)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -13,7 +12,6 @@ from pathlib import Path
 from paci import schedules
 from paci.commands import input_checked
 from paci.metrics import to_json
-from paci.report import plot_curves
 
 log = logging.getLogger("paci")
 
@@ -151,7 +149,7 @@ def train_command(args: argparse.Namespace) -> int:
             progress.interrupted()
             raise
         progress.close()
-        _finish(summary, args.json, config.train.plots)
+        _finish(summary, args.json)
         return 0
     import torch
 
@@ -192,13 +190,11 @@ def _train_rank(payload) -> int:
         raise
     progress.close()
     if summary is not None:
-        _finish(summary, as_json, config.train.plots)
+        _finish(summary, as_json)
     return 0
 
 
-def _finish(summary: dict, as_json: bool, plots: bool) -> None:
-    if plots:
-        _plot_run(Path(summary["run_dir"]))
+def _finish(summary: dict, as_json: bool) -> None:
     if as_json:
         print(to_json(summary, indent=1))
         return
@@ -292,11 +288,3 @@ class _Progress:
             log.error("paci: no checkpoint was complete yet in %s", run_dir)
             return
         log.error("paci: the newest checkpoint is after step %d; continue with: paci train --resume %s", step, run_dir)
-
-
-def _plot_run(run_dir: Path) -> None:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    curves = {"train loss": [(r["step"], r["loss"]) for r in records if "loss" in r],
-              "val loss": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]}
-    plot_curves(curves, run_dir / "loss.png", xlabel="optimizer step", ylabel="cross-entropy loss",
-                title=run_dir.name, markers=("val loss",))

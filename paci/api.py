@@ -55,6 +55,7 @@ from torch.utils.data import Dataset, IterableDataset, default_collate
 from paci import checkpoint, driver, schedules
 from paci.data import DataError
 from paci.ir import Schedule, evaluation_rounds, with_evaluation
+from paci.progress import Progress
 from paci.partition import parse_split, partition, split_spec, stage_memory_model, uniform_split
 from paci.profiler import default_budget, profile_modules
 from paci.runtime import payload
@@ -161,7 +162,7 @@ class Pipeline:
             out: str | Path | None = None, checkpoint_every: int | None = None, resume: bool = False,
             on_step: Callable[[int, float], None] | None = None,
             on_record: Callable[[dict], None] | None = None, drains: Iterable[int] = (), trace: bool = True,
-            plots: bool = True) -> History:
+            plots: bool = True, progress: bool = True) -> History:
         """Train on `steps` mini-batches; returns the mean training loss of each optimizer step (a
         list, whose `.val_loss` maps each validation round's step to its mean loss and `.summary`
         holds summary.json's numbers), and calls `on_step(step, loss)` as each step completes and
@@ -181,7 +182,8 @@ class Pipeline:
         `load_state_dict()` (torchdata's StatefulDataLoader); a plain iterable is skipped forward, which
         is exact only if it yields the same mini-batches when started again.
 
-        With `out` also, as `paci train` writes them: loss.png (`plots`) and, on a launched run,
+        `progress`: a tqdm bar where stderr is a terminal, else a log line ("paci" logger, INFO)
+        every ~10% of the run; on rank 0 only. With `out` also, as `paci train` writes them: loss.png (`plots`) and, on a launched run,
         trace.json (`trace`: the measured and predicted timelines, for Perfetto) and timeline PNGs.
 
         With `out`, Ctrl-C or SIGTERM drains the pipeline at the next step boundary, saves a
@@ -258,8 +260,10 @@ class Pipeline:
                 raise ValueError(f"resume: {run_dir} finished all {schedule.num_steps} steps; nothing to resume")
             log.info("paci: resuming %s after step %d", run_dir, manifest["step"])
         history = History()
+        shown = Progress(schedule.num_steps, bool(held_out), quiet=not progress or (distributed and info.rank != 0))
 
         def record(item: dict) -> None:
+            shown(item)
             if "loss" in item:
                 history.append(item["loss"])
                 if on_step is not None:
@@ -272,7 +276,7 @@ class Pipeline:
         # Ctrl-C or SIGTERM (torchrun passes both on) drains at the next step, saves and raises Stopped
         stop = StopRequest(stop_signals(), STOPPING if not distributed or info.rank == 0 else None) \
             if run_dir is not None and threading.current_thread() is threading.main_thread() else None
-        with _data_errors(), _resume_line(run):
+        with _data_errors(), _resume_line(run), contextlib.closing(shown):
             if distributed:
                 summary, self._joined = driver.run_rank(run, device, record, stop=stop, joined=self._joined)
                 history[:] = _losses_everywhere(list(history), schedule.num_steps - run.start_step, info.rank,

@@ -134,6 +134,21 @@ def test_a_fit_with_extra_drain_points_checkpoints_there_and_refuses_steps_outsi
         _pipe().fit(TRAIN, steps=STEPS, batch_size=ROWS, drains=[3])
 
 
+def test_a_fit_shows_its_progress_unless_asked_not_to(caplog):
+    """A log line every ~10% of the run (here every step of 12) with the loss and the newest
+    validation loss (a tqdm bar instead where stderr is a terminal); none with progress=False."""
+    with caplog.at_level("INFO", logger="paci"):
+        history = _pipe().fit(TRAIN, steps=STEPS, batch_size=ROWS, val_data=VAL, eval_every=4)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == STEPS and lines[-1].startswith(f"step {STEPS} | loss {history[-1]:.3f} | "
+                                                        f"val loss {history.val_loss[STEPS]:.3f} | ")
+    assert f"val loss {history.val_loss[4]:.3f} (step 4)" in lines[4]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="paci"):
+        _pipe().fit(TRAIN, steps=STEPS, batch_size=ROWS, progress=False)
+    assert not [r for r in caplog.records if r.getMessage().startswith("step ")]
+
+
 def test_resume_in_a_new_directory_starts_afresh(tmp_path):
     history = _fit(_pipe(), "dataset", tmp_path / "new", resume=True)
     assert len(history) == STEPS and (tmp_path / "new" / "summary.json").is_file()

@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import signal
-import sys
 from pathlib import Path
 
 from paci import schedules
@@ -216,14 +215,12 @@ def _finish(summary: dict, as_json: bool) -> None:
 
 
 class _Progress:
-    """A tqdm bar on a terminal, plain log lines otherwise (every ~10% of the run)."""
+    """paci train's progress: the run's header lines, then `paci.progress.Progress` (a tqdm bar on a
+    terminal, plain log lines otherwise) with the validation perplexity."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
-        self.bar = None
-        self.total = self.every = 1
-        self.last_val = None
-        self.evaluates = True
+        self.shown = None
 
     def start_checked(self, plan) -> None:
         """`start`, in a run whose plan this process made: every check has passed."""
@@ -231,10 +228,11 @@ class _Progress:
         self.start(plan)
 
     def start(self, plan) -> None:
+        from paci.progress import Progress
+
         self.run_dir = plan.run_dir
-        self.total = plan.schedule.num_steps  # optimizer steps: M*steps/K
-        self.evaluates = bool(plan.eval_rounds)
-        self.every = max(1, self.total // 10)
+        self.shown = Progress(plan.schedule.num_steps, bool(plan.eval_rounds), ("val_ppl", "val ppl", ".1f"),
+                              quiet=self.quiet)
         if self.quiet:
             return
         depth = f"P={plan.num_ranks}" + (f" x {plan.schedule.stages_per_rank} stages per rank"
@@ -248,31 +246,14 @@ class _Progress:
                      f"; resuming after step {plan.start_step}" if plan.resume else "")
         else:
             log.info("no checkpoints (--no-checkpoint): this run cannot be resumed")
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=self.total, unit="step", dynamic_ncols=True)
 
     def record(self, record: dict) -> None:
-        if "val_ppl" in record:
-            self.last_val = (record["val_ppl"], record["step"])
-        if self.quiet or "loss" not in record:
-            return
-        if self.last_val is None:
-            ppl = "-"
-        else:  # the newest validation, and when it was taken if not at this step
-            value, at = self.last_val
-            ppl = f"{value:.1f}" + ("" if at == record["step"] else f" (step {at})")
-        line = (f"step {record['step']} | loss {record['loss']:.3f} | " + (f"val ppl {ppl} | " if self.evaluates else "")
-                + f"{record['tok_per_s']:,.0f} tok/s | Δmax {record['max_drift']}")
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(line.split(" | ", 1)[1])
-        elif record["step"] % self.every == 0 or record["step"] == self.total:
-            log.info(line)
+        if self.shown is not None:
+            self.shown(record)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self.shown is not None:
+            self.shown.close()
 
     def interrupted(self, run_dir: str | Path | None = None) -> None:
         """Ctrl-C or SIGTERM: say where the run can be resumed from (the newest complete checkpoint)."""

@@ -140,3 +140,15 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process below it (a test's torchrun, whatever state it is in)."""
+    import os
+    import signal
+
+    for victim in [*descendants(pid), pid]:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import paci
-from dist_helpers import descendants, train_each
+from dist_helpers import descendants, kill_tree, train_each
 
 from paci.checkpoint import latest, load_stage
 from paci.config import load_config
@@ -221,11 +221,7 @@ def test_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path):
         os.kill(max(workers), signal.SIGKILL)
         _, stderr = proc.communicate(timeout=200)
     finally:  # a failing test leaves no torchrun behind
-        for pid in [*descendants(proc.pid), proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_tree(proc.pid)
     assert proc.returncode == 0, stderr[-3000:]
     assert "restarted by torchrun; resuming" in stderr
     whole = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", *train, "--out", str(tmp_path / "whole")),

@@ -18,7 +18,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 import paci
 from paci.checkpoint import CheckpointError
-from dist_helpers import descendants, mlp_units, regression_data
+from dist_helpers import descendants, kill_tree, mlp_units, regression_data
 
 STEPS, M, ROWS = 12, 4, 8
 
@@ -226,11 +226,7 @@ def test_the_example_under_torchrun_restarts_a_killed_rank_and_equals_the_run_th
         os.kill(max(workers), signal.SIGKILL)
         _, stderr = proc.communicate(timeout=250)
     finally:  # a failing test leaves no torchrun behind
-        for pid in [*descendants(proc.pid), proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_tree(proc.pid)
     assert proc.returncode == 0, stderr[-3000:]
     assert f"paci: resuming {run} after step" in stderr
     whole = subprocess.run([*torchrun, *script, "--out", str(tmp_path / "whole")], capture_output=True, text=True,
@@ -258,12 +254,8 @@ def test_the_example_under_torchrun_given_sigterm_drains_saves_and_resumes_exact
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
         took = time.monotonic() - sent
-    finally:
-        for pid in [*descendants(proc.pid), proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    finally:  # a failing test leaves no torchrun behind
+        kill_tree(proc.pid)
     assert took < 20, f"{took:.1f} s from SIGTERM to exit"
     manifest = paci.checkpoint.latest(run)
     stopped_at = manifest["step"]

@@ -122,7 +122,7 @@ def regime_cells(setting: Setting, done: dict[str, dict], starts: dict) -> list[
     """Issue 19's regime grid, last: AdamW and Muon, flush and PACI at flush's m, each at its best
     rate of the full-length sweep, over every horizon; PACI at flush's rate too (matched) up to
     the middle one; and one pair at the paper's absolute recipe (lr 3e-4, 1% warm-up)."""
-    m, cells = setting.flush_m, []
+    m, cells, longest = setting.flush_m, [], []
     for opt in (("adamw", 0.9), ("muon", 0.9)):
         if opt not in starts:
             continue
@@ -132,12 +132,13 @@ def regime_cells(setting: Setting, done: dict[str, dict], starts: dict) -> list[
             continue
         for h in HORIZONS[1:2] if setting is QUICK else HORIZONS[1:]:  # CI's smoke test: not the longest
             steps = setting.steps * h // FULL.steps
-            cells += [cell("1f1b", m, flush_lr, opt, steps=steps), cell("paci", m, paci_lr, opt, steps=steps)]
+            pair = [cell("1f1b", m, flush_lr, opt, steps=steps), cell("paci", m, paci_lr, opt, steps=steps)]
+            (longest if h == HORIZONS[-1] else cells).extend(pair)
             if h <= HORIZONS[1]:
                 cells.append(cell("paci", m, flush_lr, opt, steps=steps))
         warmup = max(1, round(PAPER_WARMUP * setting.steps))
         cells += [cell(s, m, PAPER_LR, opt, warmup=warmup) for s in ("1f1b", "paci")]
-    return cells
+    return cells + longest  # the longest horizon's runs (over an hour each) after every short one
 
 
 # ----------------------------------------------------------------------------------------------

@@ -109,7 +109,10 @@ def planned_cells(setting: Setting, done: dict[str, dict], clock: dict | None, s
             if k != m and setting is QUICK:
                 todo.append(cell("paci", k, paci_lr, opt))
             elif k != m:
-                todo += bracket(done, lambda lr, k=k: cell("paci", k, lr, opt), near)[0]
+                drift_cells, drift_lr = bracket(done, lambda lr, k=k: cell("paci", k, lr, opt), near)
+                todo += drift_cells
+                if k > m and drift_lr is not None:  # where PACI may come within seed noise of flush
+                    todo += [cell("paci", k, drift_lr, opt, seed=s) for s in setting.seeds]
         long = setting.steps * LONG_STEPS // FULL.steps
         todo += [cell("1f1b", m, flush_lr, opt, steps=long), cell("paci", m, paci_lr, opt, steps=long)]
         if clock is not None and (budget := equal_budget_steps(setting, clock, opt)) != setting.steps:

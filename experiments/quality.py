@@ -18,6 +18,9 @@ study measures what the stash-free corrections of `paci train --compensate` buy 
   from downstream are late).
 * "pipemare" (Yang et al., arXiv 1910.05124): lr / Δ^p, annealed. It is the identity at Δ <= 1,
   so at K = m = 8 it is plain PACI; it is measured where it acts, at K = 2 (Δ up to 4).
+* "dc" (DC-ASGD, Zheng et al., arXiv 1609.08326): a late micro-batch's gradient gains
+  lambda * H (w_t - w_{t-1}), the last update recomputed from AdamW's state, H the curvature its
+  step implies ((sqrt(v_hat) + eps) / lr), lambda in {0.25, 0.5, 1}.
 * The learning rate decides it, so every variant is swept over 5e-4 to 4e-3 and judged at its own
   best rate and at flush's; then a longer warm-up, P = 4, a 4x longer horizon and 3 seeds for the
   headline cells.
@@ -83,6 +86,9 @@ WINDOW = [Variant("PACI + predict-window (the window's gradient so far in the pr
                   (("compensate", "predict-window"),)),
           *(Variant(f"PACI + {c}, gain {g:g}", "paci", (("compensate", c), ("predict_gain", g)))
             for c in ("predict", "predict-window") for g in (1.5, 2.0))]
+# delay compensation without a copy (DC-ASGD): late gradients corrected by AdamW's implied curvature
+# times its last update, lambda 1 the Newton-consistent scale (paci.runtime.stage.OptimizerSpec)
+DC = [Variant(f"PACI + dc, lambda {lam:g}", "paci", (("compensate", "dc"), ("dc_lambda", lam))) for lam in (0.25, 0.5, 1.0)]
 
 
 # a synchronous start (--sync-steps): is PACI's gap made in the first steps or at every step? The
@@ -154,7 +160,8 @@ def planned_cells(setting: Setting, done: dict[str, dict]) -> list[Cell]:
     if study.swept(NESTEROV_ALL) and study.swept(CONTROLS[0]):  # does NAdamW catch up over a longer run?
         cells += [v.cell(setting, study.best_lr(v), steps=HORIZON * setting.steps) for v in (NESTEROV_ALL, CONTROLS[0])]
     if setting is not QUICK:  # the newer remedies, swept at the rates around the old prediction's best
-        cells += [v.cell(setting, lr) for v in WINDOW for lr in lrs[:3]]
+        cells += [v.cell(setting, lr) for v in WINDOW[:1] + DC for lr in lrs[:3]]
+        cells += [v.cell(setting, lr) for v in WINDOW[1:] for lr in lrs[:3]]
         if (paci_lr := study.best_lr(PACI)) is not None:
             cells += [PACI.cell(setting, paci_lr, sync_steps=round(share * setting.steps)) for share in SYNC_START]
     if best_comp is not None:  # last, the costliest: 3 seeds of the longer runs too
@@ -187,7 +194,7 @@ def report(study: Study) -> list[str]:
              "Final validation loss (seed 0) against the peak learning rate:", "",
              "| variant | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr | at its best, vs flush's best |"
              + " at flush's lr, vs flush |", "|---|" + "---|" * (len(lrs) + 3)]
-    for v in VARIANTS + PIPEMARE + WINDOW:
+    for v in VARIANTS + PIPEMARE + WINDOW + DC:
         best = study.best_lr(v)
         at_best = study.final(v, best) if best else math.inf
         at_flush = study.final(v, flush_lr) if flush_lr else math.inf

@@ -121,6 +121,7 @@ class Cell:
     beta1: float = 0.9
     compensate: str = "none"  # experiments/quality.py: stash-free corrections for delayed gradients
     predict_gain: float = 1.0  # --predict-gain, with compensate predict or predict-window
+    dc_lambda: float = 1.0  # --dc-lambda, with compensate dc
     sync_steps: int = 0  # --sync-steps: the first optimizer steps as 1F1B-flush
     warmup: int | None = None  # None: 5% of the steps
     recompute: bool = False
@@ -133,6 +134,7 @@ class Cell:
         extra += f"-{self.optimizer}{self.beta1:g}" if (self.optimizer, self.beta1) != ("adamw", 0.9) else ""
         extra += f"-{self.compensate}" if self.compensate != "none" else ""
         extra += f"-g{self.predict_gain:g}" if self.predict_gain != 1.0 else ""
+        extra += f"-l{self.dc_lambda:g}" if self.dc_lambda != 1.0 else ""
         extra += f"-sync{self.sync_steps}" if self.sync_steps else ""
         extra += f"-wu{self.warmup}" if self.warmup is not None else ""
         extra += "-recompute" if self.recompute else ""
@@ -144,6 +146,7 @@ class Cell:
         flags = ["--accum", str(self.accum)] if self.accum else []
         flags += ["--optimizer", self.optimizer, "--beta1", str(self.beta1), "--compensate", self.compensate]
         flags += ["--predict-gain", str(self.predict_gain)] if self.predict_gain != 1.0 else []
+        flags += ["--dc-lambda", str(self.dc_lambda)] if self.dc_lambda != 1.0 else []
         flags += ["--sync-steps", str(self.sync_steps)] if self.sync_steps else []
         flags += ["--recompute"] if self.recompute else []
         flags += ["--precision", self.precision]

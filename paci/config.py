@@ -132,14 +132,15 @@ class OptimConfig:
     # (Muon on the hidden matrices, AdamW on embeddings, head and 1-D parameters: paci.optim)
     beta1: float = 0.9  # first-moment decay
     compensate: str | None = None  # stash-free correction for delayed gradients: none, pipemare, nesterov,
-    # predict, predict-window; default: predict for paci (docs/experiments.md), none for every other schedule
+    # predict, predict-window, dc; default: predict for paci (docs/experiments.md), none for every other schedule
     predict_gain: float = 1.0  # the predicted displacement's scale (predict, predict-window)
+    dc_lambda: float = 1.0  # the curvature's scale (dc)
     clip_grad_norm: float = 0.0  # 0: off; else the largest gradient norm (global on flush schedules, per stage
     # on asynchronous ones: docs/design.md)
 
     def __post_init__(self) -> None:
         _check_types("optim", self)
-        for name in ("lr", "weight_decay", "min_lr_ratio", "beta1", "clip_grad_norm", "predict_gain"):
+        for name in ("lr", "weight_decay", "min_lr_ratio", "beta1", "clip_grad_norm", "predict_gain", "dc_lambda"):
             value = getattr(self, name)
             if not math.isfinite(value):
                 raise ValueError(f"[optim] {name} must be a finite number, got {value!r}")

@@ -136,7 +136,7 @@ def make_plan(config: RunConfig, resume: bool = False) -> Plan:
     optimizer = OptimizerSpec(lr=opt.lr, weight_decay=opt.weight_decay, betas=(opt.beta1, 0.95), warmup_steps=warmup,
                               total_steps=base.num_steps, min_lr_ratio=opt.min_lr_ratio, name=opt.optimizer,
                               compensate=opt.compensate, clip_grad_norm=opt.clip_grad_norm,
-                              predict_gain=opt.predict_gain)
+                              predict_gain=opt.predict_gain, dc_lambda=opt.dc_lambda)
     def rebuild(drains: tuple[int, ...] = ()) -> Schedule:  # the training schedule, with drains added after these steps
         built = schedules.build(pipe.schedule, pipe.stages, pipe.microbatches, config.train.steps, pipe.accum, every,
                                 pipe.chunks, pipe.sync_steps, drains) if drains else base

@@ -28,7 +28,7 @@ def _train(schedule, spec: OptimizerSpec) -> list[torch.Tensor]:
     return stage_parameters(pipeline)
 
 
-@pytest.mark.parametrize("compensate", ["pipemare", "nesterov", "predict", "predict-window"])
+@pytest.mark.parametrize("compensate", ["pipemare", "nesterov", "predict", "predict-window", "dc"])
 @pytest.mark.parametrize("name", ["1f1b", "gpipe", "zb-h1"])
 def test_identity_without_delay(name, compensate):
     """On a synchronous schedule (Δ = 0 on every stage) a compensation changes no bit."""
@@ -209,3 +209,45 @@ def test_nadamw_live_weights_are_exact(name):
     assert max((a - b).abs().max().item() for a, b in zip(trained, reference.parameters())) <= tolerance
     adamw = reference_training(schedule)
     assert max((a - b).abs().max().item() for a, b in zip(reference.parameters(), adamw.parameters())) > 1e-4
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+def test_delay_compensation_by_hand(lam):
+    """dc: a micro-batch whose backward crossed one update adds lambda * (its share) * H (w_t - w_{t-1})
+    to the step's gradient, H = (sqrt(v_hat) + eps) / lr being AdamW's implied curvature, with the
+    last update recomputed from AdamW's state equal to the one measured here; a window with no late
+    micro-batch steps on its gradient unchanged."""
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 3)
+    spec = OptimizerSpec(lr=0.1, weight_decay=0.1, warmup_steps=0, total_steps=10, compensate="dc", dc_lambda=lam)
+    stage = Stage(1, 3, [linear], policy=WeightPolicy.LIVE, optim=spec, loss_scale=0.25, train_batch=None,
+                  val_batch=None)
+    stepped, moments = [], []  # the gradient each optimizer step sees, and AdamW's second moments then
+    step = stage.optimizer.step
+    stage.optimizer.step = lambda: (stepped.append([s.grad.clone() for s in stage._shadows.values()]),
+                                    moments.append([stage.optimizer.state[s]["exp_avg_sq"].clone()
+                                                    for s in stage._shadows.values() if stage.optimizer.state]),
+                                    step())[2]
+    x = [torch.randn(2, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    g = [torch.randn(2, 3, generator=torch.Generator().manual_seed(10 + i)) for i in range(3)]
+    stage.forward(0, x[0].clone())
+    stage.backward(0, g[0])
+    stage.step()  # version 1
+    stage.forward(1, x[1].clone())  # at version 1 ...
+    stage.forward(2, x[2].clone())
+    stage.backward(2, g[2])
+    plain = [p.grad.clone() for p in linear.parameters()]
+    w1 = [p.detach().clone() for p in linear.parameters()]
+    stage.step()  # version 2: nothing late in this window
+    assert all(torch.equal(a, b) for a, b in zip(stepped[1], plain))
+    w2 = [p.detach().clone() for p in linear.parameters()]
+    stage.backward(1, g[1])  # ... its backward at version 2: one update late
+    assert stage.late == 0.25
+    plain = [p.grad.clone() for p in linear.parameters()]
+    stage.step()
+    for got, grad, before, after, v in zip(stepped[2], plain, w1, w2, moments[2]):
+        v_hat = v / (1 - 0.95 ** 2)  # the state after step 2
+        curvature = (v_hat.sqrt() + 1e-8) / spec.lr_at(1)
+        torch.testing.assert_close(got, grad + lam * 0.25 * curvature * (after - before), rtol=1e-5, atol=1e-7)
+        assert not torch.equal(got, grad)
+    assert stage.late == 0.0

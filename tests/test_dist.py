@@ -26,11 +26,11 @@ pytestmark = pytest.mark.dist
 
 
 # every schedule, PACI with recompute and compensations, clipping by the global norm (1f1b) and
-# by each stage's own (paci): (label, schedule, options)
+# by each stage's own (paci, after delay compensation): (label, schedule, options)
 RUNS = [(name, name, {}) for name in REGISTRY] + [
     ("paci-recompute-nesterov", "paci", {"recompute": True, "compensate": "nesterov"}),
     ("paci-predict-bf16", "paci", {"compensate": "predict", "precision": "bf16"}),
-    ("1f1b-clip", "1f1b", {"clip_grad_norm": 0.05}), ("paci-clip", "paci", {"clip_grad_norm": 0.05}),
+    ("1f1b-clip", "1f1b", {"clip_grad_norm": 0.05}), ("paci-clip-dc", "paci", {"clip_grad_norm": 0.05, "compensate": "dc"}),
     ("paci-muon", "paci", {"optimizer": "muon"}), ("paci-sync-start", "paci", {"sync_steps": 1})]
 
 

@@ -47,9 +47,13 @@ def add_train_parser(subparsers) -> None:
                                         "predicted weights), none "
                                         "(the default elsewhere; the paper's plain PACI), pipemare (lr / delay^p, "
                                         "annealed), nesterov (NAdamW, beta1 0.99, on delayed stages), predict-window "
-                                        "(predict, with the gradient the stage's window already holds)")
+                                        "(predict, with the gradient the stage's window already holds), dc "
+                                        "(adamw: delayed gradients corrected by its second moment times the last "
+                                        "update, DC-ASGD)")
     p.add_argument("--predict-gain", type=float, dest="predict_gain",
                    help="scale of the predicted weight displacement (default 1; > 1 over-relaxes)")
+    p.add_argument("--dc-lambda", type=float, dest="dc_lambda",
+                   help="scale of the curvature in --compensate dc's correction (default 1)")
     p.add_argument("--seed", type=int, help="seed for init and data order (default 0)")
     p.add_argument("--data", help="text file, folder of .txt, or folder with train.bin/val.bin (default: embedded)")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 8)")
@@ -108,7 +112,7 @@ _TRAIN_FLAGS = {"model": {"preset": "preset", "vocab_size": "vocab_size"},
                 "optim": {"lr": "lr", "warmup_steps": "warmup_steps", "min_lr_ratio": "min_lr_ratio",
                           "weight_decay": "weight_decay", "optimizer": "optimizer", "beta1": "beta1",
                           "compensate": "compensate", "clip_grad_norm": "clip_grad_norm",
-                          "predict_gain": "predict_gain"},
+                          "predict_gain": "predict_gain", "dc_lambda": "dc_lambda"},
                 "train": {"steps": "steps", "seed": "seed", "eval_every": "eval_every",
                           "eval_batches": "eval_batches", "threads": "threads", "out": "out",
                           "precision": "precision", "checkpoint_every": "checkpoint_every",

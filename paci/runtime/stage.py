@@ -46,7 +46,7 @@ MakeOptimizer = Callable[[list[nn.Parameter]],
 
 
 OPTIMIZERS = ("adamw", "nadamw", "muon")
-COMPENSATIONS = ("none", "pipemare", "nesterov", "predict", "predict-window")
+COMPENSATIONS = ("none", "pipemare", "nesterov", "predict", "predict-window", "dc")
 PREDICTIONS = ("predict", "predict-window")  # the compensations that move an overtaken forward's weights
 # Nesterov look-ahead for delayed gradients (Ajanthan et al., ICML 2025, arXiv 2505.01099): their
 # released recipe is torch's NAdam with decoupled weight decay and beta1 = 0.99. NAdam warms its
@@ -83,6 +83,17 @@ class OptimizerSpec:
 
     `predict_gain` (gamma) scales the predicted displacement of both: 1 is the prediction itself,
     > 1 over-relaxes it (under-prediction is the less stable side in the linear delay model).
+
+    * "dc": delay compensation without a copy (DC-ASGD, Zheng et al., arXiv 1609.08326): a
+      micro-batch whose backward crossed d updates contributes g + dc_lambda * d * H (w_t - w_{t-1})
+      instead of g. w_t - w_{t-1}, the stage's last update, is recomputed from AdamW's state at
+      the step (exact for d <= 1, the last update repeated beyond); no weights are kept. H is the
+      diagonal curvature AdamW's own step assumes, (sqrt(v_hat) + eps) / lr, so that H times the
+      update is minus its direction (m_hat and the decay): dc_lambda is dimensionless, 1 the
+      Newton-consistent value. (DC-ASGD's g * g, or v_hat, measured here at 1e-5..1e-8 of the
+      gradient at lambda 1, drifting by three orders over a run; docs/experiments.md.) Since
+      the correction does not depend on g, it is added once per step, scaled by the window's
+      delayed share (`Stage.step`).
     """
 
     lr: float = 2e-3
@@ -98,6 +109,7 @@ class OptimizerSpec:
     clip_grad_norm: float = 0.0  # 0: off (see `Stage.step`)
     momentum: float = 0.95  # Muon's (its AdamW part and AdamW take `betas`)
     predict_gain: float = 1.0  # gamma: the predicted displacement's scale ("predict", "predict-window")
+    dc_lambda: float = 1.0  # lambda: the scale of AdamW's implied curvature ("dc")
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -111,6 +123,12 @@ class OptimizerSpec:
             raise ValueError(f"--predict-gain must be a number > 0, got {self.predict_gain}")
         if self.predict_gain != 1.0 and self.compensate not in PREDICTIONS:
             raise ValueError("--predict-gain scales a prediction; use it with --compensate predict or predict-window")
+        if not (math.isfinite(self.dc_lambda) and self.dc_lambda > 0):
+            raise ValueError(f"--dc-lambda must be a number > 0, got {self.dc_lambda}")
+        if self.dc_lambda != 1.0 and self.compensate != "dc":
+            raise ValueError("--dc-lambda scales delay compensation; use it with --compensate dc")
+        if self.compensate == "dc" and self.name != "adamw":
+            raise ValueError("--compensate dc recomputes AdamW's last update from its state; use it with --optimizer adamw")
         if self.compensate == "nesterov" and self.name == "muon":
             raise ValueError("--compensate nesterov gives delayed stages NAdamW instead of their optimizer; use it "
                              "with --optimizer adamw")
@@ -214,6 +232,7 @@ class Stage:
         self.version = 0
         self.step_lr = math.nan  # the learning rate of the last step (first param group), for the records
         self.window = 0.0  # the share of the coming update's micro-batches whose backward has run ("predict-window")
+        self.late = 0.0  # the same share, each micro-batch counted once per update its backward crossed ("dc")
         self._directions: dict[torch.Tensor, torch.Tensor] = {}  # "predict" with Muon: the window's predicted directions
         self.versions: dict[int, tuple[int, int]] = {}  # mb -> (v_f, v_b)
         self.losses: dict[int, torch.Tensor] = {}  # mb -> unscaled training loss (last stage)
@@ -475,6 +494,7 @@ class Stage:
     def _record_backward(self, mb: int, state: _InFlight) -> None:
         self.versions[mb] = (state.version, self.version)
         self.window += self.loss_scale
+        self.late += self.loss_scale * (self.version - state.version)
 
     def _finish(self, state: _InFlight) -> None:
         if self.policy is WeightPolicy.STASHED:
@@ -493,6 +513,8 @@ class Stage:
             self.replica_mean(grads + [self.losses[mb] for mb in sorted(self.losses)])
         finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         self.step_lr = self.lr
+        if self.spec.compensate == "dc" and self.late and finite and self.version not in self.skipped:
+            self._compensate_delay()
         if self.spec.clip_grad_norm:
             self._clip(grads, finite)
         if self.policy is WeightPolicy.STASHED:
@@ -514,10 +536,28 @@ class Stage:
             p.grad = None
             self._shadows[name].grad = None
         self.version += 1
-        self.window = 0.0
+        self.window = self.late = 0.0
         self._directions.clear()
         if not finite:
             self._check_limit(f"step {self.version} has a non-finite gradient")
+
+    def _compensate_delay(self) -> None:
+        """"dc": add dc_lambda * late * (sqrt(v_hat) + eps) / lr * (w_t - w_{t-1}) to the accumulated
+        gradient, the last update recomputed from AdamW's moments and the rate of its step (see
+        `OptimizerSpec`)."""
+        shadows = {shadow: name for name, shadow in self._shadows.items()}
+        with torch.no_grad():
+            for group in self.optimizer.param_groups:
+                beta1, beta2 = group["betas"]
+                for shadow in group["params"]:
+                    state, p = self.optimizer.state.get(shadow), self._params[shadows[shadow]]
+                    if not state or p.grad is None:
+                        continue
+                    t = int(state["step"])
+                    lr = self.spec.lr_at(t - 1)
+                    denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+                    previous = (p + lr * state["exp_avg"] / (1 - beta1 ** t) / denom) / (1 - lr * group["weight_decay"])
+                    p.grad.addcmul_(denom, p - previous, value=self.spec.dc_lambda * self.late / lr)
 
     def _check_in_place(self) -> None:
         """Live weights need the optimizer to write into the parameters' storage (the module reads

@@ -105,6 +105,7 @@ def planned_cells(setting: Setting, done: dict[str, dict], clock: dict | None, s
         todo += predict_cells
         if predict_lr is not None:
             todo += [cell("paci", m, predict_lr, opt, compensate="predict", seed=s) for s in setting.seeds]
+        seeded = {}  # K > m with every seed run at its best rate: their mean final loss
         for k in (setting.microbatches if setting is QUICK else DRIFT_M):  # quick: at PACI's rate only
             if k != m and setting is QUICK:
                 todo.append(cell("paci", k, paci_lr, opt))
@@ -113,8 +114,15 @@ def planned_cells(setting: Setting, done: dict[str, dict], clock: dict | None, s
                 todo += drift_cells
                 if k > m and drift_lr is not None:  # where PACI may come within seed noise of flush
                     todo += [cell("paci", k, drift_lr, opt, seed=s) for s in setting.seeds]
+                    if (value := loss(done, cell("paci", k, drift_lr, opt), setting.seeds)) < math.inf and all(
+                            cell("paci", k, drift_lr, opt, seed=s).name in done for s in setting.seeds):
+                        seeded[k] = (value, drift_lr)
         long = setting.steps * LONG_STEPS // FULL.steps
-        todo += [cell("1f1b", m, flush_lr, opt, steps=long), cell("paci", m, paci_lr, opt, steps=long)]
+        todo.append(cell("1f1b", m, flush_lr, opt, steps=long))
+        if seeded:  # the long run of PACI's best K first: the recommended setting
+            k = min(seeded, key=lambda k: seeded[k][0])
+            todo.append(cell("paci", k, seeded[k][1], opt, steps=long))
+        todo.append(cell("paci", m, paci_lr, opt, steps=long))
         if clock is not None and (budget := equal_budget_steps(setting, clock, opt)) != setting.steps:
             todo += [cell("paci", m, lr, opt, steps=budget) for lr in dict.fromkeys((paci_lr, flush_lr))]
     todo += regime_cells(setting, done, starts)
@@ -261,23 +269,23 @@ class Axis:
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
         return mean, std, len(values)
 
-    def fastest_sync(self, opt: tuple[str, float], target: float) -> tuple[float | None, str]:
+    def fastest_sync(self, opt: tuple[str, float], target: float, seed: int = 0) -> tuple[float | None, str]:
         """The fastest synchronous (schedule, m) to `target` on flush's trajectory with `opt` at its best lr."""
         m = self.setting.flush_m
-        flush = self.get(cell("1f1b", m, self.best("1f1b", m, opt), opt))
+        flush = self.get(cell("1f1b", m, self.best("1f1b", m, opt), opt, seed=seed))
         step = crossing_step(flush["eval"], target) if flush else None
         if step is None:
             return None, "-"
         return min((step_time(self.clock, on_clock(s, opt), k, step), f"{s} m={k}") for s in BUDGET_SYNC
                    for k in self.setting.microbatches)
 
-    def fastest_paci(self, opt: tuple[str, float], target: float) -> tuple[float | None, str]:
+    def fastest_paci(self, opt: tuple[str, float], target: float, seed: int = 0) -> tuple[float | None, str]:
         """The fastest PACI (K = m, over the m and compensations run, each at its best lr) to `target` with `opt`."""
         options = []
         for k in self.setting.microbatches:
             for comp in COMPENSATIONS:
                 lr = self.best("paci", k, opt, comp)
-                run = self.get(cell("paci", k, lr, opt, compensate=comp)) if lr is not None else None
+                run = self.get(cell("paci", k, lr, opt, compensate=comp, seed=seed)) if lr is not None else None
                 step = crossing_step(run["eval"], target) if run else None
                 if step is not None and f"{on_clock('paci', opt, comp)}-m{k}" in self.clock["step_end_s"]:
                     options.append((step_time(self.clock, on_clock("paci", opt, comp), k, step),
@@ -370,7 +378,7 @@ def report(setting: Setting, clock: dict, done: dict[str, dict], starts: dict) -
             lines.append(f"| {target:.3f} | " + " | ".join(
                 f"{_fmt(*sync[o])} | {_fmt(*paci[o])} | {_ratio(sync[o][0], paci[o][0])}" for o in opts) +
                 f" | {_ratio(best_sync, best_paci)} |")
-    lines += budget_table(axis) + drift_table(axis) + long_table(axis) + regime_table(axis)
+    lines += seed_table(axis) + budget_table(axis) + drift_table(axis) + long_table(axis) + regime_table(axis)
     return lines
 
 
@@ -397,6 +405,27 @@ def regime_table(axis: Axis) -> list[str]:
         warmup = max(1, round(PAPER_WARMUP * st.steps))
         flush, paci = (axis.get(cell(s, m, PAPER_LR, opt, warmup=warmup)) for s in ("1f1b", "paci"))
         lines.append(f"| {label(opt)}, paper's recipe | {st.steps} | {fmt(flush)} | {fmt(paci)} | {gap(paci, flush)} | | |")
+    return lines
+
+
+def seed_table(axis: Axis) -> list[str]:
+    """Speedup same per seed: each seed's flush trajectory against the fastest PACI among the runs of
+    that seed (the m and compensations with all seeds, each at its seed-0 best lr)."""
+    st, lines = axis.setting, []
+    for opt in axis.opts():
+        rows = []
+        for target in axis.targets():
+            ratios = []
+            for seed in st.seeds:
+                (sync, _), (paci, name) = axis.fastest_sync(opt, target, seed), axis.fastest_paci(opt, target, seed)
+                ratios.append("flush: not reached" if sync is None else "PACI: not reached" if paci is None
+                              else f"{sync / paci:.2f}x ({name})")
+            if any(r.endswith(")") for r in ratios):
+                rows.append(f"| {target:.3f} | " + " | ".join(ratios) + " |")
+        if rows:
+            lines += ["", f"Speedup same per seed, {label(opt)} (seed s of flush against the fastest PACI of seed s):",
+                      "", "| target | " + " | ".join(f"seed {s}" for s in st.seeds) + " |",
+                      "|---|" + "---|" * len(st.seeds), *rows]
     return lines
 
 
@@ -432,7 +461,7 @@ def drift_table(axis: Axis) -> list[str]:
                  f"(lr {flush_lr:g}, {flush[0]:.3f} ± {flush[1]:.3f} over {flush[2]} seeds: the seed noise) and to "
                  f"flush at the same lr {paci_lr:g}" + (f" ({same['final_val_loss']:.3f})" if same else "") + ":", "",
              "| K | bound ⌈(P−1−s)/K⌉ at s = 0 | mean Δ | at lr " + f"{paci_lr:g} | gap to flush, same lr | "
-             "own best lr | at it | gap to flush's best |", "|---|---|---|---|---|---|---|---|"]
+             "own best lr | at it (mean ± std over seeds where run) | gap to flush's best |", "|---|---|---|---|---|---|---|---|"]
     for k in sorted({m, *(st.microbatches if st is QUICK else DRIFT_M)}):
         r = axis.get(cell("paci", k, paci_lr, opt))
         best = axis.best("paci", k, opt)
@@ -444,8 +473,10 @@ def drift_table(axis: Axis) -> list[str]:
         mean = sum(int(d) * n for d, n in histogram.items()) / max(1, sum(histogram.values()))
         at = f"{r['final_val_loss']:.3f}" if r else "-"
         gap_same = f"{r['final_val_loss'] - same['final_val_loss']:+.3f}" if r and same else "-"
+        seeds = axis.seeds(cell("paci", k, best, opt))
+        at_best = f"{seeds[0]:.3f}" + (f" ± {seeds[1]:.3f} ({seeds[2]} seeds)" if seeds[2] > 1 else "")
         lines.append(f"| {k} | {math.ceil((st.stages - 1) / k)} | {mean:.3f} | {at} | {gap_same} | {best:g} | "
-                     f"{own['final_val_loss']:.3f} | {own['final_val_loss'] - flush[0]:+.3f} |")
+                     f"{at_best} | {seeds[0] - flush[0]:+.3f} |")
     return lines
 
 
@@ -454,8 +485,9 @@ def long_table(axis: Axis) -> list[str]:
     if opt not in axis.opts():
         return []
     long = st.steps * LONG_STEPS // FULL.steps
-    rows = [(name, axis.get(cell(s, m, axis.best(s, m, opt), opt, steps=long)))
-            for name, s in (("flush", "1f1b"), ("paci", "paci"))]
+    rows = [(f"flush m={m}", axis.get(cell("1f1b", m, axis.best("1f1b", m, opt), opt, steps=long)))] + [
+        (f"paci K=m={k}", axis.get(cell("paci", k, axis.best("paci", k, opt), opt, steps=long)))
+        for k in sorted({m, *DRIFT_M}) if axis.best("paci", k, opt) is not None]
     if not any(r for _, r in rows):
         return []
     lines = ["", f"The headline pair with Muon over {long} steps (seed 0, each at its best lr at {st.steps} steps):", "",
@@ -463,8 +495,8 @@ def long_table(axis: Axis) -> list[str]:
     flush = rows[0][1]
     for name, r in rows:
         if r is not None:
-            gap = "" if name == "flush" or flush is None else f"{r['final_val_loss'] - flush['final_val_loss']:+.3f}"
-            lines.append(f"| {name} m={m} | {r['lr']:g} | {r['final_val_loss']:.3f} | {gap} |")
+            gap = "" if r is flush or flush is None else f"{r['final_val_loss'] - flush['final_val_loss']:+.3f}"
+            lines.append(f"| {name} | {r['lr']:g} | {r['final_val_loss']:.3f} | {gap} |")
     return lines
 
 

@@ -1,8 +1,9 @@
 """paci's built-in GPT through the public API: what `paci train` does, written as a user would.
 
 The tiny GPT preset as a list of units (embedding, attention and MLP halves of each block, head),
-its language-model loss, AdamW with paci's warm-up + cosine schedule and weight decay on matrices
-only, and mini-batches of the embedded corpus: the losses equal `paci train --schedule paci
+its language-model loss, Muon on the hidden matrices and AdamW on the rest (`paci.optim.muon`) with
+paci's warm-up + cosine schedule and weight decay on matrices only, and mini-batches of the
+embedded corpus: the losses equal `paci train --schedule paci
 --compensate none` with the same settings, bit for bit (tests/test_api.py checks it).
 
     .venv/bin/python examples/gpt_api.py [--steps 50]
@@ -20,10 +21,10 @@ from paci.runtime.stage import OptimizerSpec
 STAGES, MICROBATCHES, SEQUENCES = 4, 8, 2  # P, m, sequences per micro-batch
 
 
-def gpt_pipeline(preset: str, steps: int, seq_len: int, seed: int = 0, lr: float = 2e-3) -> paci.Pipeline:
-    config = PRESETS[preset]
-    spec = OptimizerSpec(lr=lr, warmup_steps=max(1, steps // 20), total_steps=steps)  # paci train's defaults
-    return paci.Pipeline(build_units(config, seed), lm_loss, optimizer=lambda params: spec.build(params)[0],
+def gpt_pipeline(preset: str, steps: int, seq_len: int, seed: int = 0, lr: float = 1.6e-2) -> paci.Pipeline:
+    units = build_units(PRESETS[preset], seed)
+    spec = OptimizerSpec(lr=lr, warmup_steps=max(1, steps // 20), total_steps=steps)  # paci train's schedule
+    return paci.Pipeline(units, lm_loss, optimizer=paci.optim.muon(units, lr=lr),
                          lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
                              opt, lambda step: spec.lr_at(step) / spec.lr),
                          schedule="paci", stages=STAGES, microbatches=MICROBATCHES)

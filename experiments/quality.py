@@ -160,10 +160,15 @@ def planned_cells(setting: Setting, done: dict[str, dict]) -> list[Cell]:
     if study.swept(NESTEROV_ALL) and study.swept(CONTROLS[0]):  # does NAdamW catch up over a longer run?
         cells += [v.cell(setting, study.best_lr(v), steps=HORIZON * setting.steps) for v in (NESTEROV_ALL, CONTROLS[0])]
     if setting is not QUICK:  # the newer remedies, swept at the rates around the old prediction's best
-        cells += [v.cell(setting, lr) for v in WINDOW[:1] + DC for lr in lrs[:3]]
+        # predict-window (AdamW's default on paci since it measured best) with seeds at its best rate,
+        # its gains, a synchronous start, then DC-ASGD (its curvature measured at 1e-5..1e-8 of the gradient)
+        cells += [WINDOW[0].cell(setting, lr) for lr in lrs[:3]]
+        if all(study.get(WINDOW[0].cell(setting, lr)) for lr in lrs[:3]):
+            cells += [WINDOW[0].cell(setting, study.best_lr(WINDOW[0]), seed=s) for s in setting.seeds]
         cells += [v.cell(setting, lr) for v in WINDOW[1:] for lr in lrs[:3]]
         if (paci_lr := study.best_lr(PACI)) is not None:
             cells += [PACI.cell(setting, paci_lr, sync_steps=round(share * setting.steps)) for share in SYNC_START]
+        cells += [v.cell(setting, lr) for v in DC for lr in lrs[:3]]
     if best_comp is not None:  # last, the costliest: 3 seeds of the longer runs too
         cells += [v.cell(setting, lr, steps=HORIZON * setting.steps, seed=s) for v, lr in best.items() for s in setting.seeds]
     return [c for c in dict.fromkeys(cells) if c.name not in done]

@@ -122,17 +122,23 @@ class PipelineConfig:
             parse_bytes(self.memory_per_stage)
 
 
+DEFAULT_LR = {"muon": 1.6e-2, "adamw": 2e-3, "nadamw": 2e-3}  # each one's best peak rate on the deep and small
+# presets (docs/results.md: the optimizer axis); Muon's is the AdamW-matched rate (adjust_lr_fn="match_rms_adamw")
+
+
 @dataclass
 class OptimConfig:
-    lr: float = 2e-3  # peak learning rate
+    lr: float | None = None  # peak learning rate; default: the optimizer's DEFAULT_LR
     weight_decay: float = 0.1
     warmup_steps: int | None = None  # default: 5% of the optimizer steps
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
-    optimizer: str = "adamw"  # "adamw", "nadamw" (Adam with Nesterov momentum, decoupled weight decay) or "muon"
-    # (Muon on the hidden matrices, AdamW on embeddings, head and 1-D parameters: paci.optim)
+    optimizer: str = "muon"  # "muon" (Muon on the hidden matrices, AdamW on embeddings, head and 1-D parameters:
+    # paci.optim; the recommended optimizer for PACI, docs/experiments.md), "adamw" or "nadamw" (Adam with Nesterov
+    # momentum, decoupled weight decay)
     beta1: float = 0.9  # first-moment decay
     compensate: str | None = None  # stash-free correction for delayed gradients: none, pipemare, nesterov,
-    # predict, predict-window, dc; default: predict for paci (docs/experiments.md), none for every other schedule
+    # predict, predict-window, dc; default: predict-window for paci with adamw (docs/experiments.md), none for
+    # every other schedule and optimizer
     predict_gain: float = 1.0  # the predicted displacement's scale (predict, predict-window)
     dc_lambda: float = 1.0  # the curvature's scale (dc)
     clip_grad_norm: float = 0.0  # 0: off; else the largest gradient norm (global on flush schedules, per stage
@@ -140,6 +146,9 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _check_types("optim", self)
+        OptimizerSpec(name=self.optimizer, compensate=self.compensate or "none")  # checks the choices
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.optimizer]
         for name in ("lr", "weight_decay", "min_lr_ratio", "beta1", "clip_grad_norm", "predict_gain", "dc_lambda"):
             value = getattr(self, name)
             if not math.isfinite(value):
@@ -156,7 +165,6 @@ class OptimConfig:
             raise ValueError(f"--clip-grad-norm must be >= 0 (0: off), got {self.clip_grad_norm}")
         if not self.predict_gain > 0:
             raise ValueError(f"--predict-gain must be > 0, got {self.predict_gain}")
-        OptimizerSpec(name=self.optimizer, compensate=self.compensate or "none")  # checks the choices
 
 
 @dataclass
@@ -211,9 +219,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.optim.compensate is None:  # the recommended PACI; the paper's plain variant is --compensate none
-            self.optim.compensate = "predict" if self.pipeline.schedule == "paci" else "none"
-            if self.optim.optimizer != "adamw":
-                self.optim.compensate = "none"
+            adamw_paci = self.pipeline.schedule == "paci" and self.optim.optimizer == "adamw"
+            self.optim.compensate = "predict-window" if adamw_paci else "none"
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -419,7 +419,7 @@ CASES = [
       "train {tiny} --compensate none --predict-gain 2",
       "paci: error: --predict-gain scales a prediction; use it with --compensate predict or predict-window"),
     c("train-dc-lambda-zero", "a delay-compensation scale of 0",
-      "train {tiny} --compensate dc --dc-lambda 0",
+      "train {tiny} --optimizer adamw --compensate dc --dc-lambda 0",
       "paci: error: --dc-lambda must be a number > 0, got 0.0"),
     c("train-dc-lambda-alone", "a delay-compensation scale without delay compensation",
       "train {tiny} --dc-lambda 0.5",

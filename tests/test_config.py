@@ -11,9 +11,24 @@ EXAMPLE = Path(__file__).parent.parent / "configs" / "paci-small.toml"
 
 def test_config_precedence_defaults_toml_flags():
     """A TOML value beats the default; a flag beats the TOML value; unset flags change nothing."""
-    assert load_config().optim.lr == 2e-3
+    assert load_config().optim.lr == 1.6e-2
     config = load_config(EXAMPLE, {"optim": {"lr": 5e-4}, "train": {"steps": None}})
     assert config.optim.lr == 5e-4 and config.train.steps == 400 and config.pipeline.accum == 8
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({}, ("muon", 1.6e-2, "none")),  # the recommended PACI: Muon, no compensation
+    ({"optim": {"optimizer": "adamw"}}, ("adamw", 2e-3, "predict-window")),
+    ({"optim": {"optimizer": "adamw", "lr": 1e-3, "compensate": "none"}}, ("adamw", 1e-3, "none")),
+    ({"optim": {"optimizer": "nadamw"}}, ("nadamw", 2e-3, "none")),
+    ({"pipeline": {"schedule": "1f1b"}, "optim": {"optimizer": "adamw"}}, ("adamw", 2e-3, "none")),
+    ({"pipeline": {"schedule": "zb-h1"}}, ("muon", 1.6e-2, "none")),
+])
+def test_defaults_follow_the_optimizer(overrides, expected):
+    """The optimizer defaults to Muon; the rate to the optimizer's own best, the compensation to
+    predict-window for PACI with AdamW and none otherwise; whatever is given wins."""
+    optim = load_config(None, overrides).optim
+    assert (optim.optimizer, optim.lr, optim.compensate) == expected
 
 
 @pytest.mark.parametrize("text, fragment", [

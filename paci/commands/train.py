@@ -31,23 +31,23 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--sync-steps", type=int, dest="sync_steps",
                    help="run an asynchronous schedule's first N optimizer steps as 1F1B-flush (default 0)")
     p.add_argument("--steps", type=int, help="mini-batches to train (default 400)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1.6e-2 with muon, 2e-3 with adamw or nadamw)")
     p.add_argument("--warmup", type=int, dest="warmup_steps", help="LR warm-up steps (default 5%% of --steps)")
     p.add_argument("--min-lr-ratio", type=float, dest="min_lr_ratio",
                    help="the cosine schedule ends at this fraction of --lr (default 0.1)")
     p.add_argument("--weight-decay", type=float, dest="weight_decay", help="decoupled weight decay (default 0.1)")
-    p.add_argument("--optimizer", help="adamw (default), nadamw (Adam with Nesterov momentum) or muon (Muon on the "
-                                       "hidden matrices, AdamW with --beta1 on the rest, one --lr)")
+    p.add_argument("--optimizer", help="muon (default: Muon on the hidden matrices, AdamW with --beta1 on the rest, "
+                                       "one --lr), adamw, or nadamw (Adam with Nesterov momentum)")
     p.add_argument("--beta1", type=float, help="the optimizer's first-moment decay (default 0.9)")
     p.add_argument("--clip-grad-norm", type=float, dest="clip_grad_norm",
                    help="clip the gradient to this norm before each step (default 0: off): the global norm on a "
                         "flush schedule, each stage's own on an asynchronous one")
-    p.add_argument("--compensate", help="stash-free correction for delayed gradients: predict (the default for "
-                                        "paci with adamw; adamw or muon: forwards that an update will overtake run on "
-                                        "predicted weights), none "
-                                        "(the default elsewhere; the paper's plain PACI), pipemare (lr / delay^p, "
-                                        "annealed), nesterov (NAdamW, beta1 0.99, on delayed stages), predict-window "
-                                        "(predict, with the gradient the stage's window already holds), dc "
+    p.add_argument("--compensate", help="stash-free correction for delayed gradients: none (the default, the paper's "
+                                        "plain PACI; with adamw on paci: predict-window), predict (adamw or muon: "
+                                        "forwards that an update will overtake run on predicted weights), "
+                                        "predict-window (predict, with the gradient the stage's window already holds), "
+                                        "pipemare (lr / delay^p, annealed), nesterov (NAdamW, beta1 0.99, on delayed "
+                                        "stages), dc "
                                         "(adamw: delayed gradients corrected by its second moment times the last "
                                         "update, DC-ASGD)")
     p.add_argument("--predict-gain", type=float, dest="predict_gain",

@@ -40,6 +40,7 @@ import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -100,6 +101,9 @@ QUICK = Setting(preset="tiny", vocab_size=512, stages=4, splits={4: "uniform", 2
                 eval_every=4, eval_sequences=8, microbatches=(2, 4), flush_m=4, lrs=(2e-3, 4e-3), seeds=(0, 1),
                 in_process=True)
 SYNC = ("1f1b", "gpipe", "zb-h1", "interleaved-1f1b")  # the synchronous schedules, all on the flush trajectory
+# Cells this long outlast a session: they checkpoint every LONG_CHECKPOINT steps under <cache>/runs/<cell>
+# (each checkpoint a drain point, 7 in a 6400-step run) and a restarted study resumes them, bit-identically
+LONG_CELL, LONG_CHECKPOINT = 3200, 800
 BUDGET_SYNC = SYNC[:3]  # the equal-budget cells were planned (and trained) against these, before interleaving
 CHUNKS = 2  # interleaved-1f1b: stages per rank
 
@@ -161,20 +165,35 @@ def run_cell(setting: Setting, cell: Cell, cache: Path, threads: int) -> dict:
     b = setting.batch_size(cell.m)
     steps = cell.steps or setting.steps
     stages = cell.stages or setting.stages
+    long = steps >= LONG_CELL
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = ["train", "--preset", setting.preset, "--vocab-size",
-               str(setting.vocab_size), "--schedule", cell.schedule, "--stages", str(stages),
-               "--microbatches", str(cell.m), "--batch-size", str(b), "--seq-len", str(setting.seq_len),
-               "--steps", str(steps), "--lr", str(cell.lr), "--seed", str(cell.seed), "--split", setting.splits[stages],
-               "--eval-every", str(setting.eval_every), "--eval-batches", str(setting.eval_sequences // b),
-               "--threads", str(threads), "--out", str(Path(tmp) / "run"), "--json", "--checkpoint-every", "0",
-               *cell.flags()]  # the paper's schedule, with no drain points
+        run = cache / "runs" / cell.name if long else Path(tmp) / "run"
+        spent = _spent(run)  # wall seconds of the earlier, interrupted parts of a long cell
+        if long and any(run.glob("checkpoints/step-*/manifest.json")):
+            cmd = ["train", "--resume", str(run), "--json", "--threads", str(threads)]
+        else:
+            shutil.rmtree(run, ignore_errors=True)  # a long cell stopped before its first checkpoint
+            spent = 0.0
+            cmd = ["train", "--preset", setting.preset, "--vocab-size",
+                   str(setting.vocab_size), "--schedule", cell.schedule, "--stages", str(stages),
+                   "--microbatches", str(cell.m), "--batch-size", str(b), "--seq-len", str(setting.seq_len),
+                   "--steps", str(steps), "--lr", str(cell.lr), "--seed", str(cell.seed),
+                   "--split", setting.splits[stages], "--eval-every", str(setting.eval_every),
+                   "--eval-batches", str(setting.eval_sequences // b), "--threads", str(threads), "--out", str(run),
+                   "--json", "--checkpoint-every", str(LONG_CHECKPOINT if long else 0),  # else the paper's schedule,
+                   *cell.flags()]  # with no drain points
         started = time.perf_counter()
+        if long:
+            run.parent.mkdir(parents=True, exist_ok=True)
+            _marker(run, "started").write_text(f"{time.time()}\n")
         code, stdout, stderr = _paci(cmd, setting.in_process)
+        if long:
+            _marker(run, "wall_s").write_text(f"{spent + time.perf_counter() - started:.1f}\n")
+            _marker(run, "started").unlink()
         if code != 0:
             raise RuntimeError(f"cell {cell.name} failed:\n{stderr[-3000:]}")
         summary = json.loads(stdout)
-        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     drift: dict[str, int] = {}
     for record in records:
         for delta, count in record.get("drift_histogram", {}).items():
@@ -183,12 +202,34 @@ def run_cell(setting: Setting, cell: Cell, cache: Path, threads: int) -> dict:
               "eval": [[r["step"], round(r["val_loss"], 5)] for r in records if "val_loss" in r],
               "train_loss": [round(r["loss"], 4) for r in records if "loss" in r],
               "final_val_loss": summary["final_val_loss"], "max_drift": summary["max_drift"], "drift_histogram": drift,
-              "cpu_wall_s": round(time.perf_counter() - started, 1), "threads": threads}
+              "cpu_wall_s": round(spent + time.perf_counter() - started, 1), "threads": threads,
+              **({"checkpoint_every": LONG_CHECKPOINT} if long else {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_suffix(".tmp")
     tmp_path.write_text(json.dumps(result) + "\n")
     os.replace(tmp_path, path)
+    if long:
+        shutil.rmtree(run)
+        for name in ("started", "wall_s"):
+            _marker(run, name).unlink(missing_ok=True)
     return result
+
+
+def _marker(run: Path, name: str) -> Path:
+    """A long cell's bookkeeping beside its run directory (paci train wants that one to itself)."""
+    return run.parent / f"{run.name}.{name}"
+
+
+def _spent(run: Path) -> float:
+    """The wall seconds a long cell's run directory has cost so far: its finished parts, plus an
+    interrupted one up to its newest checkpoint (what came after was lost and is trained again)."""
+    wall, started = _marker(run, "wall_s"), _marker(run, "started")
+    spent = float(wall.read_text()) if wall.is_file() else 0.0
+    manifests = list(run.glob("checkpoints/step-*/manifest.json"))
+    if started.is_file() and manifests:
+        newest = max(p.stat().st_mtime for p in manifests)
+        spent += max(0.0, newest - float(started.read_text()))
+    return spent
 
 
 def _paci(args: list[str], in_process: bool) -> tuple[int, str, str]:

@@ -91,3 +91,28 @@ def test_gpu_script_runs_on_the_cpu_at_tiny_size(tmp_path):
                                  capture_output=True, text=True, timeout=60)
         assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1].endswith(
             "no CUDA device here: run it on a GPU machine, or --quick for the CPU smoke test")
+
+
+def test_a_long_cell_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """A cell of LONG_CELL steps or more checkpoints as it trains and a restarted study resumes it:
+    cut back to an earlier checkpoint, it ends with the uninterrupted run's curve, bit for bit."""
+    import shutil
+
+    sys.path.insert(0, str(EXPERIMENTS))
+    import tta
+
+    run = tmp_path / "runs" / "paci-m2-lr0.004-s0-steps12-muon0.9"
+    rmtree = shutil.rmtree
+    monkeypatch.setattr(tta, "LONG_CELL", 12)
+    monkeypatch.setattr(tta, "LONG_CHECKPOINT", 4)
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *a, **k: None if Path(path) == run else rmtree(path, *a, **k))
+    cell = tta.Cell("paci", 2, 4e-3, steps=12, optimizer="muon")
+    assert tmp_path / "runs" / cell.name == run
+    whole = tta.run_cell(tta.QUICK, cell, tmp_path, threads=1)
+    assert whole["checkpoint_every"] == 4 and (run / "checkpoints" / "step-000008" / "manifest.json").is_file()
+    (tmp_path / "cells" / f"{cell.name}.json").unlink()  # as if the study had stopped after step 8's checkpoint
+    (run / "checkpoints" / "step-000012" / "manifest.json").unlink()
+    (run.parent / f"{run.name}.wall_s").write_text(f"{whole['cpu_wall_s']}\n")  # the first part's cost
+    resumed = tta.run_cell(tta.QUICK, cell, tmp_path, threads=1)
+    assert resumed["eval"] == whole["eval"] and resumed["train_loss"] == whole["train_loss"]
+    assert resumed["final_val_loss"] == whole["final_val_loss"] and resumed["cpu_wall_s"] > whole["cpu_wall_s"]

@@ -241,9 +241,10 @@ class _Progress:
             return
         depth = f"P={plan.num_ranks}" + (f" x {plan.schedule.stages_per_rank} stages per rank"
                                          if plan.num_ranks != plan.num_stages else "")
-        log.info("%s | %s, M=%d, K=%d | compensate %s | %s | %s | run dir %s", plan.schedule.name,
-                 depth, plan.config.pipeline.microbatches, plan.schedule.accumulation,
-                 plan.config.optim.compensate, plan.config.model.preset, plan.data.source, plan.run_dir)
+        optim = plan.config.optim
+        log.info("%s | %s, M=%d, K=%d | %s lr %g, compensate %s | %s | %s | run dir %s", plan.schedule.name,
+                 depth, plan.config.pipeline.microbatches, plan.schedule.accumulation, optim.optimizer, optim.lr,
+                 optim.compensate, plan.config.model.preset, plan.data.source, plan.run_dir)
         every = f"every {plan.checkpoint_every} steps and " if plan.checkpoint_every else ""
         if plan.checkpoints:
             log.info("checkpoints %sat the end (drain points of the schedule)%s", every,

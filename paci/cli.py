@@ -20,6 +20,7 @@ import torch
 
 from paci.commands import HeldLogs
 from paci.commands.partition import add_partition_parser
+from paci.commands.plan import add_plan_parser
 from paci.commands.bench import add_bench_parser
 from paci.commands.simulate import add_schedules_parser, add_simulate_parser
 from paci.commands.train import add_train_parser
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(subparsers)
     add_bench_parser(subparsers)
     add_partition_parser(subparsers)
+    add_plan_parser(subparsers)
     return parser
 
 

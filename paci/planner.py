@@ -1,0 +1,267 @@
+"""`paci plan` / `paci.plan`: the fastest pipeline configuration that fits, found with the simulator.
+
+For a GPT preset on P ranks, a global batch of G sequences per optimizer step and a memory budget
+per device, every registered schedule × m (the divisors of G, so a micro-batch is G/m sequences)
+× chunks (interleaved-1f1b: 2..4 stages per rank) × recompute (off, on) is a candidate. Each gets
+the partitioner's best split for its own memory model (`partition.stage_memory_model`), and is
+then simulated exactly with the profiled per-unit costs: its time per step (the steady state, from
+two runs of different length), bubble, peak bytes per rank, weight copies and every Δ. K, the
+backwards an asynchronous schedule sums per update, is m: one update per global batch, the recipe
+the user asked for (a K below m would change the batch an update sees).
+
+Asynchronous schedules pay for their speed in quality. The `risk` column is the rule measured on
+this project's study (docs/experiments.md, docs/results.md §1b: the `deep` GPT at P = 8 over 400
+steps), keyed by the largest share of a stage's gradient that arrives one update late. It is one
+scale's measurement, not a law; the output says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from paci import schedules
+from paci.model import PRESETS, GPTConfig, num_units
+from paci.partition import UnitCosts, format_bytes, partition, split_spec, stage_memory_model
+from paci.profiler import UnitProfile, profile_units, stage_costs
+from paci.sim import CostModel, simulate
+
+EVIDENCE = "docs/experiments.md#what-to-use"
+MAX_CHUNKS = 4
+MAX_MICROBATCHES = 512  # m beyond this is not searched (a micro-batch of G/512 sequences and more)
+MAX_GLOBAL_BATCH = 10**6
+# (largest late share up to, risk, what was measured there: P = 8, the deep GPT, 400 steps, 3 seeds)
+RISK_RULE = ((0.0, "none", "synchronous: every backward sees its forward's weights and version"),
+             (0.25, "low", "Muon: within seed noise of flush (K = 32, share 7/32); AdamW: +0.13 nats"),
+             (0.5, "medium", "Muon: +0.04 nats (K = 16, share 7/16); AdamW: +0.33"),
+             (1.0, "high", "Muon: +0.12 nats (K = 8, share 7/8); AdamW: +0.56 (+0.18 with predict-window)"))
+NOTE = ("times are the simulator's, from per-unit costs profiled on this machine (one rank per device like it); "
+        f"the quality risk is the rule measured at one scale (the deep GPT, P = 8, 400 steps: {EVIDENCE}), not a law")
+BEYOND = ("very high", "a gradient more than one update late: Muon +0.29 nats and more (K = 4), AdamW +0.77")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    schedule: str
+    microbatches: int  # m; K = m for the asynchronous schedules that take a K
+    batch_size: int  # sequences per micro-batch, G / m
+    chunks: int | None  # stages per rank (interleaved-1f1b)
+    recompute: bool
+    split: str  # unit ranges, one per stage
+    step_s: float  # time per optimizer step (one global batch) in the steady state
+    tokens_per_s: float
+    bubble: float  # steady-state idle share of the ranks
+    peak_bytes: tuple[float, ...]  # per rank, as the simulator counts them (between actions)
+    fits: bool
+    weight_copies: int  # the most stashed weight copies any stage holds
+    max_drift: int  # the largest Δ of any backward
+    mean_drift: float  # mean Δ over every backward of every stage
+    late_share: float  # the largest share, over stages, of backwards whose gradient is an update late
+
+    @property
+    def synchronous(self) -> bool:
+        return self.max_drift == 0
+
+    @property
+    def risk(self) -> str:
+        return _risk(self)[0]
+
+    @property
+    def risk_evidence(self) -> str:
+        return _risk(self)[1]
+
+    def command(self, preset: str, num_ranks: int, seq_len: int, vocab_size: int | None = None,
+                memory: str | None = None) -> str:
+        """The `paci train` line that runs this candidate, one process per rank."""
+        parts = ["paci train", f"--preset {preset}", f"--schedule {self.schedule}", f"--nproc {num_ranks}",
+                 f"--microbatches {self.microbatches}", f"--batch-size {self.batch_size}", f"--seq-len {seq_len}"]
+        parts += [f"--chunks {self.chunks}"] if self.chunks else []
+        parts += ["--recompute"] if self.recompute else []
+        parts += [f"--vocab-size {vocab_size}"] if vocab_size else []
+        parts += [f"--memory-per-stage {memory}"] if memory else []
+        return " ".join(parts + [f"--split {self.split}"])
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "peak_bytes": list(self.peak_bytes), "risk": self.risk,
+                "risk_evidence": self.risk_evidence}
+
+
+def _risk(candidate: Candidate) -> tuple[str, str]:
+    if candidate.max_drift > 1:
+        return BEYOND
+    return next((risk, why) for limit, risk, why in RISK_RULE if candidate.late_share <= limit + 1e-12)
+
+
+@dataclass(frozen=True)
+class Plan:
+    candidates: tuple[Candidate, ...]  # ranked: those that fit first, then by time per step
+    num_ranks: int
+    global_batch: int
+    seq_len: int
+    budget: float | None
+
+    @property
+    def best(self) -> Candidate:
+        return self.candidates[0]
+
+    def best_where(self, synchronous: bool) -> Candidate | None:
+        return next((c for c in self.candidates if c.fits and c.synchronous == synchronous), None)
+
+
+def plan(model: str | GPTConfig, num_ranks: int, global_batch: int, seq_len: int | None = None, *,
+         budget: float | None = None, vocab_size: int | None = None, schedule_names: Sequence[str] | None = None,
+         recompute: Sequence[bool] = (False, True), latency: float = 0.0, bandwidth: float = math.inf,
+         device: str = "cpu", profiles: Callable[[int], Sequence[UnitProfile]] | None = None,
+         on_checked: Callable[[], None] | None = None) -> Plan:
+    """Every candidate for `model` (a preset name or a GPTConfig; `vocab_size` replaces its
+    vocabulary) on `num_ranks` ranks with `global_batch` sequences of `seq_len` tokens (default: the
+    context) per optimizer step, ranked. `profiles(b)` gives the units' profiles for micro-batches
+    of b sequences (default: `profiler.profile_units` on `device`, cached on disk); `budget` is bytes
+    per rank (None: no limit); m runs over the divisors of `global_batch` up to MAX_MICROBATCHES; a message between ranks takes `latency` + bytes / `bandwidth`
+    seconds. `on_checked` is called once the arguments are checked, before anything is profiled."""
+    if isinstance(model, str):
+        if model not in PRESETS:
+            raise ValueError(f"unknown preset {model!r}; choose one of: {', '.join(PRESETS)}")
+        model = PRESETS[model]
+    config = model if vocab_size is None else dataclasses.replace(model, vocab_size=vocab_size)
+    seq_len = config.block_size if seq_len is None else seq_len
+    if not 1 <= seq_len <= config.block_size:
+        raise ValueError(f"--seq-len must be in 1..{config.block_size} (the model's context), got {seq_len}")
+    names = list(schedules.REGISTRY if schedule_names is None else schedule_names)
+    for name in names:
+        if name not in schedules.REGISTRY:
+            raise ValueError(f"unknown schedule {name!r}; choose from: {', '.join(schedules.REGISTRY)}")
+    if not names:
+        raise ValueError("--schedules names no schedule")
+    units = num_units(config)
+    if not 1 <= num_ranks <= units:
+        raise ValueError(f"--stages must be in 1..{units} (the model has {units} units), got {num_ranks}")
+    if not 1 <= global_batch <= MAX_GLOBAL_BATCH:
+        raise ValueError(f"--global-batch must be in 1..{MAX_GLOBAL_BATCH:,} sequences, got {global_batch:,}")
+    if budget is not None and not (budget > 0 and math.isfinite(budget)):
+        raise ValueError(f"the memory budget must be a positive number of bytes, got {budget!r}")
+    if profiles is None:
+        def profiles(b: int) -> list[UnitProfile]:
+            return profile_units(config, b, seq_len, device)
+    if on_checked is not None:
+        on_checked()
+    found, memo = [], {}  # memo: memory models and splits that candidates share (1F1B's is PACI's, ...)
+    for m in divisors(global_batch, MAX_MICROBATCHES):
+        b = global_batch // m
+        unit_profiles = list(profiles(b))
+        for name in names:
+            chunked = schedules.REGISTRY[name].chunked
+            for chunks in ([v for v in range(2, MAX_CHUNKS + 1) if v * num_ranks <= units] if chunked else [None]):
+                for rc in recompute:
+                    candidate = _candidate(config, name, num_ranks, m, b, chunks, rc, unit_profiles, seq_len,
+                                           budget, latency, bandwidth, memo)
+                    if candidate is not None:
+                        found.append(candidate)
+    found.sort(key=lambda c: (not c.fits, c.step_s, c.late_share, c.weight_copies, max(c.peak_bytes), c.recompute,
+                              c.schedule, c.microbatches))
+    return Plan(tuple(found), num_ranks, global_batch, seq_len, budget)
+
+
+def divisors(n: int, most: int) -> list[int]:
+    """The divisors of n up to `most`, ascending."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(d for d in {*small, *(n // d for d in small)} if d <= most)
+
+
+def _candidate(config: GPTConfig, name: str, num_ranks: int, m: int, b: int, chunks: int | None, recompute: bool,
+               profiles: list[UnitProfile], seq_len: int, budget: float | None, latency: float,
+               bandwidth: float, memo: dict) -> Candidate | None:
+    """One configuration simulated, or None where the schedule does not take it (e.g. interleaving
+    with m not a multiple of P)."""
+    accum = m if name in ("paci", "2bw") else None
+    key = ("memory", name, m, chunks)
+    if key not in memo:
+        try:
+            memo[key] = stage_memory_model(name, num_ranks, m, accum, chunks)
+        except ValueError:
+            memo[key] = None
+    if memo[key] is None:
+        return None
+    inflight, copies = memo[key]
+    v = chunks or 1
+    stages = v * num_ranks
+    time = [u.forward_s * recompute + u.time_s for u in profiles]  # a recomputing backward re-runs the forward
+    activation = [0.0 if recompute else float(u.activation_bytes) for u in profiles]  # inputs only: the simulator
+    costs_for_split = UnitCosts(tuple(time), tuple(float(u.static_bytes) for u in profiles), tuple(activation),
+                                tuple(float(u.param_bytes) for u in profiles))
+    per_stage_budget = None if budget is None else budget / v  # a device's memory, shared by its chunks
+    key = ("split", b, recompute, tuple(inflight), tuple(copies), per_stage_budget)
+    if key not in memo:
+        memo[key] = partition(costs_for_split, stages, inflight, copies, per_stage_budget)
+    split = memo[key]
+    message = float(b * seq_len * config.n_embd * 4)  # one fp32 activation (or its gradient) per micro-batch
+    costs = stage_costs(profiles, split.ranges, message_bytes=[message] * (stages - 1) + [0.0], latency=latency,
+                        bandwidth=bandwidth)
+    if recompute:
+        costs = costs.recomputed(first_input_bytes=b * seq_len * 8)  # the token ids
+    step_s, short, run = _steady_step(name, num_ranks, m, accum, chunks, costs)
+    # Δ over the steady steps alone: the longer run's backwards less the shorter run's (its first
+    # step has no update to be late for)
+    drifts = [_minus(a.drift_histogram, b.drift_histogram) for a, b in zip(run.metrics.per_stage,
+                                                                           short.metrics.per_stage)]
+    backwards = [sum(h.values()) for h in drifts]
+    late = [1 - h.get(0, 0) / n if n else 0.0 for h, n in zip(drifts, backwards)]
+    mean_drift = sum(d * c for h in drifts for d, c in h.items()) / max(1, sum(backwards))
+    bubble = run.metrics.steady_bubble_fraction
+    peaks = tuple(float(p) for p in run.peak_bytes)
+    return Candidate(name, m, b, chunks, recompute, split_spec(split.ranges), step_s,
+                     m * b * seq_len / step_s if step_s > 0 else math.inf,
+                     run.metrics.bubble_fraction if bubble is None else bubble, peaks,
+                     budget is None or max(peaks) <= budget,
+                     max((s.weight_copies for s in run.metrics.per_stage), default=0),
+                     run.metrics.max_drift, mean_drift, max(late, default=0.0))
+
+
+def _minus(longer: dict[int, int], shorter: dict[int, int]) -> dict[int, int]:
+    return {d: c - shorter.get(d, 0) for d, c in longer.items() if c > shorter.get(d, 0)}
+
+
+def _steady_step(name: str, num_ranks: int, m: int, accum: int | None, chunks: int | None, costs: CostModel):
+    """Seconds per optimizer step in the steady state: the makespans of two runs, n and 2n steps,
+    differ by n steady steps (the fill and the drain cancel). Both simulations are returned."""
+    n = max(2, math.ceil(4 * num_ranks / m))
+    short, long = (simulate(schedules.build(name, num_ranks, m, steps, accum, chunks=chunks), costs)
+                   for steps in (n, 2 * n))
+    return (long.metrics.makespan - short.metrics.makespan) / n, short, long
+
+
+def format_plan(result: Plan, top: int, preset: str, vocab_size: int | None = None,
+                memory: str | None = None) -> list[str]:
+    """The ranked table, the best synchronous and asynchronous candidates, and the line that runs the best."""
+    from paci.report import format_table
+
+    rows = []
+    for rank, c in enumerate(result.candidates[:top], 1):
+        rows.append({"rank": rank, "schedule": c.schedule + (f" v={c.chunks}" if c.chunks else ""),
+                     "m": c.microbatches, "b": c.batch_size, "re": "yes" if c.recompute else "",
+                     "step": 1e3 * c.step_s, "tok": c.tokens_per_s, "bubble": 100 * c.bubble,
+                     "peak": format_bytes(max(c.peak_bytes)), "fits": "yes" if c.fits else "NO",
+                     "copies": c.weight_copies, "dmax": c.max_drift, "dmean": c.mean_drift,
+                     "late": c.late_share, "risk": c.risk})
+    columns = [("rank", "#", "d"), ("schedule", "schedule", "s"), ("m", "m", "d"), ("b", "b", "d"),
+               ("re", "recompute", "s"), ("step", "step ms", ".2f"), ("tok", "tokens/s", ",.0f"),
+               ("bubble", "bubble %", ".1f"), ("peak", "peak/rank", "s"), ("fits", "fits", "s"),
+               ("copies", "copies", "d"), ("dmax", "max Δ", "d"), ("dmean", "mean Δ", ".3f"),
+               ("late", "late share", ".3f"), ("risk", "quality risk", "s")]
+    budget = "no memory limit" if result.budget is None else f"budget {format_bytes(result.budget)} per device"
+    lines = [f"{len(result.candidates)} candidates: P = {result.num_ranks}, {result.global_batch} sequences of "
+             f"{result.seq_len} tokens per step, {budget}; the {min(top, len(result.candidates))} fastest:", "",
+             format_table(rows, columns), ""]
+    for label, synchronous in (("synchronous", True), ("asynchronous", False)):
+        c = result.best_where(synchronous)
+        if c is None:
+            lines.append(f"best {label}: none fits")
+            continue
+        lines.append(f"best {label}: {c.schedule} m={c.microbatches}{f' v={c.chunks}' if c.chunks else ''}"
+                     f"{' recompute' if c.recompute else ''}, {1e3 * c.step_s:.2f} ms per step, quality risk "
+                     f"{c.risk} ({c.risk_evidence})")
+        lines.append(f"  {c.command(preset, result.num_ranks, result.seq_len, vocab_size, memory)}")
+    lines += ["", NOTE[0].upper() + NOTE[1:] + "."]
+    return lines

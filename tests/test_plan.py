@@ -1,0 +1,99 @@
+"""`paci plan` / `paci.plan`: every candidate simulated, ranked, its memory checked against the budget,
+its quality risk from the measured rule, and a winning line that `paci train` runs."""
+
+import json
+import shlex
+
+import pytest
+
+import paci
+from paci.cli import main
+from paci.model import PRESETS, num_units
+from paci.planner import plan
+from paci.profiler import UnitProfile
+from paci.schedules import REGISTRY
+
+TINY = PRESETS["tiny"]
+F, B = 1e-3, 2e-3  # seconds per unit and sequence: every unit costs the same, so every split is balanced
+
+
+def _profiles(b: int) -> list[UnitProfile]:
+    """Synthetic unit profiles, linear in the micro-batch's b sequences."""
+    return [UnitProfile(f"u{i}", F * b, B * b, static_bytes=100_000, activation_bytes=20_000 * b, param_bytes=25_000,
+                        input_backward_s=B * b / 2) for i in range(num_units(TINY))]
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    return plan("tiny", 2, 8, profiles=_profiles)
+
+
+def test_every_schedule_and_m_is_a_candidate_and_the_times_are_the_closed_forms(tiny_plan):
+    """m runs over the divisors of the global batch; on balanced stages with free links, 1F1B-flush
+    and GPipe take (m + P - 1) micro-batch times per step and PACI m, its bubble gone."""
+    found = {(c.schedule, c.microbatches, c.chunks, c.recompute) for c in tiny_plan.candidates}
+    assert {c[0] for c in found} == set(REGISTRY) - {"interleaved-1f1b"} | {"interleaved-1f1b"}
+    assert {c[1] for c in found if c[0] == "1f1b"} == {1, 2, 4, 8}
+    P, units_per_stage = 2, num_units(TINY) // 2
+    for c in tiny_plan.candidates:
+        per_microbatch = units_per_stage * (F + B + F * c.recompute) * c.batch_size
+        if c.schedule in ("1f1b", "gpipe") and c.chunks is None:
+            assert c.step_s == pytest.approx((c.microbatches + P - 1) * per_microbatch, rel=1e-9), c
+        if c.schedule == "paci":
+            assert c.step_s == pytest.approx(c.microbatches * per_microbatch, rel=1e-9), c
+            assert c.late_share == pytest.approx((P - 1) / c.microbatches)  # K = m: stage 0's share
+            assert c.tokens_per_s == pytest.approx(8 * TINY.block_size / c.step_s)
+    steps = [c.step_s for c in tiny_plan.candidates]
+    assert steps == sorted(steps)  # no budget: every candidate fits, ranked by time alone
+
+
+def test_the_risk_follows_the_late_share(tiny_plan):
+    by = {(c.schedule, c.microbatches, c.recompute): c for c in tiny_plan.candidates if c.chunks is None}
+    assert by[("1f1b", 4, False)].risk == "none" and by[("1f1b", 4, False)].synchronous
+    assert by[("paci", 8, False)].risk == "low"  # 1/8 of stage 0's gradient late
+    assert by[("paci", 2, False)].risk == "medium"  # 1/2
+    assert by[("async-1f1b", 1, False)].risk == "high"  # every backward one update late, none two
+    assert plan("tiny", 3, 8, profiles=_profiles, schedule_names=["paci"]).candidates[-1].risk == "very high"
+
+
+def test_a_budget_ranks_what_fits_first_and_recompute_fits_where_storing_does_not(tiny_plan):
+    """Peak bytes are the simulator's; with a budget between two candidates' peaks, everything that
+    fits ranks before everything that does not, and recomputation (inputs only in flight) fits
+    where storing the activations does not."""
+    gpipe = next(c for c in tiny_plan.candidates if c.schedule == "gpipe" and c.microbatches == 8 and not c.recompute)
+    recomputed = next(c for c in tiny_plan.candidates if c.schedule == "gpipe" and c.microbatches == 8 and c.recompute)
+    assert max(recomputed.peak_bytes) < max(gpipe.peak_bytes)
+    budget = (max(recomputed.peak_bytes) + max(gpipe.peak_bytes)) / 2
+    ranked = plan("tiny", 2, 8, profiles=_profiles, budget=budget).candidates
+    fits = [c.fits for c in ranked]
+    assert fits == sorted(fits, reverse=True) and any(fits) and not all(fits)
+    assert all(c.fits == (max(c.peak_bytes) <= budget) for c in ranked)
+    by = {(c.schedule, c.microbatches, c.recompute, c.chunks): c for c in ranked}
+    assert not by[("gpipe", 8, False, None)].fits and by[("gpipe", 8, True, None)].fits
+
+
+def test_the_command_line_plan_and_its_winning_line_runs(tmp_path, monkeypatch, capfd):
+    """`paci plan --json` names the best synchronous and asynchronous candidates with the `paci train`
+    line for each; the asynchronous one trains (2 steps) with the split and settings it names."""
+    monkeypatch.setenv("PACI_CACHE", str(tmp_path / "cache"))
+    assert main(["plan", "--preset", "tiny", "--stages", "2", "--global-batch", "4", "--no-recompute",
+                 "--threads", "1", "--json"]) == 0
+    out = json.loads(capfd.readouterr().out)
+    assert {c["schedule"] for c in out["candidates"]} == set(REGISTRY)
+    assert out["best_synchronous"]["max_drift"] == 0 and out["best_asynchronous"]["max_drift"] >= 1
+    assert not any(c["recompute"] for c in out["candidates"]) and "not a law" in out["note"]
+    line = out["best_asynchronous"]["command"]
+    assert line.startswith("paci train ") and f"--split {out['best_asynchronous']['split']}" in line
+    args = shlex.split(line)[1:] + ["--steps", "2", "--threads", "1", "--out", str(tmp_path / "run"), "--json",
+                                    "--no-plots", "--no-trace", "--no-checkpoint", "--eval-batches", "1"]
+    assert main(args) == 0
+    printed = capfd.readouterr().out
+    summary = json.loads(printed[printed.index("{"):])
+    assert summary["schedule"] == out["best_asynchronous"]["schedule"] and summary["steps"] == 2
+    assert main(["plan", "--preset", "tiny", "--stages", "2", "--global-batch", "4", "--top", "3"]) == 0
+    text = capfd.readouterr().out
+    assert "best synchronous:" in text and "best asynchronous:" in text and "not a law" in text
+
+
+def test_paci_plan_is_the_api():
+    assert paci.plan is plan

@@ -106,8 +106,11 @@ class Plan:
     def best(self) -> Candidate:
         return self.candidates[0]
 
-    def best_where(self, synchronous: bool) -> Candidate | None:
-        return next((c for c in self.candidates if c.fits and c.synchronous == synchronous), None)
+    def best_where(self, synchronous: bool, risk: str | None = None) -> Candidate | None:
+        """The fastest candidate that fits, of that kind (and, with `risk`, at that quality risk or lower)."""
+        allowed = None if risk is None else [r for _, r, _ in RISK_RULE][:[r for _, r, _ in RISK_RULE].index(risk) + 1]
+        return next((c for c in self.candidates if c.fits and c.synchronous == synchronous
+                     and (allowed is None or c.risk in allowed)), None)
 
 
 def plan(model: str | GPTConfig, num_ranks: int, global_batch: int, seq_len: int | None = None, *,
@@ -254,8 +257,9 @@ def format_plan(result: Plan, top: int, preset: str, vocab_size: int | None = No
     lines = [f"{len(result.candidates)} candidates: P = {result.num_ranks}, {result.global_batch} sequences of "
              f"{result.seq_len} tokens per step, {budget}; the {min(top, len(result.candidates))} fastest:", "",
              format_table(rows, columns), ""]
-    for label, synchronous in (("synchronous", True), ("asynchronous", False)):
-        c = result.best_where(synchronous)
+    for label, synchronous, risk in (("synchronous", True, None), ("asynchronous", False, None),
+                                     ("asynchronous at low risk", False, "low")):
+        c = result.best_where(synchronous, risk)
         if c is None:
             lines.append(f"best {label}: none fits")
             continue

@@ -81,6 +81,7 @@ def test_the_command_line_plan_and_its_winning_line_runs(tmp_path, monkeypatch, 
     out = json.loads(capfd.readouterr().out)
     assert {c["schedule"] for c in out["candidates"]} == set(REGISTRY)
     assert out["best_synchronous"]["max_drift"] == 0 and out["best_asynchronous"]["max_drift"] >= 1
+    assert out["best_asynchronous_low_risk"]["risk"] == "low"
     assert not any(c["recompute"] for c in out["candidates"]) and "not a law" in out["note"]
     line = out["best_asynchronous"]["command"]
     assert line.startswith("paci train ") and f"--split {out['best_asynchronous']['split']}" in line
@@ -93,6 +94,7 @@ def test_the_command_line_plan_and_its_winning_line_runs(tmp_path, monkeypatch, 
     assert main(["plan", "--preset", "tiny", "--stages", "2", "--global-batch", "4", "--top", "3"]) == 0
     text = capfd.readouterr().out
     assert "best synchronous:" in text and "best asynchronous:" in text and "not a law" in text
+    assert "best asynchronous at low risk:" in text
 
 
 def test_paci_plan_is_the_api():

@@ -74,7 +74,8 @@ def plan_command(args: argparse.Namespace) -> int:
         best = {label: (c.as_dict() | {"command": c.command(args.preset, args.stages, result.seq_len, vocab,
                                                              args.memory_per_device)}) if c else None
                 for label, c in (("best_synchronous", result.best_where(True)),
-                                 ("best_asynchronous", result.best_where(False)))}
+                                 ("best_asynchronous", result.best_where(False)),
+                                 ("best_asynchronous_low_risk", result.best_where(False, "low")))}
         print(json.dumps({"preset": args.preset, "num_ranks": args.stages, "global_batch": args.global_batch,
                           "seq_len": result.seq_len, "budget_bytes": budget, "threads": torch.get_num_threads(),
                           **best, "candidates": [c.as_dict() for c in result.candidates],

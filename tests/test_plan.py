@@ -85,11 +85,11 @@ def test_the_command_line_plan_and_its_winning_line_runs(tmp_path, monkeypatch, 
     assert not any(c["recompute"] for c in out["candidates"]) and "not a law" in out["note"]
     line = out["best_asynchronous"]["command"]
     assert line.startswith("paci train ") and f"--split {out['best_asynchronous']['split']}" in line
-    args = shlex.split(line)[1:] + ["--steps", "2", "--threads", "1", "--out", str(tmp_path / "run"), "--json",
+    args = shlex.split(line)[1:] + ["--steps", "2", "--threads", "1", "--out", str(tmp_path / "run"),
                                     "--no-plots", "--no-trace", "--no-checkpoint", "--eval-batches", "1"]
     assert main(args) == 0
-    printed = capfd.readouterr().out
-    summary = json.loads(printed[printed.index("{"):])
+    capfd.readouterr()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["schedule"] == out["best_asynchronous"]["schedule"] and summary["steps"] == 2
     assert main(["plan", "--preset", "tiny", "--stages", "2", "--global-batch", "4", "--top", "3"]) == 0
     text = capfd.readouterr().out

@@ -221,7 +221,7 @@ def _first_least_sum(num_units: int, num_stages: int, cost: StageCost, allowed: 
 
 
 def partition(units: UnitCosts | Sequence[UnitProfile], num_stages: int, inflight: Sequence[int],
-              copies: Sequence[int], budget: float | None = None) -> Split:
+              copies: Sequence[int], budget: float | None = None, warn: bool = True) -> Split:
     """The contiguous split into `num_stages` stages with the smallest slowest-stage time whose
     every stage fits `budget` bytes; if none fits, the split minimising (max overshoot, max time).
 
@@ -229,7 +229,7 @@ def partition(units: UnitCosts | Sequence[UnitProfile], num_stages: int, infligh
     is not the bottleneck is not packed up to it, and profile noise hurts less), then the one with
     the lexicographically smallest boundaries. `inflight[j]` / `copies[j]` are stage j's peak
     in-flight micro-batches and stashed weight copies (`stage_memory_model`). An infeasible budget
-    is logged as a warning naming the stage.
+    is logged as a warning naming the stage (unless not `warn`: a caller that reports it itself).
     """
     costs = UnitCosts.of(units)
     _check_stage_count(len(costs), num_stages)
@@ -255,7 +255,7 @@ def partition(units: UnitCosts | Sequence[UnitProfile], num_stages: int, infligh
     # pass 3: the most even of those splits
     best = _solve(L, P, squared, allowed, operator.add, 0.0)
     split = evaluate_split(costs, _first_least_sum(L, P, squared, allowed, best), inflight, copies, budget)
-    if not split.feasible:
+    if warn and not split.feasible:
         worst = split.overshoot_stage
         logger.warning("no %d-stage split fits %s per stage: the best one overshoots by %s on stage %d, so it "
                        "needs %s per stage; raise the budget to that, use more stages or a smaller micro-batch",

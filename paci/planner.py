@@ -37,8 +37,12 @@ RISK_RULE = ((0.0, "none", "synchronous: every backward sees its forward's weigh
              (0.25, "low", "Muon: within seed noise of flush (K = 32, share 7/32); AdamW: +0.13 nats"),
              (0.5, "medium", "Muon: +0.04 nats (K = 16, share 7/16); AdamW: +0.33"),
              (1.0, "high", "Muon: +0.12 nats (K = 8, share 7/8); AdamW: +0.56 (+0.18 with predict-window)"))
-NOTE = ("times are the simulator's, from per-unit costs profiled on this machine (one rank per device like it); "
-        f"the quality risk is the rule measured at one scale (the deep GPT, P = 8, 400 steps: {EVIDENCE}), not a law")
+PROFILED_HERE = "per-unit costs profiled on this machine (one rank per device like it)"
+
+
+def note(source: str = PROFILED_HERE) -> str:
+    return (f"times are the simulator's, from {source}; the quality risk is the rule measured at one scale (the "
+            f"deep GPT, P = 8, 400 steps: {EVIDENCE}), not a law")
 BEYOND = ("very high", "a gradient more than one update late: Muon +0.29 nats and more (K = 4), AdamW +0.77")
 
 
@@ -117,13 +121,14 @@ def plan(model: str | GPTConfig, num_ranks: int, global_batch: int, seq_len: int
          budget: float | None = None, vocab_size: int | None = None, schedule_names: Sequence[str] | None = None,
          recompute: Sequence[bool] = (False, True), latency: float = 0.0, bandwidth: float = math.inf,
          device: str = "cpu", profiles: Callable[[int], Sequence[UnitProfile]] | None = None,
-         on_checked: Callable[[], None] | None = None) -> Plan:
+         message_bytes_per_token: float | None = None, on_checked: Callable[[], None] | None = None) -> Plan:
     """Every candidate for `model` (a preset name or a GPTConfig; `vocab_size` replaces its
     vocabulary) on `num_ranks` ranks with `global_batch` sequences of `seq_len` tokens (default: the
     context) per optimizer step, ranked. `profiles(b)` gives the units' profiles for micro-batches
     of b sequences (default: `profiler.profile_units` on `device`, cached on disk); `budget` is bytes
     per rank (None: no limit); m runs over the divisors of `global_batch` up to MAX_MICROBATCHES; a message between ranks takes `latency` + bytes / `bandwidth`
-    seconds. `on_checked` is called once the arguments are checked, before anything is profiled."""
+    seconds, a message being `message_bytes_per_token` (default: fp32 hidden states) per token.
+    `on_checked` is called once the arguments are checked, before anything is profiled."""
     if isinstance(model, str):
         if model not in PRESETS:
             raise ValueError(f"unknown preset {model!r}; choose one of: {', '.join(PRESETS)}")
@@ -150,6 +155,7 @@ def plan(model: str | GPTConfig, num_ranks: int, global_batch: int, seq_len: int
             return profile_units(config, b, seq_len, device)
     if on_checked is not None:
         on_checked()
+    per_token = 4.0 * config.n_embd if message_bytes_per_token is None else message_bytes_per_token
     found, memo = [], {}  # memo: memory models and splits that candidates share (1F1B's is PACI's, ...)
     for m in divisors(global_batch, MAX_MICROBATCHES):
         b = global_batch // m
@@ -159,12 +165,75 @@ def plan(model: str | GPTConfig, num_ranks: int, global_batch: int, seq_len: int
             for chunks in ([v for v in range(2, MAX_CHUNKS + 1) if v * num_ranks <= units] if chunked else [None]):
                 for rc in recompute:
                     candidate = _candidate(config, name, num_ranks, m, b, chunks, rc, unit_profiles, seq_len,
-                                           budget, latency, bandwidth, memo)
+                                           budget, latency, bandwidth, per_token, memo)
                     if candidate is not None:
                         found.append(candidate)
     found.sort(key=lambda c: (not c.fits, c.step_s, c.late_share, c.weight_copies, max(c.peak_bytes), c.recompute,
                               c.schedule, c.microbatches))
     return Plan(tuple(found), num_ranks, global_batch, seq_len, budget)
+
+
+COST_FILE_KEYS = {"description", "sources", "assumptions", "preset", "microbatch_size", "seq_len", "units",
+                  "latency_s", "bandwidth_Bps", "message_bytes_per_token", "memory_per_device"}
+
+
+@dataclass(frozen=True)
+class CostFile:
+    """Per-unit costs for a machine not at hand (a JSON file): each unit's forward, backward, input
+    gradient and optimizer-step seconds and its static, activation and weight bytes, for micro-batches
+    of `microbatch_size` sequences of `seq_len` tokens; times and activation bytes scale linearly with
+    the sequences of a micro-batch (what a GPU at these sizes does, roughly: say so where it does not);
+    the link's latency and bandwidth; the bytes per token of a message between ranks."""
+
+    units: tuple[UnitProfile, ...]
+    microbatch_size: int
+    seq_len: int
+    latency_s: float
+    bandwidth_Bps: float
+    message_bytes_per_token: float
+    memory_per_device: str | None
+
+    @classmethod
+    def read(cls, path: str, config: GPTConfig) -> CostFile:
+        import json
+        from pathlib import Path
+
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ValueError(f"--costs {path}: cannot read it ({exc.strerror or exc})") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--costs {path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("units"), list):
+            raise ValueError(f"--costs {path}: expected an object with a 'units' list (see configs/costs/)")
+        unknown = sorted(set(data) - COST_FILE_KEYS)
+        if unknown:
+            raise ValueError(f"--costs {path}: unknown keys {unknown}; the keys are {sorted(COST_FILE_KEYS)}")
+        if len(data["units"]) != num_units(config):
+            raise ValueError(f"--costs {path}: {len(data['units'])} units, but the preset has {num_units(config)}; "
+                             "give the preset the file describes")
+        fields = {f.name for f in dataclasses.fields(UnitProfile)}
+        try:
+            units = tuple(UnitProfile(**unit) for unit in data["units"])
+            values = {k: data[k] for k in ("microbatch_size", "seq_len", "latency_s", "bandwidth_Bps")}
+        except (TypeError, KeyError) as exc:
+            raise ValueError(f"--costs {path}: each unit needs the keys {sorted(fields)}, and the file "
+                             f"microbatch_size, seq_len, latency_s and bandwidth_Bps ({exc})") from None
+        numbers = [getattr(u, f) for u in units for f in fields if f != "name"] + list(values.values())
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf for v in numbers):
+            raise ValueError(f"--costs {path}: every time, size and count must be a finite number >= 0")
+        if values["microbatch_size"] < 1 or values["seq_len"] < 1 or not values["bandwidth_Bps"] > 0:
+            raise ValueError(f"--costs {path}: microbatch_size and seq_len must be >= 1 and bandwidth_Bps > 0")
+        return cls(units, int(values["microbatch_size"]), int(values["seq_len"]), float(values["latency_s"]),
+                   float(values["bandwidth_Bps"]), float(data.get("message_bytes_per_token", 4 * config.n_embd)),
+                   data.get("memory_per_device"))
+
+    def profiles(self, b: int) -> list[UnitProfile]:
+        """The units for micro-batches of b sequences: times and activations scaled by b / microbatch_size."""
+        r = b / self.microbatch_size
+        return [dataclasses.replace(u, forward_s=u.forward_s * r, backward_s=u.backward_s * r,
+                                    input_backward_s=u.input_backward_s * r,
+                                    activation_bytes=round(u.activation_bytes * r)) for u in self.units]
 
 
 def divisors(n: int, most: int) -> list[int]:
@@ -175,7 +244,7 @@ def divisors(n: int, most: int) -> list[int]:
 
 def _candidate(config: GPTConfig, name: str, num_ranks: int, m: int, b: int, chunks: int | None, recompute: bool,
                profiles: list[UnitProfile], seq_len: int, budget: float | None, latency: float,
-               bandwidth: float, memo: dict) -> Candidate | None:
+               bandwidth: float, per_token: float, memo: dict) -> Candidate | None:
     """One configuration simulated, or None where the schedule does not take it (e.g. interleaving
     with m not a multiple of P)."""
     accum = m if name in ("paci", "2bw") else None
@@ -197,9 +266,9 @@ def _candidate(config: GPTConfig, name: str, num_ranks: int, m: int, b: int, chu
     per_stage_budget = None if budget is None else budget / v  # a device's memory, shared by its chunks
     key = ("split", b, recompute, tuple(inflight), tuple(copies), per_stage_budget)
     if key not in memo:
-        memo[key] = partition(costs_for_split, stages, inflight, copies, per_stage_budget)
+        memo[key] = partition(costs_for_split, stages, inflight, copies, per_stage_budget, warn=False)  # fits: no
     split = memo[key]
-    message = float(b * seq_len * config.n_embd * 4)  # one fp32 activation (or its gradient) per micro-batch
+    message = b * seq_len * per_token  # one activation (or its gradient) per micro-batch
     costs = stage_costs(profiles, split.ranges, message_bytes=[message] * (stages - 1) + [0.0], latency=latency,
                         bandwidth=bandwidth)
     if recompute:
@@ -236,7 +305,7 @@ def _steady_step(name: str, num_ranks: int, m: int, accum: int | None, chunks: i
 
 
 def format_plan(result: Plan, top: int, preset: str, vocab_size: int | None = None,
-                memory: str | None = None) -> list[str]:
+                memory: str | None = None, source: str = PROFILED_HERE) -> list[str]:
     """The ranked table, the best synchronous and asynchronous candidates, and the line that runs the best."""
     from paci.report import format_table
 
@@ -267,5 +336,6 @@ def format_plan(result: Plan, top: int, preset: str, vocab_size: int | None = No
                      f"{' recompute' if c.recompute else ''}, {1e3 * c.step_s:.2f} ms per step, quality risk "
                      f"{c.risk} ({c.risk_evidence})")
         lines.append(f"  {c.command(preset, result.num_ranks, result.seq_len, vocab_size, memory)}")
-    lines += ["", NOTE[0].upper() + NOTE[1:] + "."]
+    text = note(source)
+    lines += ["", text[0].upper() + text[1:] + "."]
     return lines

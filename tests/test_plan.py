@@ -3,6 +3,7 @@ its quality risk from the measured rule, and a winning line that `paci train` ru
 
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,25 @@ def test_the_command_line_plan_and_its_winning_line_runs(tmp_path, monkeypatch, 
 
 def test_paci_plan_is_the_api():
     assert paci.plan is plan
+
+
+def test_a_cost_file_plans_a_machine_not_at_hand(tmp_path, capfd):
+    """--costs reads per-unit costs and the link from a file (no profiling): its times scale with the
+    micro-batch, its link and budget apply, and the shipped GPT-2-medium file on 8 A100s plans."""
+    path = tmp_path / "costs.json"
+    units = [dict(vars(u)) for u in _profiles(2)]
+    path.write_text(json.dumps({"microbatch_size": 2, "seq_len": 32, "units": units, "latency_s": 0.0,
+                                "bandwidth_Bps": 1e30, "memory_per_device": "1GiB"}))
+    assert main(["plan", "--preset", "tiny", "--stages", "2", "--global-batch", "8", "--costs", str(path),
+                 "--json"]) == 0
+    out = json.loads(capfd.readouterr().out)
+    assert out["budget_bytes"] == 2**30 and "costs.json" in out["note"]
+    expected = {(c.schedule, c.microbatches, c.chunks, c.recompute): c.step_s for c in plan("tiny", 2, 8,
+                                                                                           profiles=_profiles).candidates}
+    for c in out["candidates"]:
+        assert c["step_s"] == pytest.approx(expected[(c["schedule"], c["microbatches"], c["chunks"], c["recompute"])])
+    shipped = str(Path(__file__).resolve().parents[1] / "configs" / "costs" / "gpt2-medium-8xa100.json")
+    assert main(["plan", "--preset", "gpt2-medium", "--vocab-size", "50304", "--stages", "8", "--global-batch", "64",
+                 "--costs", shipped, "--no-recompute", "--schedules", "1f1b,paci", "--top", "3"]) == 0
+    text = capfd.readouterr().out
+    assert "budget 80.00 GiB per device" in text and shipped in text and "best asynchronous:" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -28,6 +29,9 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--global-batch", type=int, default=64,
                    help="sequences per optimizer step, G; m runs over its divisors (default 64)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's context)")
+    p.add_argument("--costs", default=None, metavar="FILE",
+                   help="per-unit costs and the link from a JSON file instead of profiling here (a machine not at "
+                        "hand: configs/costs/); its memory_per_device is the default budget")
     p.add_argument("--memory-per-device", default=None,
                    help="memory budget per rank, e.g. 24GiB (default: none, every candidate fits)")
     p.add_argument("--schedules", default=None,
@@ -61,13 +65,24 @@ def plan_command(args: argparse.Namespace) -> int:
     if args.bandwidth_gbps is not None and not 0 < args.bandwidth_gbps < float("inf"):
         raise ValueError(f"--bandwidth-gbps must be a finite number > 0, got {args.bandwidth_gbps}")
     names = None if args.schedules is None else [n.strip() for n in args.schedules.split(",") if n.strip()]
+    latency, bandwidth = args.latency_us * 1e-6, (float("inf") if args.bandwidth_gbps is None
+                                                  else args.bandwidth_gbps * 1e9)
+    profiles, per_token, source = None, None, planner.PROFILED_HERE
+    if args.costs is not None:
+        source = f"the per-unit costs in {args.costs}"
+        config = dataclasses.replace(PRESETS[args.preset], vocab_size=args.vocab_size)
+        costs = planner.CostFile.read(args.costs, config)
+        profiles, per_token = costs.profiles, costs.message_bytes_per_token
+        latency = latency if args.latency_us else costs.latency_s
+        bandwidth = bandwidth if args.bandwidth_gbps is not None else costs.bandwidth_Bps
+        args.memory_per_device = args.memory_per_device or costs.memory_per_device
+        args.seq_len = args.seq_len or costs.seq_len
     budget = None if args.memory_per_device is None else parse_bytes(args.memory_per_device)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.stages))
     result = planner.plan(args.preset, args.stages, args.global_batch, args.seq_len, budget=budget,
                           vocab_size=args.vocab_size, schedule_names=names,
-                          recompute=(False,) if args.no_recompute else (False, True),
-                          latency=args.latency_us * 1e-6,
-                          bandwidth=float("inf") if args.bandwidth_gbps is None else args.bandwidth_gbps * 1e9,
+                          recompute=(False,) if args.no_recompute else (False, True), latency=latency,
+                          bandwidth=bandwidth, profiles=profiles, message_bytes_per_token=per_token,
                           on_checked=input_checked)
     vocab = args.vocab_size if args.vocab_size != 4096 else None
     if args.json:
@@ -79,7 +94,7 @@ def plan_command(args: argparse.Namespace) -> int:
         print(json.dumps({"preset": args.preset, "num_ranks": args.stages, "global_batch": args.global_batch,
                           "seq_len": result.seq_len, "budget_bytes": budget, "threads": torch.get_num_threads(),
                           **best, "candidates": [c.as_dict() for c in result.candidates],
-                          "note": planner.NOTE}, indent=1))
+                          "note": planner.note(source)}, indent=1))
     else:
-        print("\n".join(planner.format_plan(result, args.top, args.preset, vocab, args.memory_per_device)))
+        print("\n".join(planner.format_plan(result, args.top, args.preset, vocab, args.memory_per_device, source)))
     return 0

@@ -22,6 +22,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from paci import schedules
 from paci.model import PRESETS, GPTConfig, num_units
 from paci.partition import UnitCosts, format_bytes, partition, split_spec, stage_memory_model
@@ -77,10 +79,11 @@ class Candidate:
         return _risk(self)[1]
 
     def command(self, preset: str, num_ranks: int, seq_len: int, vocab_size: int | None = None,
-                memory: str | None = None) -> str:
+                memory: str | None = None, optimizer: str = "muon") -> str:
         """The `paci train` line that runs this candidate, one process per rank."""
         parts = ["paci train", f"--preset {preset}", f"--schedule {self.schedule}", f"--nproc {num_ranks}",
                  f"--microbatches {self.microbatches}", f"--batch-size {self.batch_size}", f"--seq-len {seq_len}"]
+        parts += [f"--optimizer {optimizer}"] if optimizer != "muon" else []
         parts += [f"--chunks {self.chunks}"] if self.chunks else []
         parts += ["--recompute"] if self.recompute else []
         parts += [f"--vocab-size {vocab_size}"] if vocab_size else []
@@ -105,6 +108,7 @@ class Plan:
     global_batch: int
     seq_len: int
     budget: float | None
+    optimizer: str = "muon"  # whose step was timed: the runnable lines name it
 
     @property
     def best(self) -> Candidate:
@@ -121,13 +125,16 @@ def plan(model: str | GPTConfig, num_ranks: int, global_batch: int, seq_len: int
          budget: float | None = None, vocab_size: int | None = None, schedule_names: Sequence[str] | None = None,
          recompute: Sequence[bool] = (False, True), latency: float = 0.0, bandwidth: float = math.inf,
          device: str = "cpu", profiles: Callable[[int], Sequence[UnitProfile]] | None = None,
-         message_bytes_per_token: float | None = None, on_checked: Callable[[], None] | None = None) -> Plan:
+         message_bytes_per_token: float | None = None, optimizer: str = "muon",
+         on_checked: Callable[[], None] | None = None) -> Plan:
     """Every candidate for `model` (a preset name or a GPTConfig; `vocab_size` replaces its
     vocabulary) on `num_ranks` ranks with `global_batch` sequences of `seq_len` tokens (default: the
     context) per optimizer step, ranked. `profiles(b)` gives the units' profiles for micro-batches
     of b sequences (default: `profiler.profile_units` on `device`, cached on disk); `budget` is bytes
     per rank (None: no limit); m runs over the divisors of `global_batch` up to MAX_MICROBATCHES; a message between ranks takes `latency` + bytes / `bandwidth`
     seconds, a message being `message_bytes_per_token` (default: fp32 hidden states) per token.
+    Profiled here, each unit's optimizer step is timed with `optimizer` ("muon", `paci train`'s
+    default, or "adamw"; a cost file brings its own).
     `on_checked` is called once the arguments are checked, before anything is profiled."""
     if isinstance(model, str):
         if model not in PRESETS:
@@ -150,11 +157,16 @@ def plan(model: str | GPTConfig, num_ranks: int, global_batch: int, seq_len: int
         raise ValueError(f"--global-batch must be in 1..{MAX_GLOBAL_BATCH:,} sequences, got {global_batch:,}")
     if budget is not None and not (budget > 0 and math.isfinite(budget)):
         raise ValueError(f"the memory budget must be a positive number of bytes, got {budget!r}")
-    if profiles is None:
-        def profiles(b: int) -> list[UnitProfile]:
-            return profile_units(config, b, seq_len, device)
+    if optimizer not in ("muon", "adamw"):
+        raise ValueError(f"unknown --optimizer {optimizer!r}; choose muon or adamw")
     if on_checked is not None:
         on_checked()
+    if profiles is None:
+        updates = _update_seconds(config, device) if optimizer == "muon" else None
+
+        def profiles(b: int) -> list[UnitProfile]:
+            found = profile_units(config, b, seq_len, device)  # its update_s is AdamW's
+            return found if updates is None else [dataclasses.replace(u, update_s=t) for u, t in zip(found, updates)]
     per_token = 4.0 * config.n_embd if message_bytes_per_token is None else message_bytes_per_token
     found, memo = [], {}  # memo: memory models and splits that candidates share (1F1B's is PACI's, ...)
     for m in divisors(global_batch, MAX_MICROBATCHES):
@@ -170,7 +182,7 @@ def plan(model: str | GPTConfig, num_ranks: int, global_batch: int, seq_len: int
                         found.append(candidate)
     found.sort(key=lambda c: (not c.fits, c.step_s, c.late_share, c.weight_copies, max(c.peak_bytes), c.recompute,
                               c.schedule, c.microbatches))
-    return Plan(tuple(found), num_ranks, global_batch, seq_len, budget)
+    return Plan(tuple(found), num_ranks, global_batch, seq_len, budget, optimizer)
 
 
 COST_FILE_KEYS = {"description", "sources", "assumptions", "preset", "microbatch_size", "seq_len", "units",
@@ -234,6 +246,19 @@ class CostFile:
         return [dataclasses.replace(u, forward_s=u.forward_s * r, backward_s=u.backward_s * r,
                                     input_backward_s=u.input_backward_s * r,
                                     activation_bytes=round(u.activation_bytes * r)) for u in self.units]
+
+
+def _update_seconds(config: GPTConfig, device: str, repeats: int = 10, warmup: int = 2) -> list[float]:
+    """Each unit's optimizer step with paci.optim.MuonAdamW (Muon on the model's hidden matrices,
+    AdamW on the rest), as `paci train --optimizer muon` builds it; measured once, on throwaway units."""
+    from paci.model import build_unit
+    from paci.optim import MuonAdamW, hidden_matrices
+    from paci.profiler import update_seconds
+
+    units = [build_unit(config, i, seed=0).to(device) for i in range(num_units(config))]
+    hidden = hidden_matrices(units)
+    return [update_seconds(unit, torch.device(device), repeats, warmup, lambda params: MuonAdamW(params, hidden))
+            for unit in units]
 
 
 def divisors(n: int, most: int) -> list[int]:
@@ -335,7 +360,7 @@ def format_plan(result: Plan, top: int, preset: str, vocab_size: int | None = No
         lines.append(f"best {label}: {c.schedule} m={c.microbatches}{f' v={c.chunks}' if c.chunks else ''}"
                      f"{' recompute' if c.recompute else ''}, {1e3 * c.step_s:.2f} ms per step, quality risk "
                      f"{c.risk} ({c.risk_evidence})")
-        lines.append(f"  {c.command(preset, result.num_ranks, result.seq_len, vocab_size, memory)}")
+        lines.append(f"  {c.command(preset, result.num_ranks, result.seq_len, vocab_size, memory, result.optimizer)}")
     text = note(source)
     lines += ["", text[0].upper() + text[1:] + "."]
     return lines

@@ -762,6 +762,9 @@ CASES = [
       "plan --preset tiny --costs costs.json",
       "paci: error: --costs costs.json: 1 units, but the preset has 6; give the preset the file describes",
       write("costs.json", '{"units": [{}], "microbatch_size": 1, "seq_len": 8, "latency_s": 0, "bandwidth_Bps": 1}')),
+    c("plan-optimizer-unknown", "an optimizer paci does not build",
+      "plan --preset tiny --optimizer sgd",
+      "paci: error: unknown --optimizer 'sgd'; choose muon or adamw"),
     c("plan-vocab-tiny", "a vocabulary below the byte alphabet",
       "plan --preset tiny --vocab-size 3",
       "paci: error: --vocab-size must be in [257, 65535] (256 bytes + the end-of-text token; ids are stored as "

@@ -122,3 +122,12 @@ def test_a_cost_file_plans_a_machine_not_at_hand(tmp_path, capfd):
                  "--costs", shipped, "--no-recompute", "--schedules", "1f1b,paci", "--top", "3"]) == 0
     text = capfd.readouterr().out
     assert "budget 80.00 GiB per device" in text and shipped in text and "best asynchronous:" in text
+
+
+def test_the_runnable_line_names_a_non_default_optimizer():
+    from paci.planner import format_plan
+
+    lines = format_plan(plan("tiny", 2, 8, profiles=_profiles, optimizer="adamw"), 3, "tiny")
+    runs = [line for line in lines if line.startswith("  paci train")]
+    assert len(runs) == 3 and all("--optimizer adamw" in line for line in runs)
+    assert not any("--optimizer" in line for line in format_plan(plan("tiny", 2, 8, profiles=_profiles), 3, "tiny"))

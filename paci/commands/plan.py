@@ -37,6 +37,8 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--schedules", default=None,
                    help=f"comma-separated schedules to consider (default all: {', '.join(schedules.REGISTRY)})")
     p.add_argument("--no-recompute", action="store_true", help="leave out the candidates with --recompute")
+    p.add_argument("--optimizer", default="muon",
+                   help="the optimizer whose step is timed per unit: muon (paci train's default) or adamw")
     p.add_argument("--latency-us", type=float, default=0.0,
                    help="link latency per message between ranks, microseconds (default 0)")
     p.add_argument("--bandwidth-gbps", type=float, default=None,
@@ -83,11 +85,11 @@ def plan_command(args: argparse.Namespace) -> int:
                           vocab_size=args.vocab_size, schedule_names=names,
                           recompute=(False,) if args.no_recompute else (False, True), latency=latency,
                           bandwidth=bandwidth, profiles=profiles, message_bytes_per_token=per_token,
-                          on_checked=input_checked)
+                          optimizer=args.optimizer, on_checked=input_checked)
     vocab = args.vocab_size if args.vocab_size != 4096 else None
     if args.json:
         best = {label: (c.as_dict() | {"command": c.command(args.preset, args.stages, result.seq_len, vocab,
-                                                             args.memory_per_device)}) if c else None
+                                                             args.memory_per_device, result.optimizer)}) if c else None
                 for label, c in (("best_synchronous", result.best_where(True)),
                                  ("best_asynchronous", result.best_where(False)),
                                  ("best_asynchronous_low_risk", result.best_where(False, "low")))}

@@ -43,7 +43,8 @@ def main() -> None:
     torch.set_num_threads(1)
     config = dataclasses.replace(PRESETS["deep"], vocab_size=1024)
     clock = json.loads(CLOCK.read_text())["step_end_s"]
-    result = planner.plan(config, 8, 64, 64, recompute=(False,), schedule_names=list(SCHEDULES))
+    result = planner.plan(config, 8, 64, 64, recompute=(False,), schedule_names=list(SCHEDULES),
+                          optimizer="adamw")  # the clock's cells ran AdamW
     planned = {(c.schedule, c.microbatches): c.step_s for c in result.candidates}
     rows = [(s, m, planned[(s, m)], steady(clock[f"{s}-m{m}"])) for s in SCHEDULES for m in MS]
     ratios = [p / c for _, _, p, c in rows]

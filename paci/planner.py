@@ -364,3 +364,49 @@ def format_plan(result: Plan, top: int, preset: str, vocab_size: int | None = No
     text = note(source)
     lines += ["", text[0].upper() + text[1:] + "."]
     return lines
+
+
+RISK_COLOURS = {"none": "tab:blue", "low": "tab:green", "medium": "tab:olive", "high": "tab:orange",
+                "very high": "tab:red"}
+
+
+def plot_frontier(result: Plan, path: str) -> None:
+    """Time per step against the largest peak bytes of a rank, every candidate a dot coloured by its
+    quality risk (hollow where it does not fit the budget), the frontier of those that fit (no
+    other is both faster and smaller) drawn as a line; a PNG written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from paci.files import atomic_write
+
+    fig = Figure(figsize=(8, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for risk, colour in RISK_COLOURS.items():
+        for fits in (True, False):
+            picked = [c for c in result.candidates if c.risk == risk and c.fits == fits]
+            if picked:
+                ax.scatter([max(c.peak_bytes) / 2**20 for c in picked], [1e3 * c.step_s for c in picked], s=22,
+                           facecolors=colour if fits else "none", edgecolors=colour,
+                           label=f"risk {risk}" if fits else None)
+    frontier, best = [], math.inf
+    for c in sorted((c for c in result.candidates if c.fits), key=lambda c: (max(c.peak_bytes), c.step_s)):
+        if c.step_s < best:
+            frontier.append(c)
+            best = c.step_s
+    ax.plot([max(c.peak_bytes) / 2**20 for c in frontier], [1e3 * c.step_s for c in frontier], color="black",
+            lw=1, drawstyle="steps-post", label="frontier (fits)")
+    for c in frontier:
+        ax.annotate(f"{c.schedule} m={c.microbatches}" + (" rc" if c.recompute else ""),
+                    (max(c.peak_bytes) / 2**20, 1e3 * c.step_s), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if result.budget is not None:
+        ax.axvline(result.budget / 2**20, color="grey", ls="--", lw=1, label="budget")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("peak bytes of the fullest rank (MiB)")
+    ax.set_ylabel("time per optimizer step (ms)")
+    ax.set_title(f"paci plan: P = {result.num_ranks}, {result.global_batch} x {result.seq_len} tokens per step "
+                 f"(hollow: over the budget)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))

@@ -765,6 +765,9 @@ CASES = [
     c("plan-optimizer-unknown", "an optimizer paci does not build",
       "plan --preset tiny --optimizer sgd",
       "paci: error: unknown --optimizer 'sgd'; choose muon or adamw"),
+    c("plan-plot-not-png", "a plot file that is not a PNG",
+      "plan --preset tiny --plot frontier.jpg",
+      "paci: error: --plot frontier.jpg: use a .png file name"),
     c("plan-vocab-tiny", "a vocabulary below the byte alphabet",
       "plan --preset tiny --vocab-size 3",
       "paci: error: --vocab-size must be in [257, 65535] (256 bytes + the end-of-text token; ids are stored as "

@@ -110,7 +110,8 @@ def test_a_cost_file_plans_a_machine_not_at_hand(tmp_path, capfd):
     path.write_text(json.dumps({"microbatch_size": 2, "seq_len": 32, "units": units, "latency_s": 0.0,
                                 "bandwidth_Bps": 1e30, "memory_per_device": "1GiB"}))
     assert main(["plan", "--preset", "tiny", "--stages", "2", "--global-batch", "8", "--costs", str(path),
-                 "--json"]) == 0
+                 "--json", "--plot", str(tmp_path / "frontier.png")]) == 0
+    assert (tmp_path / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = json.loads(capfd.readouterr().out)
     assert out["budget_bytes"] == 2**30 and "costs.json" in out["note"]
     expected = {(c.schedule, c.microbatches, c.chunks, c.recompute): c.step_s for c in plan("tiny", 2, 8,

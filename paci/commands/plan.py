@@ -6,11 +6,13 @@ import argparse
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import torch
 
 from paci import schedules
 from paci.commands import input_checked
+from paci.files import check_writable
 from paci.model import PRESETS
 from paci.partition import parse_bytes
 
@@ -47,6 +49,8 @@ def add_plan_parser(subparsers) -> None:
                    help="torch threads per rank for the profile (default: this machine's cores split over P ranks)")
     p.add_argument("--top", type=int, default=15, help="rows of the table (default 15)")
     p.add_argument("--json", action="store_true", help="print every candidate as one JSON object")
+    p.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                   help="draw time per step against peak memory, every candidate and the frontier")
     p.set_defaults(func=plan_command)
 
 
@@ -56,6 +60,10 @@ def plan_command(args: argparse.Namespace) -> int:
     from paci.config import MAX_THREADS, ModelConfig
 
     ModelConfig(preset=args.preset, vocab_size=args.vocab_size)  # checks both
+    if args.plot is not None:
+        check_writable(args.plot, "--plot")
+        if args.plot.suffix != ".png":
+            raise ValueError(f"--plot {args.plot}: use a .png file name")
     for flag, value in (("--stages", args.stages), ("--global-batch", args.global_batch), ("--top", args.top),
                         ("--threads", args.threads), ("--seq-len", args.seq_len)):
         if value is not None and value < 1:
@@ -97,6 +105,8 @@ def plan_command(args: argparse.Namespace) -> int:
                           "seq_len": result.seq_len, "budget_bytes": budget, "threads": torch.get_num_threads(),
                           **best, "candidates": [c.as_dict() for c in result.candidates],
                           "note": planner.note(source)}, indent=1))
-    else:
+    if args.plot is not None:
+        planner.plot_frontier(result, args.plot)
+    if not args.json:
         print("\n".join(planner.format_plan(result, args.top, args.preset, vocab, args.memory_per_device, source)))
     return 0

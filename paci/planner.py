@@ -21,8 +21,10 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 from paci import schedules
 from paci.model import PRESETS, GPTConfig, num_units
@@ -90,6 +92,13 @@ class Candidate:
         parts += [f"--memory-per-stage {memory}"] if memory else []
         return " ".join(parts + [f"--split {self.split}"])
 
+    def pipeline_call(self, num_ranks: int) -> str:
+        """The `paci.Pipeline(...)` call that runs this candidate on a model's units."""
+        chunks = f", chunks={self.chunks}" if self.chunks else ""
+        return (f'paci.Pipeline(units, loss_fn, optimizer, schedule="{self.schedule}", stages={num_ranks}, '
+                f'microbatches={self.microbatches}, split="{self.split}"{chunks})  # micro-batches of '
+                f'{self.batch_size}')
+
     def as_dict(self) -> dict:
         return {**dataclasses.asdict(self), "peak_bytes": list(self.peak_bytes), "risk": self.risk,
                 "risk_evidence": self.risk_evidence}
@@ -121,21 +130,32 @@ class Plan:
                      and (allowed is None or c.risk in allowed)), None)
 
 
-def plan(model: str | GPTConfig, num_ranks: int, global_batch: int, seq_len: int | None = None, *,
-         budget: float | None = None, vocab_size: int | None = None, schedule_names: Sequence[str] | None = None,
-         recompute: Sequence[bool] = (False, True), latency: float = 0.0, bandwidth: float = math.inf,
-         device: str = "cpu", profiles: Callable[[int], Sequence[UnitProfile]] | None = None,
-         message_bytes_per_token: float | None = None, optimizer: str = "muon",
+def plan(model: str | GPTConfig | Sequence[nn.Module], num_ranks: int, global_batch: int,
+         seq_len: int | None = None, *, budget: float | None = None, vocab_size: int | None = None,
+         schedule_names: Sequence[str] | None = None, recompute: Sequence[bool] = (False, True),
+         latency: float = 0.0, bandwidth: float = math.inf, device: str = "cpu",
+         profiles: Callable[[int], Sequence[UnitProfile]] | None = None,
+         message_bytes_per_token: float | None = None, optimizer: str | Callable = "muon",
+         loss_fn: Callable | None = None, batch: Callable[[int], tuple[Any, Any]] | None = None,
          on_checked: Callable[[], None] | None = None) -> Plan:
     """Every candidate for `model` (a preset name or a GPTConfig; `vocab_size` replaces its
     vocabulary) on `num_ranks` ranks with `global_batch` sequences of `seq_len` tokens (default: the
-    context) per optimizer step, ranked. `profiles(b)` gives the units' profiles for micro-batches
+    context) per optimizer step, ranked. `model` may also be paci.Pipeline's units: then `loss_fn`
+    and `batch(b)` (a micro-batch of b samples: inputs, targets) are needed, `optimizer` is the
+    Pipeline's factory (default AdamW), the units are profiled on `device` with those, the messages
+    are the units' measured outputs, and recomputation (which Pipeline does not do) is left out. `profiles(b)` gives the units' profiles for micro-batches
     of b sequences (default: `profiler.profile_units` on `device`, cached on disk); `budget` is bytes
     per rank (None: no limit); m runs over the divisors of `global_batch` up to MAX_MICROBATCHES; a message between ranks takes `latency` + bytes / `bandwidth`
     seconds, a message being `message_bytes_per_token` (default: fp32 hidden states) per token.
     Profiled here, each unit's optimizer step is timed with `optimizer` ("muon", `paci train`'s
     default, or "adamw"; a cost file brings its own).
     `on_checked` is called once the arguments are checked, before anything is profiled."""
+    if isinstance(model, (list, tuple)):
+        return _plan_units(list(model), loss_fn, batch, num_ranks, global_batch, budget, schedule_names, latency,
+                           bandwidth, device, None if isinstance(optimizer, str) else optimizer)
+    if not isinstance(model, (str, GPTConfig)):
+        raise ValueError("model must be a preset name, a GPTConfig or a list of torch.nn.Module units, got "
+                         f"{type(model).__name__}")
     if isinstance(model, str):
         if model not in PRESETS:
             raise ValueError(f"unknown preset {model!r}; choose one of: {', '.join(PRESETS)}")
@@ -144,12 +164,7 @@ def plan(model: str | GPTConfig, num_ranks: int, global_batch: int, seq_len: int
     seq_len = config.block_size if seq_len is None else seq_len
     if not 1 <= seq_len <= config.block_size:
         raise ValueError(f"--seq-len must be in 1..{config.block_size} (the model's context), got {seq_len}")
-    names = list(schedules.REGISTRY if schedule_names is None else schedule_names)
-    for name in names:
-        if name not in schedules.REGISTRY:
-            raise ValueError(f"unknown schedule {name!r}; choose from: {', '.join(schedules.REGISTRY)}")
-    if not names:
-        raise ValueError("--schedules names no schedule")
+    names = _check_schedules(schedule_names)
     units = num_units(config)
     if not 1 <= num_ranks <= units:
         raise ValueError(f"--stages must be in 1..{units} (the model has {units} units), got {num_ranks}")
@@ -168,21 +183,90 @@ def plan(model: str | GPTConfig, num_ranks: int, global_batch: int, seq_len: int
             found = profile_units(config, b, seq_len, device)  # its update_s is AdamW's
             return found if updates is None else [dataclasses.replace(u, update_s=t) for u, t in zip(found, updates)]
     per_token = 4.0 * config.n_embd if message_bytes_per_token is None else message_bytes_per_token
+
+    def sizes(b: int) -> tuple[list[float], float]:  # every unit's output: hidden states; the input: token ids
+        return [b * seq_len * per_token] * units, b * seq_len * 8.0
+
+    found = _search(names, num_ranks, units, global_batch, profiles, sizes, seq_len, recompute, budget, latency,
+                    bandwidth)
+    return Plan(found, num_ranks, global_batch, seq_len, budget, optimizer)
+
+
+def _check_schedules(schedule_names: Sequence[str] | None) -> list[str]:
+    names = list(schedules.REGISTRY if schedule_names is None else schedule_names)
+    for name in names:
+        if name not in schedules.REGISTRY:
+            raise ValueError(f"unknown schedule {name!r}; choose from: {', '.join(schedules.REGISTRY)}")
+    if not names:
+        raise ValueError("--schedules names no schedule")
+    return names
+
+
+def _plan_units(units: list[nn.Module], loss_fn: Callable | None, batch: Callable[[int], tuple[Any, Any]] | None,
+                num_ranks: int, global_batch: int, budget: float | None, schedule_names: Sequence[str] | None,
+                latency: float, bandwidth: float, device: str, make_optimizer: Callable | None) -> Plan:
+    from paci.profiler import profile_modules
+
+    if not units or not all(isinstance(u, nn.Module) for u in units):
+        raise ValueError("model must be a preset name, a GPTConfig or a non-empty list of torch.nn.Module units")
+    if loss_fn is None or batch is None:
+        raise ValueError("planning a list of units needs loss_fn and batch (b -> a micro-batch of b samples: "
+                         "inputs, targets)")
+    names = _check_schedules(schedule_names)
+    if not 1 <= num_ranks <= len(units):
+        raise ValueError(f"num_ranks must be in 1..{len(units)} (the model has {len(units)} units), got {num_ranks}")
+    if not 1 <= global_batch <= MAX_GLOBAL_BATCH:
+        raise ValueError(f"global_batch must be in 1..{MAX_GLOBAL_BATCH:,} samples, got {global_batch:,}")
+    measured: dict[int, tuple[list[UnitProfile], list[float], float]] = {}
+
+    def measure(b: int) -> tuple[list[UnitProfile], list[float], float]:
+        if b not in measured:
+            inputs, targets = batch(b)
+            found = profile_modules(units, inputs, targets, loss_fn, make_optimizer, device)
+            outputs, x = [], inputs
+            with torch.no_grad():
+                for unit in units:
+                    x = unit(x)
+                    outputs.append(float(_nbytes(x)))
+            measured[b] = (found, outputs, float(_nbytes(inputs)))
+        return measured[b]
+
+    found = _search(names, num_ranks, len(units), global_batch, lambda b: measure(b)[0], lambda b: measure(b)[1:],
+                    1, (False,), budget, latency, bandwidth)
+    return Plan(found, num_ranks, global_batch, 1, budget, "the Pipeline's")  # seq_len 1: tokens/s counts samples
+
+
+def _nbytes(value: Any) -> int:
+    """The bytes of the tensors in a payload (a tensor, or tuples, lists and dicts of them)."""
+    if torch.is_tensor(value):
+        return value.nbytes
+    if isinstance(value, dict):
+        value = list(value.values())
+    return sum(_nbytes(v) for v in value) if isinstance(value, (list, tuple)) else 0
+
+
+def _search(names: Sequence[str], num_ranks: int, units: int, global_batch: int,
+            profiles: Callable[[int], Sequence[UnitProfile]], sizes: Callable[[int], tuple[list[float], float]],
+            tokens: int, recompute: Sequence[bool], budget: float | None, latency: float,
+            bandwidth: float) -> tuple[Candidate, ...]:
+    """Every candidate, ranked. `sizes(b)`: the bytes of each unit's output and of the model's input
+    for micro-batches of b samples; `tokens` per sample (1 counts samples)."""
     found, memo = [], {}  # memo: memory models and splits that candidates share (1F1B's is PACI's, ...)
     for m in divisors(global_batch, MAX_MICROBATCHES):
         b = global_batch // m
         unit_profiles = list(profiles(b))
+        outputs, input_bytes = sizes(b)
         for name in names:
             chunked = schedules.REGISTRY[name].chunked
             for chunks in ([v for v in range(2, MAX_CHUNKS + 1) if v * num_ranks <= units] if chunked else [None]):
                 for rc in recompute:
-                    candidate = _candidate(config, name, num_ranks, m, b, chunks, rc, unit_profiles, seq_len,
-                                           budget, latency, bandwidth, per_token, memo)
+                    candidate = _candidate(name, num_ranks, m, b, chunks, rc, unit_profiles, outputs, input_bytes,
+                                           tokens, budget, latency, bandwidth, memo)
                     if candidate is not None:
                         found.append(candidate)
     found.sort(key=lambda c: (not c.fits, c.step_s, c.late_share, c.weight_copies, max(c.peak_bytes), c.recompute,
                               c.schedule, c.microbatches))
-    return Plan(tuple(found), num_ranks, global_batch, seq_len, budget, optimizer)
+    return tuple(found)
 
 
 COST_FILE_KEYS = {"description", "sources", "assumptions", "preset", "microbatch_size", "seq_len", "units",
@@ -267,9 +351,9 @@ def divisors(n: int, most: int) -> list[int]:
     return sorted(d for d in {*small, *(n // d for d in small)} if d <= most)
 
 
-def _candidate(config: GPTConfig, name: str, num_ranks: int, m: int, b: int, chunks: int | None, recompute: bool,
-               profiles: list[UnitProfile], seq_len: int, budget: float | None, latency: float,
-               bandwidth: float, per_token: float, memo: dict) -> Candidate | None:
+def _candidate(name: str, num_ranks: int, m: int, b: int, chunks: int | None, recompute: bool,
+               profiles: list[UnitProfile], outputs: Sequence[float], input_bytes: float, tokens: int,
+               budget: float | None, latency: float, bandwidth: float, memo: dict) -> Candidate | None:
     """One configuration simulated, or None where the schedule does not take it (e.g. interleaving
     with m not a multiple of P)."""
     accum = m if name in ("paci", "2bw") else None
@@ -293,11 +377,11 @@ def _candidate(config: GPTConfig, name: str, num_ranks: int, m: int, b: int, chu
     if key not in memo:
         memo[key] = partition(costs_for_split, stages, inflight, copies, per_stage_budget, warn=False)  # fits: no
     split = memo[key]
-    message = b * seq_len * per_token  # one activation (or its gradient) per micro-batch
-    costs = stage_costs(profiles, split.ranges, message_bytes=[message] * (stages - 1) + [0.0], latency=latency,
+    messages = [float(outputs[stop - 1]) for _, stop in split.ranges[:-1]] + [0.0]  # a stage's output (its gradient)
+    costs = stage_costs(profiles, split.ranges, message_bytes=messages, latency=latency,
                         bandwidth=bandwidth)
     if recompute:
-        costs = costs.recomputed(first_input_bytes=b * seq_len * 8)  # the token ids
+        costs = costs.recomputed(first_input_bytes=input_bytes)
     step_s, short, run = _steady_step(name, num_ranks, m, accum, chunks, costs)
     # Δ over the steady steps alone: the longer run's backwards less the shorter run's (its first
     # step has no update to be late for)
@@ -309,7 +393,7 @@ def _candidate(config: GPTConfig, name: str, num_ranks: int, m: int, b: int, chu
     bubble = run.metrics.steady_bubble_fraction
     peaks = tuple(float(p) for p in run.peak_bytes)
     return Candidate(name, m, b, chunks, recompute, split_spec(split.ranges), step_s,
-                     m * b * seq_len / step_s if step_s > 0 else math.inf,
+                     m * b * tokens / step_s if step_s > 0 else math.inf,
                      run.metrics.bubble_fraction if bubble is None else bubble, peaks,
                      budget is None or max(peaks) <= budget,
                      max((s.weight_copies for s in run.metrics.per_stage), default=0),
@@ -360,7 +444,10 @@ def format_plan(result: Plan, top: int, preset: str, vocab_size: int | None = No
         lines.append(f"best {label}: {c.schedule} m={c.microbatches}{f' v={c.chunks}' if c.chunks else ''}"
                      f"{' recompute' if c.recompute else ''}, {1e3 * c.step_s:.2f} ms per step, quality risk "
                      f"{c.risk} ({c.risk_evidence})")
-        lines.append(f"  {c.command(preset, result.num_ranks, result.seq_len, vocab_size, memory, result.optimizer)}")
+        if result.optimizer in ("muon", "adamw"):
+            lines.append(f"  {c.command(preset, result.num_ranks, result.seq_len, vocab_size, memory, result.optimizer)}")
+        else:  # a user's units: the Pipeline that runs it
+            lines.append(f"  {c.pipeline_call(result.num_ranks)}")
     text = note(source)
     lines += ["", text[0].upper() + text[1:] + "."]
     return lines

@@ -2,6 +2,7 @@
 its quality risk from the measured rule, and a winning line that `paci train` runs."""
 
 import json
+import math
 import shlex
 from pathlib import Path
 
@@ -132,3 +133,34 @@ def test_the_runnable_line_names_a_non_default_optimizer():
     runs = [line for line in lines if line.startswith("  paci train")]
     assert len(runs) == 3 and all("--optimizer adamw" in line for line in runs)
     assert not any("--optimizer" in line for line in format_plan(plan("tiny", 2, 8, profiles=_profiles), 3, "tiny"))
+
+
+def test_a_users_units_are_planned_and_the_pipeline_call_runs():
+    """paci.plan on a Pipeline's units: profiled with the user's loss and optimizer, the messages the
+    units' measured outputs, no recompute candidates; the winning split builds a Pipeline that trains."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    units = [nn.Sequential(nn.Linear(16, 64), nn.Tanh()), nn.Sequential(nn.Linear(64, 64), nn.Tanh()),
+             nn.Sequential(nn.Linear(64, 8), nn.Tanh()), nn.Linear(8, 1)]
+
+    def batch(b):
+        x = torch.randn(b, 16)
+        return x, x.sum(dim=1, keepdim=True)
+
+    result = paci.plan(units, 2, 16, loss_fn=nn.functional.mse_loss, batch=batch, schedule_names=["1f1b", "paci"])
+    assert {c.schedule for c in result.candidates} == {"1f1b", "paci"} and not any(c.recompute for c in result.candidates)
+    assert {c.microbatches for c in result.candidates} == {1, 2, 4, 8, 16}
+    best = result.best_where(False)
+    call = best.pipeline_call(2)
+    assert call.startswith('paci.Pipeline(units, loss_fn, optimizer, schedule="paci", stages=2') and best.split in call
+    pipe = paci.Pipeline(units, nn.functional.mse_loss, lambda p: torch.optim.SGD(p, lr=0.01), schedule="paci",
+                         stages=2, microbatches=best.microbatches, split=best.split)
+    losses = pipe.fit((batch(16) for _ in range(3)), steps=3)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    from paci.planner import format_plan
+
+    assert f"  {call}" in format_plan(result, 3, "units")
+    with pytest.raises(ValueError, match="needs loss_fn and batch"):
+        paci.plan(units, 2, 16)

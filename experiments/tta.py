@@ -101,9 +101,10 @@ QUICK = Setting(preset="tiny", vocab_size=512, stages=4, splits={4: "uniform", 2
                 eval_every=4, eval_sequences=8, microbatches=(2, 4), flush_m=4, lrs=(2e-3, 4e-3), seeds=(0, 1),
                 in_process=True)
 SYNC = ("1f1b", "gpipe", "zb-h1", "interleaved-1f1b")  # the synchronous schedules, all on the flush trajectory
-# Cells this long outlast a session: they checkpoint every LONG_CHECKPOINT steps under <cache>/runs/<cell>
-# (each checkpoint a drain point, 7 in a 6400-step run) and a restarted study resumes them, bit-identically
-LONG_CELL, LONG_CHECKPOINT = 3200, 800
+# Cells this long can outlast a session: they checkpoint every LONG_CHECKPOINT steps under <cache>/runs/<cell>
+# (each checkpoint a drain point: one in a 1600-step run, 7 in a 6400-step one) and a restarted study resumes
+# them, bit-identically. The 1600-step cells committed before this (stop 30) ran with no drain point.
+LONG_CELL, LONG_CHECKPOINT = 1600, 800
 BUDGET_SYNC = SYNC[:3]  # the equal-budget cells were planned (and trained) against these, before interleaving
 CHUNKS = 2  # interleaved-1f1b: stages per rank
 

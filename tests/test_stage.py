@@ -101,6 +101,8 @@ def _foreign_parameter_copies(stage: Stage) -> int:
 
 def _update_between_forward_and_backward(policy: WeightPolicy, recompute: bool = False):
     stage = _middle_stage(policy, recompute)
+    gc.collect()
+    before = _foreign_parameter_copies(stage)  # what the process held already (other tests' tensors of these shapes)
     # numpy snapshots, so the memory probe does not count the test's own copies
     w1_old, b1_old, w2_old = (t.detach().numpy().copy() for t in (stage.module[0].weight, stage.module[0].bias,
                                                                    stage.module[2].weight))
@@ -112,7 +114,7 @@ def _update_between_forward_and_backward(policy: WeightPolicy, recompute: bool =
     stage.backward(1, torch.ones(2, 3))
     stage.step()  # version 1: mb 0 was forwarded at version 0
     copies = []
-    received.requires_grad_().register_hook(lambda grad: copies.append(_foreign_parameter_copies(stage)))
+    received.requires_grad_().register_hook(lambda grad: copies.append(_foreign_parameter_copies(stage) - before))
     input_grad = stage.backward(0, g0)
     w1_new, b1_new, w2_new = (t.detach().numpy().copy() for t in (stage.module[0].weight, stage.module[0].bias,
                                                                    stage.module[2].weight))

@@ -40,7 +40,7 @@ MAX_GLOBAL_BATCH = 10**6
 RISK_RULE = ((0.0, "none", "synchronous: every backward sees its forward's weights and version"),
              (0.25, "low", "Muon: within seed noise of flush (K = 32, share 7/32); AdamW: +0.13 nats"),
              (0.5, "medium", "Muon: +0.04 nats (K = 16, share 7/16); AdamW: +0.33"),
-             (1.0, "high", "Muon: +0.12 nats (K = 8, share 7/8); AdamW: +0.56 (+0.18 with predict-window)"))
+             (1.0, "high", "Muon: +0.12 nats (K = 8, share 7/8); AdamW: +0.56 (+0.20 with predict-window)"))
 PROFILED_HERE = "per-unit costs profiled on this machine (one rank per device like it)"
 
 

@@ -30,6 +30,7 @@ from paci import schedules
 from paci.model import PRESETS, GPTConfig, num_units
 from paci.partition import UnitCosts, format_bytes, partition, split_spec, stage_memory_model
 from paci.profiler import UnitProfile, profile_units, stage_costs
+from paci.runtime import payload
 from paci.sim import CostModel, simulate
 
 EVIDENCE = "docs/experiments.md#what-to-use"
@@ -41,13 +42,14 @@ RISK_RULE = ((0.0, "none", "synchronous: every backward sees its forward's weigh
              (0.25, "low", "Muon: within seed noise of flush (K = 32, share 7/32); AdamW: +0.13 nats"),
              (0.5, "medium", "Muon: +0.04 nats (K = 16, share 7/16); AdamW: +0.33"),
              (1.0, "high", "Muon: +0.12 nats (K = 8, share 7/8); AdamW: +0.56 (+0.20 with predict-window)"))
+BEYOND = ("very high", "a gradient more than one update late: Muon +0.29 nats and more (K = 4), AdamW +0.77")
+RISKS = [risk for _, risk, _ in RISK_RULE] + [BEYOND[0]]  # from none to very high
 PROFILED_HERE = "per-unit costs profiled on this machine (one rank per device like it)"
 
 
 def note(source: str = PROFILED_HERE) -> str:
     return (f"times are the simulator's, from {source}; the quality risk is the rule measured at one scale (the "
             f"deep GPT, P = 8, 400 steps: {EVIDENCE}), not a law")
-BEYOND = ("very high", "a gradient more than one update late: Muon +0.29 nats and more (K = 4), AdamW +0.77")
 
 
 @dataclass(frozen=True)
@@ -125,9 +127,9 @@ class Plan:
 
     def best_where(self, synchronous: bool, risk: str | None = None) -> Candidate | None:
         """The fastest candidate that fits, of that kind (and, with `risk`, at that quality risk or lower)."""
-        allowed = None if risk is None else [r for _, r, _ in RISK_RULE][:[r for _, r, _ in RISK_RULE].index(risk) + 1]
+        worst = len(RISKS) if risk is None else RISKS.index(risk)
         return next((c for c in self.candidates if c.fits and c.synchronous == synchronous
-                     and (allowed is None or c.risk in allowed)), None)
+                     and RISKS.index(c.risk) <= worst), None)
 
 
 def plan(model: str | GPTConfig | Sequence[nn.Module], num_ranks: int, global_batch: int,
@@ -143,10 +145,12 @@ def plan(model: str | GPTConfig | Sequence[nn.Module], num_ranks: int, global_ba
     context) per optimizer step, ranked. `model` may also be paci.Pipeline's units: then `loss_fn`
     and `batch(b)` (a micro-batch of b samples: inputs, targets) are needed, `optimizer` is the
     Pipeline's factory (default AdamW), the units are profiled on `device` with those, the messages
-    are the units' measured outputs, and recomputation (which Pipeline does not do) is left out. `profiles(b)` gives the units' profiles for micro-batches
-    of b sequences (default: `profiler.profile_units` on `device`, cached on disk); `budget` is bytes
-    per rank (None: no limit); m runs over the divisors of `global_batch` up to MAX_MICROBATCHES; a message between ranks takes `latency` + bytes / `bandwidth`
-    seconds, a message being `message_bytes_per_token` (default: fp32 hidden states) per token.
+    are the units' measured outputs, and recomputation (which Pipeline does not do) is left out.
+    `profiles(b)` gives the units' profiles for micro-batches of b sequences (default:
+    `profiler.profile_units` on `device`, cached on disk); `budget` is bytes per rank (None: no
+    limit); m runs over the divisors of `global_batch` up to MAX_MICROBATCHES; a message between
+    ranks takes `latency` + bytes / `bandwidth` seconds, a message being `message_bytes_per_token`
+    (default: fp32 hidden states) per token.
     Profiled here, each unit's optimizer step is timed with `optimizer` ("muon", `paci train`'s
     default, or "adamw"; a cost file brings its own).
     `on_checked` is called once the arguments are checked, before anything is profiled."""
@@ -164,14 +168,8 @@ def plan(model: str | GPTConfig | Sequence[nn.Module], num_ranks: int, global_ba
     seq_len = config.block_size if seq_len is None else seq_len
     if not 1 <= seq_len <= config.block_size:
         raise ValueError(f"--seq-len must be in 1..{config.block_size} (the model's context), got {seq_len}")
-    names = _check_schedules(schedule_names)
     units = num_units(config)
-    if not 1 <= num_ranks <= units:
-        raise ValueError(f"--stages must be in 1..{units} (the model has {units} units), got {num_ranks}")
-    if not 1 <= global_batch <= MAX_GLOBAL_BATCH:
-        raise ValueError(f"--global-batch must be in 1..{MAX_GLOBAL_BATCH:,} sequences, got {global_batch:,}")
-    if budget is not None and not (budget > 0 and math.isfinite(budget)):
-        raise ValueError(f"the memory budget must be a positive number of bytes, got {budget!r}")
+    names = _checked(schedule_names, num_ranks, units, global_batch, budget)
     if optimizer not in ("muon", "adamw"):
         raise ValueError(f"unknown --optimizer {optimizer!r}; choose muon or adamw")
     if on_checked is not None:
@@ -192,13 +190,21 @@ def plan(model: str | GPTConfig | Sequence[nn.Module], num_ranks: int, global_ba
     return Plan(found, num_ranks, global_batch, seq_len, budget, optimizer)
 
 
-def _check_schedules(schedule_names: Sequence[str] | None) -> list[str]:
+def _checked(schedule_names: Sequence[str] | None, num_ranks: int, units: int, global_batch: int,
+             budget: float | None) -> list[str]:
+    """The schedules to search, once the search's sizes are checked."""
     names = list(schedules.REGISTRY if schedule_names is None else schedule_names)
     for name in names:
         if name not in schedules.REGISTRY:
             raise ValueError(f"unknown schedule {name!r}; choose from: {', '.join(schedules.REGISTRY)}")
     if not names:
         raise ValueError("--schedules names no schedule")
+    if not 1 <= num_ranks <= units:
+        raise ValueError(f"--stages must be in 1..{units} (the model has {units} units), got {num_ranks}")
+    if not 1 <= global_batch <= MAX_GLOBAL_BATCH:
+        raise ValueError(f"--global-batch must be in 1..{MAX_GLOBAL_BATCH:,} sequences, got {global_batch:,}")
+    if budget is not None and not (budget > 0 and math.isfinite(budget)):
+        raise ValueError(f"the memory budget must be a positive number of bytes, got {budget!r}")
     return names
 
 
@@ -212,11 +218,7 @@ def _plan_units(units: list[nn.Module], loss_fn: Callable | None, batch: Callabl
     if loss_fn is None or batch is None:
         raise ValueError("planning a list of units needs loss_fn and batch (b -> a micro-batch of b samples: "
                          "inputs, targets)")
-    names = _check_schedules(schedule_names)
-    if not 1 <= num_ranks <= len(units):
-        raise ValueError(f"num_ranks must be in 1..{len(units)} (the model has {len(units)} units), got {num_ranks}")
-    if not 1 <= global_batch <= MAX_GLOBAL_BATCH:
-        raise ValueError(f"global_batch must be in 1..{MAX_GLOBAL_BATCH:,} samples, got {global_batch:,}")
+    names = _checked(schedule_names, num_ranks, len(units), global_batch, budget)
     measured: dict[int, tuple[list[UnitProfile], list[float], float]] = {}
 
     def measure(b: int) -> tuple[list[UnitProfile], list[float], float]:
@@ -237,12 +239,8 @@ def _plan_units(units: list[nn.Module], loss_fn: Callable | None, batch: Callabl
 
 
 def _nbytes(value: Any) -> int:
-    """The bytes of the tensors in a payload (a tensor, or tuples, lists and dicts of them)."""
-    if torch.is_tensor(value):
-        return value.nbytes
-    if isinstance(value, dict):
-        value = list(value.values())
-    return sum(_nbytes(v) for v in value) if isinstance(value, (list, tuple)) else 0
+    """The bytes of what a unit sends on (a payload: a tensor, or a tuple, list or dict of them)."""
+    return sum(t.nbytes for t in payload.leaves(value))
 
 
 def _search(names: Sequence[str], num_ranks: int, units: int, global_batch: int,
@@ -444,10 +442,9 @@ def format_plan(result: Plan, top: int, preset: str, vocab_size: int | None = No
         lines.append(f"best {label}: {c.schedule} m={c.microbatches}{f' v={c.chunks}' if c.chunks else ''}"
                      f"{' recompute' if c.recompute else ''}, {1e3 * c.step_s:.2f} ms per step, quality risk "
                      f"{c.risk} ({c.risk_evidence})")
-        if result.optimizer in ("muon", "adamw"):
-            lines.append(f"  {c.command(preset, result.num_ranks, result.seq_len, vocab_size, memory, result.optimizer)}")
-        else:  # a user's units: the Pipeline that runs it
-            lines.append(f"  {c.pipeline_call(result.num_ranks)}")
+        runs = (c.command(preset, result.num_ranks, result.seq_len, vocab_size, memory, result.optimizer)
+                if result.optimizer in ("muon", "adamw") else c.pipeline_call(result.num_ranks))  # a user's units
+        lines.append(f"  {runs}")
     text = note(source)
     lines += ["", text[0].upper() + text[1:] + "."]
     return lines

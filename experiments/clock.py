@@ -46,7 +46,8 @@ from paci.ir import Op, Schedule, with_evaluation
 from paci.model import PRESETS, GPTConfig
 from paci.partition import partition, split_spec, stage_memory_model
 from paci.profiler import UnitProfile, profile_units, stage_costs
-from paci.runtime.launch import init_distributed, spawn
+from paci.runtime import mesh
+from paci.runtime.launch import spawn
 from paci.sim import CostModel, simulate
 from paci.trace import OP_CODE
 
@@ -224,7 +225,7 @@ def measure_link(sizes: tuple[int, ...] = LINK_SIZES, repeats: int = LINK_REPEAT
 
 def _ping_pong(payload: tuple[tuple[int, ...], int, str]) -> int:
     sizes, repeats, out = payload
-    init_distributed(torch.device("cpu"), 60)
+    mesh.join(torch.device("cpu"), 60)
     rank, peer = dist.get_rank(), 1 - dist.get_rank()
     one_way = []
     for size in sizes:

@@ -65,7 +65,8 @@ from paci.files import write_text
 from paci.ir import Message, Op
 from paci.model import PRESETS, GPTConfig, build_units, lm_loss
 from paci.runtime.executor import Executor
-from paci.runtime.launch import init_distributed, spawn
+from paci.runtime import mesh
+from paci.runtime.launch import spawn
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.runtime.transport import DistTransport
 from paci.trace import OP_CODE, Trace
@@ -245,7 +246,7 @@ def gradient_rank(payload: tuple[Work, int, str]) -> int:
     """Spawned rank: both libraries' first step, saved to <out>/rank<r>.pt as {"ours": ..., "torch": ...}."""
     work, num_microbatches, out = payload
     logging.getLogger("torch.distributed.pipelining").setLevel(logging.WARNING)
-    init_distributed(CPU, TIMEOUT_S)
+    mesh.join(CPU, TIMEOUT_S)
     rank = dist.get_rank()
     result = {"ours": ours_gradients(work, num_microbatches, rank),
               "torch": torch_gradients(work, num_microbatches, rank)}
@@ -366,7 +367,7 @@ def measure_rank(payload: tuple[Work, list[Cell], str, float]) -> int:
     """Spawned rank: measure `cells` one after another; rank 0 caches each and prints progress."""
     work, cells, out, patience_s = payload
     logging.getLogger("torch.distributed.pipelining").setLevel(logging.WARNING)  # "Using Schedule1F1B" per cell
-    init_distributed(CPU, QUIET_WAIT_S + TIMEOUT_S)  # collectives wait while rank 0 waits for a quiet machine
+    mesh.join(CPU, QUIET_WAIT_S + TIMEOUT_S)  # collectives wait while rank 0 waits for a quiet machine
     rank = dist.get_rank()
     start = time.monotonic()
     for done, cell in enumerate(cells, 1):

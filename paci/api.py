@@ -48,7 +48,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
@@ -58,10 +57,12 @@ from paci.ir import Schedule, evaluation_rounds, with_evaluation
 from paci.progress import Progress
 from paci.partition import parse_split, partition, split_spec, stage_memory_model, uniform_split
 from paci.profiler import default_budget, profile_modules
-from paci.runtime import payload
+from paci.runtime import mesh, payload
 from paci.runtime.executor import StageFailure
-from paci.runtime.launch import STOPPING, StopRequest, Stopped, env_rank, init_distributed, rank_device, stop_signals
+from paci.runtime.launch import STOPPING, StopRequest, Stopped, stop_signals
+from paci.runtime.mesh import env_rank, rank_device
 from paci.runtime.stage import OptimizerSpec, Stage
+from paci.runtime.transport import fan_out
 from paci.schedules import REGISTRY, build
 
 __all__ = ["DataError", "History", "Pipeline", "Stopped"]
@@ -155,7 +156,7 @@ class Pipeline:
             log.info("profiled split %s (slowest stage %d: %.2f ms forward + backward per micro-batch)", chosen.spec,
                      chosen.bottleneck, 1e3 * chosen.max_time)
             split = list(chosen.ranges)
-        return driver.broadcast(split) if distributed else split
+        return mesh.broadcast(split) if distributed else split
 
     def fit(self, data: Iterable | Dataset, steps: int, *, val_data: Iterable | Dataset | None = None,
             eval_every: int | None = None, batch_size: int | None = None, seed: int = 0,
@@ -228,8 +229,8 @@ class Pipeline:
         start = manifest["next_microbatch"] // self.microbatches if manifest is not None else 0
         feeder = _Feeder(source, self.microbatches, steps, start)
         device = self.device or (rank_device(info) if distributed else torch.device("cpu"))
-        if distributed and not dist.is_initialized():
-            init_distributed(device, self.timeout_s)
+        if distributed:
+            mesh.join(device, self.timeout_s)
         if self.split is None:
             with _data_errors():
                 self.split = self._profile_split(feeder, device, distributed and info.rank == 0, distributed)
@@ -279,8 +280,10 @@ class Pipeline:
         with _data_errors(), _resume_line(run), contextlib.closing(shown):
             if distributed:
                 summary, self._joined = driver.run_rank(run, device, record, stop=stop, joined=self._joined)
-                history[:] = _losses_everywhere(list(history), schedule.num_steps - run.start_step, info.rank,
-                                                info.world_size, device)
+                steps = schedule.num_steps - run.start_step  # a Python float is a float64: exact
+                box = torch.tensor(list(history) if info.rank == 0 else [0.0] * steps, dtype=torch.float64,
+                                   device=device)
+                history[:] = fan_out(box, info.rank, info.world_size).tolist()
             else:
                 summary, _, self._stages = driver.run_local(run, device, record, stop=stop, stages=self._stages)
         history.summary = summary or {}
@@ -361,20 +364,6 @@ def _resume_line(run: driver.Run) -> Iterator[None]:
             log.warning("paci: stopped after step %d, at a checkpoint in %s; fit again with resume=True to continue",
                         stop.step, run.run_dir)
         raise
-
-
-def _losses_everywhere(losses: list[float], steps: int, rank: int, world: int, device: torch.device) -> list[float]:
-    """Every rank gets the per-step losses rank 0 recorded (a Python float is a float64: exact).
-    Point to point on purpose: a collective's tensors are released by a gloo worker thread that
-    needs the GIL, and a process exiting right after its last collective can abort while that
-    thread waits for it."""
-    box = torch.tensor(losses if rank == 0 else [0.0] * steps, dtype=torch.float64, device=device)
-    if rank == 0:
-        for peer in range(1, world):
-            dist.send(box, dst=peer)
-    else:
-        dist.recv(box, src=0)
-    return box.tolist()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from paci import schedules
+from paci.runtime import mesh
 from paci.runtime.executor import Executor, gather_trace
-from paci.runtime.launch import check_nproc, env_rank, init_distributed, rank_device
+from paci.runtime.launch import check_nproc
+from paci.runtime.mesh import env_rank, rank_device
 from paci.runtime.synthetic import SyntheticCosts, SyntheticStage
 from paci.runtime.transport import DistTransport
 from paci.sim import CostModel, check_size, simulate
@@ -67,8 +68,7 @@ def run_bench_rank(bench: RuntimeBench) -> dict | None:
     """This rank's part; rank 0 returns the result."""
     info = env_rank()
     device = rank_device(info)
-    if not dist.is_initialized():
-        init_distributed(device, bench.timeout_s)
+    mesh.join(device, bench.timeout_s)
     if info.world_size != bench.num_stages:
         raise ValueError(f"{info.world_size} ranks for {bench.num_stages} stages; they must be equal")
     schedule = bench.build()
@@ -79,7 +79,7 @@ def run_bench_rank(bench: RuntimeBench) -> dict | None:
     trace = Trace(schedule.name, schedule.num_stages, schedule.num_microbatches, schedule.weight_policy,
                   kind="measured", num_ranks=schedule.num_ranks)
     executor = Executor(stages, schedule.rank_actions(info.rank), transport, trace)
-    dist.barrier()
+    mesh.barrier()
     while not executor.done:
         executor.run_next()
     transport.flush()

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 
 from paci import checkpoint
 from paci.files import check_writable, write_text
@@ -31,7 +30,9 @@ from paci.ir import Action, Op, Schedule, from_step, steps_together
 from paci.metrics import Record, Recorder, StatsEvent, StepStats, to_json
 from paci.report import plot_curves, render_png, write_chrome_trace
 from paci.runtime.executor import gather_trace, join_mesh, run_in_process, run_on_rank
-from paci.runtime.launch import StopRequest, Stopped, env_rank, init_distributed
+from paci.runtime import mesh
+from paci.runtime.launch import StopRequest, Stopped
+from paci.runtime.mesh import env_rank
 from paci.runtime.stage import Stage
 from paci.runtime.transport import StatsChannel
 from paci.sim import CostModel, simulate
@@ -229,15 +230,14 @@ def run_rank(run: Run, device: torch.device, on_record: Listener | None = None,
                          + (f" x {run.dp} replicas" if run.dp > 1 else "") + "; launch one process per stage "
                          "and replica")
     replica, index = divmod(info.rank, run.num_ranks)
-    if not dist.is_initialized():
-        init_distributed(device, run.timeout_s)
+    mesh.join(device, run.timeout_s)
     last = run.num_ranks - 1  # replica 0's rank of the last stage: the one that reports to rank 0
-    stats_group = dist.new_group([0, last])
-    checkpoint_group = dist.new_group(list(range(info.world_size)))  # apart from the P2P traffic
+    stats_group = mesh.new_group([0, last])
+    checkpoint_group = mesh.new_group(range(info.world_size))  # apart from the P2P traffic
     points = run.stop_points() if stop is not None else []
     prompt = None
     if points:  # every rank creates the same groups in the same order
-        flags = StatsChannel(dist.new_group(list(range(info.world_size)), backend="gloo"), info.rank, 0,
+        flags = StatsChannel(mesh.new_group(range(info.world_size), backend="gloo"), info.rank, 0,
                              range(1, info.world_size), len(points), torch.device("cpu"), run.timeout_s, width=1)
         prompt = PromptStop(run, stop, flags, lead=index)
     if joined is None:  # this rank's stage, or its chunks of an interleaved schedule
@@ -250,7 +250,7 @@ def run_rank(run: Run, device: torch.device, on_record: Listener | None = None,
     channel = StatsChannel(stats_group, info.rank, last, 0, messages, device,
                            run.timeout_s) if info.rank in (0, last) else None
     norm_channels = _norm_channels(run, info.rank, device) if run.clip_grad_norm else {}
-    dist.barrier()  # everyone has checked the run before rank 0 writes anything
+    mesh.barrier()  # everyone has checked the run before rank 0 writes anything
     recorder = None
     if info.rank == 0:
         claim_run_dir(run)
@@ -258,7 +258,7 @@ def run_rank(run: Run, device: torch.device, on_record: Listener | None = None,
             on_start(run)
         recorder = make_recorder(run, on_record)
     if run.run_dir is not None:
-        run.run_dir = Path(broadcast(str(run.run_dir)))
+        run.run_dir = Path(mesh.broadcast(str(run.run_dir)))
     try:
         with stop.armed(run.drains_midway) if stop is not None else contextlib.nullcontext():
             trace = _run_rank(run, stages, replica, channel, recorder, checkpoint_group, norm_channels, stop, prompt)
@@ -388,7 +388,7 @@ def _norm_channels(run: Run, rank: int, device: torch.device) -> dict[int, Stats
     channels = {}
     steps = run.schedule.num_steps - run.start_step
     for s in range(1, run.num_stages):
-        group = dist.new_group([0, s])  # every rank creates every group, in the same order
+        group = mesh.new_group([0, s])  # every rank creates every group, in the same order
         if rank in (0, s):
             channels[s] = StatsChannel(group, rank, s, 0, steps, device, run.timeout_s)
     return channels
@@ -427,16 +427,12 @@ def _run_rank(run: Run, stages: list[Stage], replica: int, channel: StatsChannel
         if stage is not stages[-1]:  # the executor drains a rank's stages in order, at one point
             return
         record_until(stage.version - base)
-        world = dist.get_world_size()
-        entries = [None] * world if dist.get_rank() == 0 else None
-        dist.gather_object(list(written), entries, dst=0, group=checkpoint_group)
+        entries = mesh.gather_objects(list(written), checkpoint_group)
         written.clear()
         if entries is not None:
             finish_checkpoint(run, stage.version, [e for part in entries[:run.num_ranks] for e in part])
         if stop is not None:  # a stop asked of any rank (they get the signal at slightly different times)
-            asked = torch.tensor([float(stop.requested)], device=stage.device)
-            dist.all_reduce(asked, op=dist.ReduceOp.MAX, group=checkpoint_group)
-            if asked.item():
+            if mesh.any_rank(stop.requested, checkpoint_group, stage.device):
                 raise Stopped(stage.version)
 
     def listener(stage: Stage, action: Action) -> None:
@@ -480,13 +476,6 @@ def _stats_order(run: Run) -> Iterator[int]:
 
 def _as_event(values: tuple[float, ...]) -> tuple[int, int, float, int, float, float]:
     return int(values[0]), int(values[1]), values[2], int(values[3]), values[4], values[5]
-
-
-def broadcast(value):
-    """Rank 0's `value` (a picklable object) on every rank."""
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _peak_memory(device: torch.device) -> int:

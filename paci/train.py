@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from paci import checkpoint, driver, schedules
 from paci.config import RunConfig
@@ -28,7 +27,9 @@ from paci.metrics import Record
 from paci.model import PRESETS, GPTConfig, build_units, num_units
 from paci.partition import check_split, choose_split, parse_bytes, split_spec
 from paci.profiler import check_memory
-from paci.runtime.launch import StopRequest, env_rank, init_distributed, rank_device
+from paci.runtime import mesh
+from paci.runtime.launch import StopRequest
+from paci.runtime.mesh import env_rank, rank_device
 from paci.runtime.payload import shard
 from paci.runtime.stage import PREDICTIONS, OptimizerSpec, Stage
 from paci.sim import check_size
@@ -272,13 +273,12 @@ def train_rank(config: RunConfig, on_record: Callable[[Record], None] | None = N
         raise ValueError(f"the world has {info.world_size} ranks but the pipeline has {ranks} stages"
                          + (f" x {dp} replicas" if dp > 1 else "") + f"; pass --stages {info.world_size // dp}"
                          + (f" --dp {dp}" if dp > 1 else "") + " (one process per stage and replica)")
-    if not dist.is_initialized():
-        init_distributed(device, config.pipeline.timeout_s)
+    mesh.join(device, config.pipeline.timeout_s)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     if config.pipeline.split == "profile":  # measured once on rank 0 (the others wait up to the timeout)
         config = dataclasses.replace(config, pipeline=dataclasses.replace(
-            config.pipeline, split=driver.broadcast(split_spec(make_plan(config).split) if info.rank == 0 else "")))
+            config.pipeline, split=mesh.broadcast(split_spec(make_plan(config).split) if info.rank == 0 else "")))
     plan = make_plan(config, resume=resume)
     summary, _ = driver.run_rank(_drained(to_run(plan), drains), device, on_record, _started(plan, on_plan), stop)
     return summary

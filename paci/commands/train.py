@@ -122,7 +122,8 @@ _TRAIN_FLAGS = {"model": {"preset": "preset", "vocab_size": "vocab_size"},
 
 def train_command(args: argparse.Namespace) -> int:
     from paci.config import load_config, load_run_config
-    from paci.runtime.launch import STOP_SIGNAL, STOPPING, StopRequest, env_rank, run_rank, spawn
+    from paci.runtime.launch import STOP_SIGNAL, STOPPING, StopRequest, run_rank, spawn
+    from paci.runtime.mesh import env_rank
 
     overrides = {section: {key: getattr(args, flag) for flag, key in flags.items()}
                  for section, flags in _TRAIN_FLAGS.items()}
@@ -178,7 +179,8 @@ def train_command(args: argparse.Namespace) -> int:
 
 def _train_rank(payload) -> int:
     """One rank of a multi-process run (spawned, or started by torchrun)."""
-    from paci.runtime.launch import STOPPING, StopRequest, env_rank, spawned, stop_signals
+    from paci.runtime.launch import STOPPING, StopRequest, spawned, stop_signals
+    from paci.runtime.mesh import env_rank
     from paci.train import train_rank
 
     config, as_json, resume = payload

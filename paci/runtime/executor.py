@@ -20,14 +20,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from paci.ir import (INPUT_GRAD_OPS, Action, Op, Schedule, ScheduleError, from_step, needs, render_grid, sends,
                      stage_versions)
-from paci.runtime import payload
-from paci.runtime.launch import mesh_groups
+from paci.runtime import mesh, payload
 from paci.runtime.stage import Stage
-from paci.runtime.transport import DistTransport, LocalTransport, MessageSpec, Transport
+from paci.runtime.transport import DistTransport, LocalTransport, MessageSpec, Transport, recv_object, send_object
 from paci.trace import Trace
 
 Listener = Callable[[Stage, Action], None]
@@ -222,12 +220,12 @@ def join_mesh(stages: list[Stage], device: torch.device, dp: int, ranks: int, ti
     if clip_globally and len(stages) > 1:
         raise ValueError("clipping by the global norm exchanges one norm per rank at its step; a rank holding "
                          "several stages (interleaved) steps them at different times: not supported yet")
-    pipeline_group, replica_group = mesh_groups(device, dp, ranks, timeout_s, pipeline=clip_globally)
+    pipeline_group, replica_group = mesh.groups(device, dp, ranks, timeout_s, pipeline=clip_globally)
     for stage in stages:
         if clip_globally:
-            stage.exchange = dist_norm_exchange(pipeline_group, stage.num_stages)
+            stage.exchange = mesh.norm_exchange(pipeline_group, stage.num_stages)
         if replica_group is not None:
-            stage.replica_mean = dist_replica_mean(replica_group, dp)
+            stage.replica_mean = mesh.replica_mean(replica_group, dp)
     return pipeline_group
 
 
@@ -275,14 +273,11 @@ def exchange_layouts(stages: list[Stage], ranks: int, device: torch.device, offs
         if stage.is_first:
             x = stage.train_batch(first)[0]
         else:
-            box = [None]
-            dist.recv_object_list(box, src=offset + (stage.index - 1) % ranks)
-            received[stage.index] = box[0]
-            x = payload.rebuild(box[0], [torch.zeros(shape, dtype=dtype, device=device)
-                                         for shape, dtype in box[0].leaves])
+            received[stage.index] = layout = recv_object(offset + (stage.index - 1) % ranks)
+            x = payload.rebuild(layout, [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in layout.leaves])
         if not stage.is_last:
             sent[stage.index] = stage.output_layout(x)
-            dist.send_object_list([sent[stage.index]], dst=offset + (stage.index + 1) % ranks)
+            send_object(sent[stage.index], offset + (stage.index + 1) % ranks)
     return lambda msg: sent[msg.dst].grads() if msg.kind == "B" else received[msg.dst]
 
 
@@ -345,32 +340,6 @@ class NormExchange:
         return norms
 
 
-def dist_norm_exchange(group, num_stages: int) -> Callable[[int, torch.Tensor], list[torch.Tensor]]:
-    """The multi-process `exchange`: an all-gather of every rank's norm on `group` (every rank
-    gets the same list in rank order, so single- and multi-process runs compute the same total)."""
-    def exchange(step: int, norm: torch.Tensor) -> list[torch.Tensor]:
-        gathered = [torch.empty(1, dtype=norm.dtype, device=norm.device) for _ in range(num_stages)]
-        dist.all_gather(gathered, norm.reshape(1), group=group)
-        return [t.reshape(()) for t in gathered]
-
-    return exchange
-
-
-def dist_replica_mean(group, replicas: int) -> Callable[[list[torch.Tensor]], None]:
-    """`Stage.replica_mean` for data parallelism: the mean over a stage's replicas (`group`) of
-    every tensor given, in place, with one all-reduce of them all flattened (per dtype)."""
-    def reduce(tensors: list[torch.Tensor]) -> None:
-        for dtype in dict.fromkeys(t.dtype for t in tensors):
-            same = [t for t in tensors if t.dtype == dtype]
-            flat = torch.cat([t.reshape(-1) for t in same])
-            dist.all_reduce(flat, group=group)
-            flat.div_(replicas)
-            for t, part in zip(same, flat.split([t.numel() for t in same])):
-                t.copy_(part.view_as(t))
-
-    return reduce
-
-
 def gather_trace(trace: Trace, held: int | Sequence[int], extra: Any = None, group=None
                  ) -> tuple[Trace, list[Any]] | None:
     """Collect every rank's columns of `trace` on rank 0 (a collective: every rank of `group` calls
@@ -383,8 +352,7 @@ def gather_trace(trace: Trace, held: int | Sequence[int], extra: Any = None, gro
     held = [held] if isinstance(held, int) else list(held)
     offset = time.time() - time.perf_counter()
     mine = (held, [trace.stages[i] for i in held], offset, extra)
-    parts = [None] * dist.get_world_size(group) if 0 in held else None
-    dist.gather_object(mine, parts, dst=0, group=group)
+    parts = mesh.gather_objects(mine, group)
     if parts is None:
         return None
     for indices, columns_list, rank_offset, _ in parts:

@@ -7,7 +7,6 @@ rendezvous (MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE), which torchrun sets 
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import ctypes
 import ctypes.util
@@ -23,21 +22,15 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
+
+from paci.runtime import mesh
+from paci.runtime.mesh import env_rank
 
 log = logging.getLogger(__name__)
-
-
-class RankInfo(NamedTuple):
-    rank: int
-    world_size: int
-    local_rank: int
 
 
 class Stopped(KeyboardInterrupt):
@@ -96,62 +89,6 @@ def stop_signals() -> tuple[int, ...]:
     """The signals that ask this rank for a stop: the launcher's, or, under torchrun (which passes
     SIGINT and SIGTERM on to its workers), those."""
     return (STOP_SIGNAL,) if _spawned else (signal.SIGINT, signal.SIGTERM)
-
-
-def env_rank() -> RankInfo | None:
-    """This process's rank from the environment (torchrun or `spawn`), or None when not distributed."""
-    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-        return None
-    return RankInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                    int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
-
-
-def rank_device(info: RankInfo) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def init_distributed(device: torch.device, timeout_s: float) -> None:
-    """Join the process group (env:// rendezvous); gives up after `timeout_s` if a rank never arrives."""
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    store = {}
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if attempt != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # torchrun --max-restarts keeps its agent's store across restarts, so a restarted rank could
-        # read a dead rank's gloo address left by the attempt before: give each attempt its own keys
-        client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                               int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timedelta(seconds=timeout_s))
-        store = {"store": dist.PrefixStore(f"paci/attempt-{attempt}", client), "rank": int(os.environ["RANK"]),
-                 "world_size": int(os.environ["WORLD_SIZE"])}
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                            device_id=device if device.type == "cuda" else None, **store)
-    atexit.register(_destroy_at_exit)
-
-
-def mesh_groups(device: torch.device, dp: int, num_stages: int, timeout_s: float, pipeline: bool = True):
-    """(this rank's pipeline group, its replica group) over dp x num_stages ranks laid out as a
-    (dp, pp) device mesh, rank = replica x num_stages + stage. The pipeline group holds its
-    replica's stages (the global clipping norm; the trace gathered by replica 0), the replica
-    group the copies of its stage (the gradient mean). Without replicas: a pipeline group only
-    if `pipeline` asks for one, and no replica group. A collective: every rank calls it."""
-    if dp == 1:
-        return (dist.new_group(list(range(num_stages)), timeout=timedelta(seconds=timeout_s)) if pipeline
-                else None), None
-    mesh = init_device_mesh(device.type, (dp, num_stages), mesh_dim_names=("dp", "pp"))
-    return mesh.get_group("pp"), mesh.get_group("dp")
-
-
-def _destroy_at_exit() -> None:
-    """Registered by init_distributed; runs while the interpreter is still whole. Destroys the
-    process group if the script did not (torchrun scripts rarely do), then waits a moment with the
-    GIL released: a gloo worker thread releases a finished collective's tensors only once it holds
-    the GIL, and one still waiting for it when the interpreter shuts down aborts the process
-    ("terminate called without an active exception")."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    time.sleep(0.05)
 
 
 def free_port() -> int:
@@ -399,5 +336,4 @@ def run_rank(entry: Callable[[Any], int], payload: Any) -> int:
             traceback.print_exc()
         return 1
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        mesh.leave()

@@ -1,4 +1,5 @@
-"""How activations and gradients travel between stages. Only this module touches torch.distributed P2P.
+"""How activations and gradients travel between stages: all of torch.distributed's point to point
+(collectives and process groups: paci.runtime.mesh).
 
 A transport moves one payload per `Message` (kind, destination stage, micro-batch): a tensor, or
 a tuple, list or dict of them (paci.runtime.payload). The receiver gets fresh leaf tensors, never
@@ -228,3 +229,31 @@ class StatsChannel:
         for work, _ in self._sending:
             work.wait(self.timeout)
         self._sending = []
+
+
+# ----------------------------------------------------------------------------------------------
+# one-off messages: the layouts handed down the pipeline at start, rank 0's results for every rank
+
+
+def send_object(value, dst: int) -> None:
+    """A picklable `value` to rank `dst` (blocking; `recv_object` on the other end)."""
+    dist.send_object_list([value], dst=dst)
+
+
+def recv_object(src: int):
+    """What rank `src` passes to `send_object` for this rank."""
+    box = [None]
+    dist.recv_object_list(box, src=src)
+    return box[0]
+
+
+def fan_out(tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """Rank 0's `tensor` into every rank's `tensor` (of the same shape), in place. Point to point on
+    purpose: a collective's tensors are released by a gloo worker thread that needs the GIL, and a
+    process exiting right after its last collective can abort while that thread waits for it."""
+    if rank == 0:
+        for peer in range(1, world):
+            dist.send(tensor, dst=peer)
+    else:
+        dist.recv(tensor, src=0)
+    return tensor

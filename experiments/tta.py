@@ -181,8 +181,9 @@ def run_cell(setting: Setting, cell: Cell, cache: Path, threads: int) -> dict:
                    "--steps", str(steps), "--lr", str(cell.lr), "--seed", str(cell.seed),
                    "--split", setting.splits[stages], "--eval-every", str(setting.eval_every),
                    "--eval-batches", str(setting.eval_sequences // b), "--threads", str(threads), "--out", str(run),
-                   "--json", "--checkpoint-every", str(LONG_CHECKPOINT if long else 0),  # else the paper's schedule,
-                   *cell.flags()]  # with no drain points
+                   "--json", "--no-plots",  # a cell keeps its curve; the figures are the report's
+                   *(["--checkpoint-every", str(LONG_CHECKPOINT)] if long else ["--no-checkpoint"]),  # else the
+                   *cell.flags()]  # paper's schedule, with no drain points
         started = time.perf_counter()
         if long:
             run.parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,7 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from paci import checkpoint, driver, schedules
+from paci.checks import check_integer, is_integer
 from paci.data import DataError
 from paci.ir import Schedule, evaluation_rounds, with_evaluation
 from paci.progress import Progress
@@ -97,8 +98,7 @@ class Pipeline:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(REGISTRY)}")
         if not clip_grad_norm >= 0:
             raise ValueError(f"clip_grad_norm must be >= 0 (0: off), got {clip_grad_norm}")
-        if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
-            raise ValueError(f"dp (data-parallel replicas) must be an integer >= 1, got {dp!r}")
+        check_integer("dp (data-parallel replicas)", dp)
         # checks stages, microbatches, accumulation and chunks; an interleaved schedule has chunks x stages stages
         num_stages = build(schedule, stages, microbatches, 1, accumulation, chunks=chunks).num_stages
         if num_stages != stages and (split == "profile" or clip_grad_norm):
@@ -195,8 +195,7 @@ class Pipeline:
 
         Without `out`, calling `fit` again continues: weights, optimizer and scheduler state carry
         over; the pipeline fills and drains per call."""
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        check_integer("steps", steps)
         info = env_rank()
         distributed = info is not None and info.world_size > 1
         if not distributed and self.dp > 1:
@@ -217,8 +216,8 @@ class Pipeline:
         base = build(self.schedule, self.num_ranks, self.microbatches, steps, self.accumulation, chunks=self.chunks)
         every = schedules.drain_interval(base, self.microbatches, checkpoint_every) if run_dir is not None else 0
         eval_every = max(1, base.num_steps // 10) if eval_every is None else eval_every
-        if held_out and (isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1):
-            raise ValueError(f"eval_every must be a positive integer (optimizer steps), got {eval_every!r}")
+        if held_out:
+            check_integer("eval_every", eval_every, note="optimizer steps")
 
         def rebuild(drains: tuple[int, ...] = ()) -> Schedule:  # with drain points after `drains` too (driver.Run)
             built = build(self.schedule, self.num_ranks, self.microbatches, steps, self.accumulation, every,
@@ -252,7 +251,7 @@ class Pipeline:
             if run_dir is None:
                 raise ValueError("drains= adds checkpoints: pass out= as well")
             last = run.schedule.num_steps
-            if any(isinstance(d, bool) or not isinstance(d, int) or not 0 < d < last for d in drains):
+            if not all(is_integer(d) and d < last for d in drains):
                 raise ValueError(f"drains must be optimizer steps between 1 and {last - 1}, got {list(drains)!r}")
             run.add_drains(*drains)
         if manifest is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from paci.checks import check_integer
 from paci.data import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
 from paci.model import PRECISIONS, PRESETS
 from paci.partition import parse_bytes
@@ -54,8 +55,8 @@ def _show(value: Any) -> str:
 
 def _positive(section: str, **values: Any) -> None:
     for name, value in values.items():
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"[{section}] {name} must be an integer >= 1, got {value!r}")
+        if value is not None:
+            check_integer(f"[{section}] {name}", value)
 
 
 @dataclass
@@ -198,15 +199,13 @@ class TrainConfig:
                              "this machine's cores")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown --precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
-        if self.nonfinite_limit < 0:
-            raise ValueError(f"--nonfinite-limit must be an integer >= 0, got {self.nonfinite_limit!r}")
-        if self.checkpoint_every is not None and self.checkpoint_every < 0:
-            raise ValueError(f"--checkpoint-every must be an integer >= 0, got {self.checkpoint_every!r}")
+        check_integer("--nonfinite-limit", self.nonfinite_limit, 0)
+        if self.checkpoint_every is not None:
+            check_integer("--checkpoint-every", self.checkpoint_every, 0)
         if self.checkpoint_every is not None and not self.checkpoint:
             raise ValueError(f"--checkpoint-every {self.checkpoint_every} asks for checkpoints that --no-checkpoint "
                              "turns off; drop one of them")
-        if self.seed < 0:
-            raise ValueError(f"--seed must be an integer >= 0, got {self.seed!r}")
+        check_integer("--seed", self.seed, 0)
 
 
 @dataclass

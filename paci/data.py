@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from paci.checks import check_integer
 from paci.files import write_bytes
 
 logger = logging.getLogger(__name__)
@@ -180,8 +181,7 @@ class TokenData:
 
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_integer(name, value)
 
 
 @functools.cache

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from paci.checks import check_integer
+
 
 @dataclass(frozen=True, kw_only=True)
 class GPTConfig:
@@ -40,8 +42,7 @@ class GPTConfig:
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+            check_integer(f"GPTConfig.{name}", value)
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "

@@ -305,5 +305,5 @@ def test_check_fits_rejects_too_small_splits(tmp_path):
         small.check_fits(1, 1000)
     with pytest.raises(DataError, match="train split"):
         small.batch(0, 0, 1, 1000)
-    with pytest.raises(ValueError, match="seq_len must be a positive integer"):
+    with pytest.raises(ValueError, match="seq_len must be an integer >= 1"):
         small.batch(0, 0, 1, 0)

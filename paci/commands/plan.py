@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from paci import schedules
+from paci.checks import check_integer
 from paci.commands import input_checked
 from paci.files import check_writable
 from paci.model import PRESETS
@@ -66,8 +67,8 @@ def plan_command(args: argparse.Namespace) -> int:
             raise ValueError(f"--plot {args.plot}: use a .png file name")
     for flag, value in (("--stages", args.stages), ("--global-batch", args.global_batch), ("--top", args.top),
                         ("--threads", args.threads), ("--seq-len", args.seq_len)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be an integer >= 1, got {value}")
+        if value is not None:
+            check_integer(flag, value)
     if args.threads is not None and args.threads > MAX_THREADS:
         raise ValueError(f"--threads must be at most {MAX_THREADS}, got {args.threads}")
     if not args.latency_us >= 0 or args.latency_us == float("inf"):

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from typing import NamedTuple
 
+from paci.checks import check_integer
 from paci.ir import Schedule, WeightPolicy, then, with_drains
 from paci.schedules.asynchronous import async_1f1b, paci, pipedream, two_bw
 from paci.schedules.flush import gpipe, one_f_one_b_flush, zb_h1
@@ -93,8 +94,7 @@ def _sync_start(name: str, num_stages: int, num_microbatches: int, num_steps: in
                 drain_every: int, chunks: int | None, sync_steps: int, drains: tuple[int, ...]) -> Schedule:
     whole = build(name, num_stages, num_microbatches, num_steps, accumulation, chunks=chunks)
     k = whole.accumulation
-    if isinstance(sync_steps, bool) or not isinstance(sync_steps, int) or sync_steps < 0:
-        raise ValueError(f"--sync-steps must be an integer >= 0, got {sync_steps!r}")
+    check_integer("--sync-steps", sync_steps, 0)
     if whole.weight_policy is WeightPolicy.NONE or REGISTRY[name].chunked:
         raise ValueError(f"--sync-steps starts an asynchronous schedule synchronously; {name} is synchronous already")
     if sync_steps >= whole.num_steps:
@@ -124,8 +124,7 @@ def drain_interval(schedule: Schedule, num_microbatches: int, every: int | None 
         if schedule.weight_policy is not WeightPolicy.NONE:
             every = max(every, math.ceil(100 * (schedule.num_stages - 1) / schedule.accumulation))
         return math.ceil(every / per_minibatch) * per_minibatch
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise ValueError(f"--checkpoint-every must be an integer >= 0 (0: only at the end), got {every!r}")
+    check_integer("--checkpoint-every", every, 0, "0: only at the end")
     if every % per_minibatch:
         raise ValueError(f"--checkpoint-every {every} must be a multiple of {per_minibatch}: a drain point falls "
                          f"between whole mini-batches of {num_microbatches} micro-batches "

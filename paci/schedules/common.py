@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+from paci.checks import check_integer
 from paci.ir import WEIGHT_GRAD_OPS, Action, Op
 
 
@@ -39,5 +40,4 @@ def with_updates(actions: Iterable[Action], accumulation: int) -> Iterator[Actio
 def check_sizes(num_stages: int, num_microbatches: int, num_steps: int) -> None:
     """Raise ValueError with the fix when a size is out of range."""
     for value, what in ((num_stages, "stages"), (num_microbatches, "micro-batches"), (num_steps, "steps")):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"number of {what} must be an integer >= 1, got {value!r}")
+        check_integer(f"number of {what}", value)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from paci.checks import check_integer
 from paci.ir import Action, Op, Schedule, WeightPolicy
 from paci.schedules.common import check_sizes, with_updates
 
@@ -37,8 +38,7 @@ def interleaved_1f1b(num_ranks: int, num_microbatches: int, num_steps: int = 1, 
                      chunks: int = 2) -> Schedule:
     """Interleaved 1F1B over `num_ranks` ranks with `chunks` stages each (v·P stages in all)."""
     check_sizes(num_ranks, num_microbatches, num_steps)
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-        raise ValueError(f"--chunks (stages per rank) must be an integer >= 1, got {chunks!r}")
+    check_integer("--chunks (stages per rank)", chunks)
     if accumulation not in (None, num_microbatches):
         raise ValueError(f"interleaved-1f1b steps once per {num_microbatches} micro-batches; drop --accum "
                          f"or set it to --microbatches ({num_microbatches})")

@@ -20,7 +20,7 @@ run: $(STAMP)
 	$(PY) -m paci train --nproc 2
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2  # two workers (pytest-xdist): most tests wait on processes they started
 
 bench: $(STAMP)
 	$(PY) benchmarks/sim_speed.py

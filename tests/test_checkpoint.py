@@ -232,6 +232,7 @@ def test_two_runs_in_the_same_second_get_their_own_directories(tmp_path, monkeyp
                                          pytest.param(["--nproc", "2"], signal.SIGTERM, marks=pytest.mark.dist),
                                          pytest.param(["--dp", "2"], signal.SIGTERM, marks=pytest.mark.dist)],
                          ids=["ctrl-c", "sigterm-nproc2", "sigterm-dp2"])
+@pytest.mark.slow
 def test_a_signal_drains_saves_and_stops_within_a_step_and_resume_equals_a_run_with_that_drain(tmp_path, layout, how):
     """`paci train` given Ctrl-C (or SIGTERM) mid-run drains at the next step boundary, saves a
     checkpoint there and stops: exit 130, the resume command, no traceback, within a couple of

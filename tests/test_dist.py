@@ -58,6 +58,7 @@ def _weights(run_dir) -> list[dict]:
     return [load_stage(manifest, s, torch.device("cpu"))["module"] for s in range(len(manifest["stages"]))]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("stages", [2, 3])
 def test_multiprocess_is_bit_identical_to_single_process(tmp_path, stages):
@@ -110,6 +111,7 @@ def _start_run(tmp_path, layout: tuple[str, ...] = ("--nproc", "3")) -> tuple[su
 @pytest.mark.parametrize("fault, layout", [(signal.SIGKILL, ("--nproc", "3")), (signal.SIGSTOP, ("--nproc", "3")),
                                            (signal.SIGKILL, ("--stages", "2", "--dp", "2"))],
                          ids=["dies", "hangs", "replica-dies"])
+@pytest.mark.slow
 def test_failed_rank_stops_every_rank(tmp_path, fault, layout):
     """A rank that dies or hangs mid-run: every rank exits within 60 s (a frozen one is found by its silent
     heartbeat), non-zero, the launcher's last line names the failed rank, no orphan processes left behind.
@@ -176,6 +178,7 @@ def _torchrun(*args: str) -> list[str]:
     return [str(Path(sys.executable).parent / "torchrun"), *args]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_torchrun_one_node_and_two_nodes_match(tmp_path):
     """`python -m paci train` runs unchanged under torchrun, on one node and as two "nodes" on one
@@ -198,6 +201,7 @@ def test_torchrun_one_node_and_two_nodes_match(tmp_path):
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["versions_verified"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_torchrun_restart_resumes_from_the_last_checkpoint(tmp_path):
     """Under `torchrun --max-restarts 1`, a rank killed mid-run makes torchrun restart the workers,

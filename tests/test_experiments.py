@@ -18,6 +18,7 @@ def _run(script: str, cache: Path) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_time_to_accuracy_drift_and_quality_quick_modes(tmp_path):
     """tta.py --quick writes a clock, the cells and a report with every table; drift.py, quality.py and
@@ -65,6 +66,7 @@ def test_stability_model_matches_its_closed_form():
 
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_gpu_script_runs_on_the_cpu_at_tiny_size(tmp_path):
     """experiments/gpu.py --quick trains the headline pair with both optimizers on the CPU, writes the

@@ -177,6 +177,7 @@ def _assert_same_example_run(a: Path, b: Path, stages: int) -> None:
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_the_example_stopped_by_sigterm_and_run_again_equals_the_run_that_never_stopped(tmp_path):
     """examples/long_run.py (a user's transformer, not paci's GPT) given SIGTERM mid-run drains
@@ -206,6 +207,7 @@ def test_the_example_stopped_by_sigterm_and_run_again_equals_the_run_that_never_
     _assert_same_example_run(run, tmp_path / "whole", stages=4)
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.timeout(400)
 def test_the_example_under_torchrun_restarts_a_killed_rank_and_equals_the_run_that_never_stopped(tmp_path):
@@ -235,6 +237,7 @@ def test_the_example_under_torchrun_restarts_a_killed_rank_and_equals_the_run_th
     _assert_same_example_run(run, tmp_path / "whole", stages=2)
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.timeout(400)
 def test_the_example_under_torchrun_given_sigterm_drains_saves_and_resumes_exactly(tmp_path):

@@ -22,6 +22,7 @@ def _cell(out: Path, name: str) -> dict:
     return json.loads((out / f"{name}.json").read_text())["value"]
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_throughput_quick_runs_and_resumes(tmp_path):

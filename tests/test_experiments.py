@@ -1,21 +1,33 @@
 """Smoke tests of the experiments' quick modes: the whole pipeline (clock, cached cells, report, plot)
 runs end to end on the tiny setting, and a second run reuses every cached cell."""
 
+import contextlib
+import io
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
 def _run(script: str, cache: Path) -> str:
-    done = subprocess.run([sys.executable, str(EXPERIMENTS / script), "--quick", "--cache", str(cache)],
-                          capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    """`python experiments/SCRIPT --quick --cache CACHE`, run in this process as its own __main__ (a
+    fresh interpreter's start, torch and matplotlib imported again, was a third of the smoke test);
+    its stdout. The thread count its cells set is put back."""
+    argv, threads, out = sys.argv, torch.get_num_threads(), io.StringIO()
+    sys.argv = [str(EXPERIMENTS / script), "--quick", "--cache", str(cache)]
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(sys.argv[0], run_name="__main__")
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+    return out.getvalue()
 
 
 @pytest.mark.slow

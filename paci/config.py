@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from paci.checks import check_integer
+from paci.checks import check_integer, parse_bytes
 from paci.data import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
 from paci.model import PRECISIONS, PRESETS
-from paci.partition import parse_bytes
 from paci.runtime.stage import OptimizerSpec
 from paci.schedules import REGISTRY
 

@@ -36,14 +36,15 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-
-import torch
+from typing import TYPE_CHECKING
 
 from paci import schedules
-from paci.model import GPTConfig, num_units
 from paci.schedules.common import check_sizes
-from paci.profiler import UnitProfile, default_budget, profile_units
+from paci.checks import format_bytes
 from paci.sim import CostModel, simulate
+
+if TYPE_CHECKING:
+    from paci.profiler import UnitProfile
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ def partition(units: UnitCosts | Sequence[UnitProfile], num_stages: int, infligh
     is logged as a warning naming the stage (unless not `warn`: a caller that reports it itself).
     """
     costs = UnitCosts.of(units)
-    _check_stage_count(len(costs), num_stages)
+    check_stage_count(len(costs), num_stages)
     _check_memory_model(num_stages, inflight, copies, budget)
     model = _StageModel(costs, inflight, copies, budget)
     L, P = len(costs), num_stages
@@ -293,7 +294,7 @@ def split_spec(ranges: Sequence[tuple[int, int]]) -> str:
 
 def uniform_split(num_units: int, num_stages: int) -> list[tuple[int, int]]:
     """Contiguous ranges of units whose sizes differ by at most one (earlier stages get the extra)."""
-    _check_stage_count(num_units, num_stages)
+    check_stage_count(num_units, num_stages)
     base, extra = divmod(num_units, num_stages)
     bounds = list(accumulate((base + (s < extra) for s in range(num_stages)), initial=0))
     return list(zip(bounds[:-1], bounds[1:]))
@@ -301,7 +302,7 @@ def uniform_split(num_units: int, num_stages: int) -> list[tuple[int, int]]:
 
 def parse_split(text: str, num_units: int, num_stages: int) -> list[tuple[int, int]]:
     """`--split 0:5,5:9,9:12` -> [(0, 5), (5, 9), (9, 12)]: contiguous, covering every unit, one range per stage."""
-    _check_stage_count(num_units, num_stages)
+    check_stage_count(num_units, num_stages)
     example = split_spec(uniform_split(num_units, num_stages))
     ranges = []
     for part in text.split(","):
@@ -337,12 +338,12 @@ def check_split(spec: str, num_units: int, num_stages: int) -> None:
     """Refuse what `choose_split` would refuse, without measuring anything: a malformed or
     mismatched explicit split, or more stages than units."""
     if spec in SPLIT_SPECS:
-        _check_stage_count(num_units, num_stages)
+        check_stage_count(num_units, num_stages)
     else:
         parse_split(spec, num_units, num_stages)
 
 
-def _check_stage_count(num_units: int, num_stages: int) -> None:
+def check_stage_count(num_units: int, num_stages: int) -> None:
     if num_stages < 1:
         raise ValueError(f"--stages must be >= 1, got {num_stages}")
     if num_stages > num_units:
@@ -355,72 +356,10 @@ def _check_memory_model(num_stages: int, inflight: Sequence[int], copies: Sequen
     if len(inflight) != num_stages or len(copies) != num_stages:
         raise ValueError(f"need one in-flight count and one copy count per stage ({num_stages}), got "
                          f"{len(inflight)} and {len(copies)}")
-    _check_budget(budget)
+    check_budget(budget)
 
 
-def _check_budget(budget: float | None) -> None:
+def check_budget(budget: float | None) -> None:
     if budget is not None and not (budget > 0 and math.isfinite(budget)):
         raise ValueError(f"the memory budget per stage must be a positive number of bytes, got {budget!r}; "
                          "e.g. --memory-per-stage 24GiB")
-
-
-def choose_split(spec: str, config: GPTConfig, num_stages: int, schedule_name: str, microbatches: int,
-                 accum: int | None, batch_size: int, seq_len: int, device: torch.device | str,
-                 budget: float | None = None, precision: str = "fp32", chunks: int | None = None
-                 ) -> list[tuple[int, int]]:
-    """The split `paci train` uses: "profile" (measure the units here, then `partition`), "uniform",
-    or an explicit "0:5,5:9,..." list, of `num_stages` stages (with `chunks`, an interleaved
-    schedule's chunks x ranks: the budget of a device is then shared by its chunks). `budget` None
-    means the device's total memory on CUDA and no limit elsewhere. Profiling uses torch's current
-    thread count: set it first."""
-    n = num_units(config)
-    if spec not in SPLIT_SPECS:
-        return parse_split(spec, n, num_stages)
-    if spec == "uniform":
-        return uniform_split(n, num_stages)
-    _check_stage_count(n, num_stages)
-    _check_budget(budget)
-    budget = default_budget(device) if budget is None else budget
-    ranks = num_stages // (chunks or 1)
-    if chunks and budget is not None:  # a device's memory, shared by its chunks
-        budget /= chunks
-    inflight, copies = stage_memory_model(schedule_name, ranks, microbatches, accum, chunks)  # checks the schedule
-    profiles = profile_units(config, batch_size, seq_len, device, precision)
-    split = partition(profiles, num_stages, inflight, copies, budget)
-    uniform = evaluate_split(profiles, uniform_split(n, num_stages), inflight, copies, budget)
-    logger.info("profiled split %s: slowest stage %d at %.2f ms fwd+bwd per micro-batch (uniform %s: %.2f ms); "
-                "it rests on this machine's timings, so pin it for reproducible runs: --split %s, or --split RUN_DIR "
-                "to reuse a run's", split.spec, split.bottleneck, 1e3 * split.max_time, uniform.spec,
-                1e3 * uniform.max_time, split.spec)
-    return list(split.ranges)
-
-
-# ----------------------------------------------------------------------------------------------
-# Byte sizes
-
-
-_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """"24GiB", "512MiB", "1.5GB", "1000000" (bytes) -> bytes; ValueError if malformed or not > 0."""
-    match = re.fullmatch(r"\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = match[2].lower() if match else None
-    if match is None or unit not in _BYTE_UNITS:
-        raise ValueError(f"cannot read {text!r} as a size: write a number with an optional unit "
-                         "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 24GiB or 1.5GB")
-    value = float(match[1]) * _BYTE_UNITS[unit]
-    if not value >= 1 or math.isinf(value):
-        raise ValueError(f"a memory size must be positive (at least one byte), got {text!r}; e.g. 24GiB")
-    return int(value)
-
-
-def format_bytes(n: float | None) -> str:
-    """1536 -> "1.50 KiB" (binary units); None -> "none"."""
-    if n is None:
-        return "none"
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"

@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from paci import schedules
+from paci.checks import format_bytes
 from paci.model import PRESETS, GPTConfig, num_units
-from paci.partition import UnitCosts, format_bytes, partition, split_spec, stage_memory_model
+from paci.partition import UnitCosts, partition, split_spec, stage_memory_model
 from paci.profiler import UnitProfile, profile_units, stage_costs
 from paci.runtime import payload
 from paci.sim import CostModel, simulate

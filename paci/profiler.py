@@ -35,6 +35,8 @@ from torch import nn
 from paci.data import resolve_cache_dir
 from paci.files import write_bytes
 from paci.model import GPTConfig, autocast, build_unit, lm_loss, num_units, unit_names
+from paci.partition import (SPLIT_SPECS, check_budget, check_stage_count, evaluate_split, parse_split, partition,
+                            stage_memory_model, uniform_split)
 from paci.runtime import payload
 from paci.sim import CostModel
 
@@ -367,3 +369,34 @@ def stage_costs(profiles: Sequence[UnitProfile], ranges: Sequence[tuple[int, int
                                 static_bytes=sums("static_bytes"), activation_bytes=sums("activation_bytes"),
                                 weight_bytes=sums("param_bytes"))
     return dataclasses.replace(costs, time_unit="s")
+
+
+def choose_split(spec: str, config: GPTConfig, num_stages: int, schedule_name: str, microbatches: int,
+                 accum: int | None, batch_size: int, seq_len: int, device: torch.device | str,
+                 budget: float | None = None, precision: str = "fp32", chunks: int | None = None
+                 ) -> list[tuple[int, int]]:
+    """The split `paci train` uses: "profile" (measure the units here, then `partition`), "uniform",
+    or an explicit "0:5,5:9,..." list, of `num_stages` stages (with `chunks`, an interleaved
+    schedule's chunks x ranks: the budget of a device is then shared by its chunks). `budget` None
+    means the device's total memory on CUDA and no limit elsewhere. Profiling uses torch's current
+    thread count: set it first."""
+    n = num_units(config)
+    if spec not in SPLIT_SPECS:
+        return parse_split(spec, n, num_stages)
+    if spec == "uniform":
+        return uniform_split(n, num_stages)
+    check_stage_count(n, num_stages)
+    check_budget(budget)
+    budget = default_budget(device) if budget is None else budget
+    ranks = num_stages // (chunks or 1)
+    if chunks and budget is not None:  # a device's memory, shared by its chunks
+        budget /= chunks
+    inflight, copies = stage_memory_model(schedule_name, ranks, microbatches, accum, chunks)  # checks the schedule
+    profiles = profile_units(config, batch_size, seq_len, device, precision)
+    split = partition(profiles, num_stages, inflight, copies, budget)
+    uniform = evaluate_split(profiles, uniform_split(n, num_stages), inflight, copies, budget)
+    logger.info("profiled split %s: slowest stage %d at %.2f ms fwd+bwd per micro-batch (uniform %s: %.2f ms); "
+                "it rests on this machine's timings, so pin it for reproducible runs: --split %s, or --split RUN_DIR "
+                "to reuse a run's", split.spec, split.bottleneck, 1e3 * split.max_time, uniform.spec,
+                1e3 * uniform.max_time, split.spec)
+    return list(split.ranges)

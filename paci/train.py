@@ -25,8 +25,9 @@ from paci.driver import Run
 from paci.ir import Schedule, WeightPolicy, evaluation_rounds, stage_delay, updates_ahead, with_evaluation
 from paci.metrics import Record
 from paci.model import PRESETS, GPTConfig, build_units, num_units
-from paci.partition import check_split, choose_split, parse_bytes, split_spec
-from paci.profiler import check_memory
+from paci.checks import parse_bytes
+from paci.partition import check_split, split_spec
+from paci.profiler import check_memory, choose_split
 from paci.runtime import mesh
 from paci.runtime.launch import StopRequest
 from paci.runtime.mesh import env_rank, rank_device

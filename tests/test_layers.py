@@ -40,12 +40,18 @@ def _resolve(target: str) -> str | None:
 
 
 def imports(module: str) -> tuple[set[str], set[str]]:
-    """(paci modules imported at the top of `module`, those imported inside functions)."""
+    """(paci modules imported at the top of `module`, those imported inside functions); imports
+    for type checkers only (`if TYPE_CHECKING:`) are neither."""
     top, lazy = set(), set()
     tree = modules()[module]
     nested = {id(node) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
               for node in ast.walk(fn)}
+    typing_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
+                   for node in ast.walk(block)}  # never run: not an arrow
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -150,6 +156,16 @@ def test_the_probe_sees_torch_distributed():  # so the rule above can fail
         assert touches_distributed("paci._probe")
     finally:
         modules.cache_clear()
+
+
+def test_the_partitioner_is_a_pure_solver_below_the_profiler():
+    """partition.py solves over numbers (no torch, no profiling); the profiler measures and calls it."""
+    tree = modules()["paci.partition"]
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not any(name == "torch" or name.startswith("torch.") for name in names), names
+    assert "paci.profiler" not in imports("paci.partition")[0] | imports("paci.partition")[1]
+    assert floors()["paci.partition"] < floors()["paci.profiler"]
 
 
 def test_no_top_level_circle():

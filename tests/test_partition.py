@@ -11,9 +11,10 @@ import torch
 
 from paci.cli import main
 from paci.model import PRESETS, GPT, build_unit, lm_loss, num_units
-from paci.partition import (UnitCosts, choose_split, parse_bytes, parse_split, partition,
-                            predicted_efficiency, stage_memory_model, uniform_split)
-from paci.profiler import profile_units, saved_activation_bytes, static_bytes
+from paci.checks import parse_bytes
+from paci.partition import (UnitCosts, parse_split, partition, predicted_efficiency, stage_memory_model,
+                            uniform_split)
+from paci.profiler import choose_split, profile_units, saved_activation_bytes, static_bytes
 
 TINY = PRESETS["tiny"]
 B, T = 2, 32  # the micro-batch the byte tests profile
@@ -316,7 +317,7 @@ def test_choose_split_specs(tiny_profiles, monkeypatch):
                 seq_len=T, device="cpu", budget=3 * 2**20)
     assert choose_split("uniform", **args) == uniform_split(6, 3)
     assert choose_split("0:1,1:5,5:6", **args) == [(0, 1), (1, 5), (5, 6)]
-    monkeypatch.setattr("paci.partition.profile_units", lambda config, b, t, device, dtype: tiny_profiles)
+    monkeypatch.setattr("paci.profiler.profile_units", lambda config, b, t, device, dtype: tiny_profiles)
     expected = partition(tiny_profiles, 3, [4, 4, 4], [0, 0, 0], budget=3 * 2**20)
     assert choose_split("profile", **args) == list(expected.ranges)
     with pytest.raises(ValueError, match="not START:STOP"):

@@ -9,9 +9,10 @@ import json
 import torch
 
 from paci import schedules
+from paci.checks import format_bytes, parse_bytes
 from paci.commands import input_checked
 from paci.model import PRESETS, GPTConfig, num_units, unit_names
-from paci.partition import (Split, evaluate_split, format_bytes, parse_bytes, partition, predicted_efficiency,
+from paci.partition import (Split, evaluate_split, partition, predicted_efficiency,
                             stage_memory_model, stage_sums, uniform_split)
 from paci.profiler import UnitProfile, default_budget, profile_units
 from paci.report import format_table

@@ -11,11 +11,10 @@ from pathlib import Path
 import torch
 
 from paci import schedules
-from paci.checks import check_integer
+from paci.checks import check_integer, parse_bytes
 from paci.commands import input_checked
 from paci.files import check_writable
 from paci.model import PRESETS
-from paci.partition import parse_bytes
 
 
 def add_plan_parser(subparsers) -> None:

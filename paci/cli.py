@@ -24,6 +24,7 @@ from paci.commands.plan import add_plan_parser
 from paci.commands.bench import add_bench_parser
 from paci.commands.simulate import add_schedules_parser, add_simulate_parser
 from paci.commands.train import add_train_parser
+from paci.errors import exit_code
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,17 +77,17 @@ def _command(args: argparse.Namespace) -> int:
             raise
         logs.drop()
         print(f"paci: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        return exit_code(exc)
+    except KeyboardInterrupt as exc:
         logs.let_out()
         print("paci: interrupted", file=sys.stderr)
-        return 130
+        return exit_code(exc)
     except RuntimeError as exc:  # a run that failed (a stage's action, too many non-finite values, a peer)
         logs.let_out()
         if os.environ.get("PACI_DEBUG"):
             raise
         print(f"paci: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        return exit_code(exc)
     finally:
         logs.let_out()
         root.removeHandler(logs)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from paci.errors import STOPPED, exit_code
 from paci.runtime import mesh
 from paci.runtime.mesh import env_rank
 
@@ -185,7 +186,6 @@ def spawn(entry: Callable[[Any], int], payload: Any, nproc: int, port: int | Non
     return code
 
 
-STOPPED = 130  # a rank's exit code after a requested stop (as a shell reports Ctrl-C)
 
 
 def _supervise(procs: list, grace_s: float, beats: list, heartbeat_s: float, stopping: bool = False) -> int:
@@ -327,13 +327,13 @@ def run_rank(entry: Callable[[Any], int], payload: Any) -> int:
         return entry(payload)
     except (ValueError, OSError) as exc:
         log.error("paci: rank %d: error: %s", rank, exc)
-        return 2
-    except KeyboardInterrupt:  # a requested stop (Stopped), or one that could not wait
-        return STOPPED
+        return exit_code(exc)
+    except KeyboardInterrupt as exc:  # a requested stop (Stopped), or one that could not wait
+        return exit_code(exc)
     except Exception as exc:  # a runtime failure: say which rank, keep the traceback for debugging
         log.error("paci: rank %d: %s: %s", rank, type(exc).__name__, exc)
         if os.environ.get("PACI_DEBUG"):
             traceback.print_exc()
-        return 1
+        return exit_code(exc)
     finally:
         mesh.leave()

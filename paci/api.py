@@ -64,7 +64,7 @@ from paci.runtime.launch import STOPPING, StopRequest, Stopped, stop_signals
 from paci.runtime.mesh import env_rank, rank_device
 from paci.runtime.stage import OptimizerSpec, Stage
 from paci.runtime.transport import fan_out
-from paci.schedules import REGISTRY, build
+from paci.schedules import build, lookup
 
 __all__ = ["DataError", "History", "Pipeline", "Stopped"]
 
@@ -94,8 +94,7 @@ class Pipeline:
         self.units = list(units)
         if not self.units or not all(isinstance(u, nn.Module) for u in self.units):
             raise ValueError("units must be a non-empty list of torch.nn.Module, in the order the model runs them")
-        if schedule not in REGISTRY:
-            raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(REGISTRY)}")
+        lookup(schedule)
         if not clip_grad_norm >= 0:
             raise ValueError(f"clip_grad_norm must be >= 0 (0: off), got {clip_grad_norm}")
         check_integer("dp (data-parallel replicas)", dp)

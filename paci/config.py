@@ -19,7 +19,7 @@ from paci.checks import check_integer, parse_bytes
 from paci.data import MAX_VOCAB_SIZE, MIN_VOCAB_SIZE
 from paci.model import PRECISIONS, PRESETS
 from paci.runtime.stage import OptimizerSpec
-from paci.schedules import REGISTRY
+from paci.schedules import lookup
 
 
 MAX_THREADS = 1024  # torch threads per process; far beyond it the OpenMP pool cannot even be allocated
@@ -105,8 +105,7 @@ class PipelineConfig:
             raise ValueError(f"--timeout must be seconds in (0, 86400], got {self.timeout_s!r}")
         if self.port is not None and not 1024 <= self.port <= 65535:
             raise ValueError(f"--port must be in 1024..65535, got {self.port}")
-        if self.schedule not in REGISTRY:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(REGISTRY)}")
+        lookup(self.schedule)
         _positive("pipeline", stages=self.stages, microbatches=self.microbatches, accum=self.accum, nproc=self.nproc,
                   dp=self.dp, chunks=self.chunks)  # a --chunks the schedule cannot take: schedules.build says so
         if self.stages is None:

@@ -196,8 +196,7 @@ def _checked(schedule_names: Sequence[str] | None, num_ranks: int, units: int, g
     """The schedules to search, once the search's sizes are checked."""
     names = list(schedules.REGISTRY if schedule_names is None else schedule_names)
     for name in names:
-        if name not in schedules.REGISTRY:
-            raise ValueError(f"unknown schedule {name!r}; choose from: {', '.join(schedules.REGISTRY)}")
+        schedules.lookup(name)
     if not names:
         raise ValueError("--schedules names no schedule")
     if not 1 <= num_ranks <= units:

@@ -733,7 +733,7 @@ CASES = [
       "paci: error: --seq-len must be in 1..32 (the model's context), got 99"),
     c("plan-schedule-unknown", "an unknown schedule in the list",
       "plan --preset tiny --schedules paci,fast",
-      "paci: error: unknown schedule 'fast'; choose from: gpipe, 1f1b, zb-h1, interleaved-1f1b, async-1f1b, "
+      "paci: error: unknown schedule 'fast'; choose one of: gpipe, 1f1b, zb-h1, interleaved-1f1b, async-1f1b, "
       "pipedream, 2bw, paci"),
     c("plan-schedules-empty", "an empty schedule list",
       "plan --preset tiny --schedules ,",

@@ -43,6 +43,14 @@ REGISTRY: dict[str, Entry] = {
 ONE_STAGE_PER_RANK = [name for name, entry in REGISTRY.items() if not entry.chunked]
 
 
+def lookup(name: str) -> Entry:
+    """The registry's entry for schedule `name`, or the one error every entry point gives for a name
+    it does not know."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
 def check_one_stage_per_rank(name: str, command: str) -> None:
     """ValueError naming `command` for a schedule whose ranks hold several stages, where `command`
     handles one stage per rank only."""
@@ -67,9 +75,7 @@ def build(name: str, num_stages: int, num_microbatches: int, num_steps: int = 1,
     if sync_steps:
         return _sync_start(name, num_stages, num_microbatches, num_steps, accumulation, drain_every, chunks, sync_steps,
                            drains)
-    if name not in REGISTRY:
-        raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(REGISTRY)}")
-    entry = REGISTRY[name]
+    entry = lookup(name)
     builder = entry.builder
     if entry.chunked and chunks is not None:
         builder = functools.partial(builder, chunks=chunks)

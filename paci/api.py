@@ -278,8 +278,8 @@ class Pipeline:
         with _data_errors(), _resume_line(run), contextlib.closing(shown):
             if distributed:
                 summary, self._joined = driver.run_rank(run, device, record, stop=stop, joined=self._joined)
-                steps = schedule.num_steps - run.start_step  # a Python float is a float64: exact
-                box = torch.tensor(list(history) if info.rank == 0 else [0.0] * steps, dtype=torch.float64,
+                recorded = schedule.num_steps - run.start_step  # rank 0's losses; a Python float is a float64
+                box = torch.tensor(list(history) if info.rank == 0 else [0.0] * recorded, dtype=torch.float64,
                                    device=device)
                 history[:] = fan_out(box, info.rank, info.world_size).tolist()
             else:

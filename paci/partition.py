@@ -39,8 +39,8 @@ from itertools import accumulate
 from typing import TYPE_CHECKING
 
 from paci import schedules
-from paci.schedules.common import check_sizes
 from paci.checks import format_bytes
+from paci.schedules.common import check_sizes
 from paci.sim import CostModel, simulate
 
 if TYPE_CHECKING:

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
@@ -18,15 +17,14 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 def _run(script: str, cache: Path) -> str:
     """`python experiments/SCRIPT --quick --cache CACHE`, run in this process as its own __main__ (a
     fresh interpreter's start, torch and matplotlib imported again, was a third of the smoke test);
-    its stdout. The thread count its cells set is put back."""
-    argv, threads, out = sys.argv, torch.get_num_threads(), io.StringIO()
+    its stdout. Its cells run through `paci.cli.main`, which puts torch's thread count back."""
+    argv, out = sys.argv, io.StringIO()
     sys.argv = [str(EXPERIMENTS / script), "--quick", "--cache", str(cache)]
     try:
         with contextlib.redirect_stdout(out):
             runpy.run_path(sys.argv[0], run_name="__main__")
     finally:
         sys.argv = argv
-        torch.set_num_threads(threads)
     return out.getvalue()
 
 
